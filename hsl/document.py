@@ -1,0 +1,115 @@
+"""The results document of shared/API.md, built from an engine spec and points.
+
+The engine returns dataclasses; turning them into JSON is this adapter's job. The same
+function serves ``hsl run`` and the service, so both produce identical documents.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict
+from typing import Any
+
+import hsl_engine as he
+
+POINT_FIELDS = (
+    "method", "seed", "n", "alpha", "mse", "overlap", "cos2", "eigenvalues", "recovered",
+    "n_train_used", "seconds",
+)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: tuples to lists, non-finite floats to None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def point_to_dict(p: he.Point) -> dict[str, Any]:
+    out = {name: getattr(p, name) for name in POINT_FIELDS}
+    out.update({k: v for k, v in p.extra.items() if k not in out})
+    return _clean(out)
+
+
+def point_from_dict(d: Mapping[str, Any]) -> he.Point:
+    """Inverse of `point_to_dict` (extra keys go back to ``extra``)."""
+    base = {k: d.get(k) for k in POINT_FIELDS}
+    for key in ("cos2", "eigenvalues"):
+        if base[key] is not None:
+            base[key] = tuple(float("nan") if v is None else v for v in base[key])
+    if base["mse"] is None:
+        base["mse"] = float("nan")
+    extra = {k: v for k, v in d.items() if k not in POINT_FIELDS}
+    return he.Point(**base, extra=extra)
+
+
+def results_document(
+    spec: he.ExperimentSpec,
+    points: Iterable[he.Point],
+    *,
+    experiment_id: str | None = None,
+    complete: bool = True,
+) -> dict[str, Any]:
+    """The results document for whatever points exist (partial while running)."""
+    pts = sorted(points, key=lambda p: (_method_rank(spec, p.method), p.seed, p.n))
+    summary = he.summarize(spec, pts, rng=he.summary_rng(spec))
+    th = he.theory(spec.model)
+    pl = summary.power_law
+    doc = {
+        "experiment_id": experiment_id,
+        "spec": spec.model_dump(mode="json"),
+        "spec_hash": spec.spec_hash,
+        "engine_version": he.ENGINE_VERSION,
+        "complete": complete,
+        "d1": spec.model.hidden_dim,
+        "feature_dim": spec.model.feature_dim,
+        "weights": [float(w) for w in th.weights],
+        "points": [point_to_dict(p) for p in pts],
+        "curves": {m: [asdict(c) for c in rows] for m, rows in summary.curves.items()},
+        "thresholds": [asdict(t) for t in summary.thresholds],
+        "power_law": None if pl is None else asdict(pl),
+        "theory": {
+            "nu1": th.nu1,
+            "curve": [asdict(t) for t in summary.theory_curve],
+            "spectrum": None if summary.spectrum is None else asdict(summary.spectrum),
+        },
+    }
+    return _clean(doc)
+
+
+def _method_rank(spec: he.ExperimentSpec, name: str) -> int:
+    names = [m.name for m in spec.methods]
+    return names.index(name) if name in names else len(names)
+
+
+CSV_COLUMNS = (
+    "method", "seed", "n", "alpha", "mse", "overlap", "recovered", "n_train_used", "seconds",
+)
+
+
+def points_csv(doc: Mapping[str, Any]) -> str:
+    """The points as CSV: scalar columns, then ``cos2_1..cos2_d1`` and ``eig_1..eig_k``."""
+    import csv
+    import io
+
+    d1 = int(doc.get("d1") or 0)
+    points = doc.get("points") or []
+    k = max((len(p.get("eigenvalues") or []) for p in points), default=0)
+    header = [*CSV_COLUMNS, *(f"cos2_{i + 1}" for i in range(d1)),
+              *(f"eig_{i + 1}" for i in range(k))]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for p in points:
+        cos2 = p.get("cos2") or [None] * d1
+        eig = p.get("eigenvalues") or []
+        eig = list(eig) + [None] * (k - len(eig))
+        row = [p.get(c) for c in CSV_COLUMNS] + list(cos2) + eig
+        writer.writerow(["" if v is None else (repr(v) if isinstance(v, float) else v)
+                         for v in row])
+    return buf.getvalue()

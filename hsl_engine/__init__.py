@@ -1,0 +1,79 @@
+"""hsl_engine: the simulator of the hierarchical scaling-law model (see shared/MODEL.md).
+
+Pure NumPy/SciPy; no I/O, no environment variables, no global random state.
+"""
+
+from ._backend import Backend, get_backend
+from ._data import SampleStream, SeedData, Teacher, make_seed_data, make_teacher, seed_rng
+from ._errors import ConvergenceError, ConvergenceWarning, DeviceError, EngineError, SpecError
+from ._estimate import ResourceEstimate, estimate_resources
+from ._experiment import (
+    ExperimentResult,
+    expected_seconds,
+    iter_run,
+    points_total,
+    run_experiment,
+    runs,
+)
+from ._features import feature_dim, lift, sym_to_vec, vec_to_sym
+from ._presets import PRESETS, preset, preset_description, preset_names
+from ._spec import ExperimentSpec, parse_spec
+from ._summary import (
+    CurvePoint,
+    Point,
+    PowerLaw,
+    Summary,
+    Threshold,
+    summarize,
+    summary_rng,
+)
+from ._theory import Theory, exponent_theory, nu1, theory
+
+__version__ = "0.1.0"
+ENGINE_VERSION = __version__
+
+__all__ = [
+    "ENGINE_VERSION",
+    "PRESETS",
+    "Backend",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "CurvePoint",
+    "DeviceError",
+    "EngineError",
+    "ExperimentResult",
+    "ExperimentSpec",
+    "Point",
+    "PowerLaw",
+    "ResourceEstimate",
+    "SampleStream",
+    "SeedData",
+    "SpecError",
+    "Summary",
+    "Teacher",
+    "Theory",
+    "Threshold",
+    "estimate_resources",
+    "expected_seconds",
+    "exponent_theory",
+    "feature_dim",
+    "get_backend",
+    "iter_run",
+    "lift",
+    "make_seed_data",
+    "make_teacher",
+    "nu1",
+    "parse_spec",
+    "points_total",
+    "preset",
+    "preset_description",
+    "preset_names",
+    "run_experiment",
+    "runs",
+    "seed_rng",
+    "summarize",
+    "summary_rng",
+    "sym_to_vec",
+    "theory",
+    "vec_to_sym",
+]

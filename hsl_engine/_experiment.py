@@ -1,0 +1,225 @@
+"""Units of work: one (method, seed) run sweeping n upward, and whole experiments."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._backend import Backend, get_backend
+from ._data import SeedData, make_seed_data
+from ._kernels import KernelRidgeSweep
+from ._spec import ExperimentSpec, parse_spec
+from ._spectral import (
+    FirstLayerSolver,
+    LayerwiseSpectral,
+    hidden_features,
+    normalised_mse,
+    overlaps,
+)
+from ._summary import Point, Summary, summarize, summary_rng
+
+
+@dataclass(frozen=True)
+class Measurement:
+    mse: float
+    n_train_used: int
+    cos2: np.ndarray | None = None
+    eigenvalues: np.ndarray | None = None
+    extra: dict | None = None
+
+
+class _Spectral:
+    def __init__(self, spec, method, data: SeedData, backend: Backend, rng):
+        self.impl = LayerwiseSpectral(spec, method, data, backend, rng=rng)
+
+    def measure(self, n: int) -> Measurement:
+        fit = self.impl.fit(n)
+        f = fit.first
+        return Measurement(
+            fit.mse, fit.n_train_used, fit.cos2, f.eigenvalues,
+            {"eigensolver": f.solver, "passes": f.passes, "converged": f.converged,
+             "operator_flops": f.flops},
+        )
+
+
+class _KernelOnInputs:
+    """kernel_rbf / kernel_poly on the raw inputs (x, or z in Gaussian mode)."""
+
+    def __init__(self, spec, method, data: SeedData, backend: Backend, rng):
+        self.data = data
+        if method.name == "kernel_rbf":
+            kw = {"bandwidth": method.bandwidth}
+            kernel = "rbf"
+        else:
+            kw = {"degree": method.degree or 2 * spec.model.q}
+            kernel = "poly"
+        self.krr = KernelRidgeSweep(kernel, ridge=method.ridge, n_landmarks=method.n_landmarks,
+                                    incremental=True, rng=rng, **kw)
+
+    def measure(self, n: int) -> Measurement:
+        x, y = self.data.train.take(n)
+        fit = self.krr.fit_predict(x, y, self.data.test_inputs)
+        return Measurement(
+            normalised_mse(fit.predictions, self.data.test_labels), fit.n_train_used,
+            extra={"solver": fit.solver, "n_landmarks": fit.n_landmarks,
+                   "bandwidth": fit.bandwidth},
+        )
+
+
+class _LatentRBF:
+    """RBF kernel ridge on the learned first-layer features h_hat."""
+
+    def __init__(self, spec, method, data: SeedData, backend: Backend, rng):
+        self.spec, self.method, self.data = spec, method, data
+        solver_rng, krr_rng = rng.spawn(2)
+        self.first = FirstLayerSolver(spec, backend, rng=solver_rng)
+        self.krr = KernelRidgeSweep("rbf", ridge=method.ridge, n_landmarks=method.n_landmarks,
+                                    bandwidth=method.bandwidth, incremental=False, rng=krr_rng)
+
+    def measure(self, n: int) -> Measurement:
+        x, y = self.data.train.take(n)
+        first = self.first.fit(x, y)
+        stream = self.data.second if self.method.sample_split else self.data.train
+        x2, y2 = stream.take(n)
+        h = hidden_features(self.spec, x2, first.directions)
+        h_test = hidden_features(self.spec, self.data.test_inputs, first.directions)
+        fit = self.krr.fit_predict(h, y2, h_test)
+        used = (n if self.method.sample_split else 0) + fit.n_train_used
+        return Measurement(
+            normalised_mse(fit.predictions, self.data.test_labels), used,
+            overlaps(self.data.teacher.directions, first.directions), first.eigenvalues,
+            {"eigensolver": first.solver, "passes": first.passes, "converged": first.converged,
+             "solver": fit.solver, "n_landmarks": fit.n_landmarks, "bandwidth": fit.bandwidth},
+        )
+
+
+_METHODS = {
+    "layerwise_spectral": _Spectral,
+    "kernel_rbf": _KernelOnInputs,
+    "kernel_poly": _KernelOnInputs,
+    "latent_rbf": _LatentRBF,
+}
+_METHOD_STREAM = {name: i for i, name in enumerate(_METHODS)}
+
+
+def iter_run(
+    spec: ExperimentSpec,
+    method: str,
+    seed: int,
+    *,
+    skip: Collection[int] = (),
+    data: SeedData | None = None,
+    backend: Backend | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[Point]:
+    """Execute one run: ``method`` on seed ``seed``, yielding a `Point` per n (ascending).
+
+    Parameters
+    ----------
+    skip : collection of int
+        Sample sizes already stored (a resumed run): not measured, not yielded. Methods that
+        accumulate over nested samples still process those samples when a later n needs them.
+    data : SeedData, optional
+        Shared seed data (lets several methods of one seed reuse teacher and samples).
+    should_stop : callable, optional
+        Checked before each point; True ends the run (cancellation at a point boundary).
+
+    The numbers depend only on (spec, method, seed, n), never on ``skip`` or on which
+    other runs exist, except that the Krylov warm start follows the previous n measured.
+    """
+    if data is None:
+        data = make_seed_data(spec, seed)
+    backend = backend or get_backend(spec.device)
+    method_spec = spec.method(method)
+    # each method gets its own stream, fixed by its name, so adding methods changes nothing
+    rng = data.method_rng(_METHOD_STREAM[method])
+    runner = _METHODS[method](spec, method_spec, data, backend, rng)
+    for n, alpha in spec.sample_sizes():
+        if n in skip:
+            continue
+        if should_stop is not None and should_stop():
+            return
+        t0 = time.perf_counter()
+        m = runner.measure(n)
+        seconds = time.perf_counter() - t0
+        cos2 = None if m.cos2 is None else tuple(float(c) for c in m.cos2)
+        yield Point(
+            method=method,
+            seed=seed,
+            n=n,
+            alpha=float(alpha),
+            mse=float(m.mse),
+            overlap=None if cos2 is None else float(np.mean(cos2)),
+            cos2=cos2,
+            eigenvalues=None if m.eigenvalues is None
+            else tuple(float(v) for v in m.eigenvalues),
+            recovered=None if cos2 is None else int(sum(c > 0.5 for c in cos2)),
+            n_train_used=int(m.n_train_used),
+            seconds=float(seconds),
+            extra=dict(m.extra or {}),
+        )
+
+
+def runs(spec: ExperimentSpec) -> list[tuple[str, int]]:
+    """The experiment's units of work: (method, seed) pairs, seeds outermost."""
+    return [(m.name, s) for s in range(spec.sweep.seeds) for m in spec.methods]
+
+
+def points_total(spec: ExperimentSpec) -> int:
+    return len(runs(spec)) * len(spec.sample_sizes())
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    spec: ExperimentSpec
+    points: list[Point]
+    summary: Summary
+
+
+def run_experiment(
+    spec,
+    *,
+    on_point: Callable[[Point], None] | None = None,
+    threads: int | None = None,
+) -> ExperimentResult:
+    """Run every (method, seed) of a spec in this process and summarise.
+
+    Seeds run one after another; the methods of a seed share its teacher and samples.
+    """
+    spec = parse_spec(spec)
+    backend = get_backend(spec.device, threads=threads)
+    points: list[Point] = []
+    for seed in range(spec.sweep.seeds):
+        data = make_seed_data(spec, seed)
+        for m in spec.methods:
+            for p in iter_run(spec, m.name, seed, data=data, backend=backend):
+                points.append(p)
+                if on_point is not None:
+                    on_point(p)
+    return ExperimentResult(spec, points, summarize(spec, points, rng=summary_rng(spec)))
+
+
+def expected_seconds(spec: ExperimentSpec, done: list[Point]) -> float | None:
+    """Seconds left, from each method's time per training sample so far (cost ~ n).
+
+    A method without finished points borrows the rate of all points together.
+    """
+    if not done:
+        return None
+    spent: dict[str, list[float]] = {}
+    for p in done:
+        acc = spent.setdefault(p.method, [0.0, 0.0])
+        acc[0] += p.seconds
+        acc[1] += p.n
+    overall = sum(a[0] for a in spent.values()) / max(1.0, sum(a[1] for a in spent.values()))
+    done_keys = {(p.method, p.seed, p.n) for p in done}
+    left = 0.0
+    for method, seed in runs(spec):
+        acc = spent.get(method)
+        rate = acc[0] / max(1.0, acc[1]) if acc else overall
+        left += sum(rate * n for n, _ in spec.sample_sizes() if (method, seed, n) not in done_keys)
+    return left if math.isfinite(left) else None

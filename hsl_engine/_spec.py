@@ -1,0 +1,309 @@
+"""The experiment spec: one definition, used by the engine, the service, the worker and the CLI.
+
+Every numeric field carries its allowed range; a value outside it is rejected with a message
+that names the field and the range. Sizes that can be astronomically large (the feature
+dimension ``D = C(d + q - 1, q)``, the sample sizes ``n = d**alpha``) are checked in log space,
+so validating ``d = 10**6`` never evaluates a huge power.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from ._errors import SpecError
+
+# Hard limits of the spec itself. A deployment adds its own, smaller, resource limits on top
+# (see `estimate_resources`).
+MAX_D = 100_000
+MAX_N = 10**9
+MIN_N = 10
+MAX_SEEDS = 1000
+MAX_SWEEP_POINTS = 200
+
+
+def _range(lo: float, hi: float, *, lo_open: bool = False):
+    """A validator that rejects values outside ``[lo, hi]`` (``(lo, hi]`` if ``lo_open``)."""
+    left = "(" if lo_open else "["
+
+    def check(value: float) -> float:
+        below = value <= lo if lo_open else value < lo
+        if below or value > hi:
+            raise PydanticCustomError(
+                "out_of_range",
+                "must be in {interval}, got {value}",
+                {"interval": f"{left}{lo:g}, {hi:g}]", "value": value},
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+def _bounds(lo: float, hi: float, *, lo_open: bool = False) -> dict[str, Any]:
+    key = "exclusiveMinimum" if lo_open else "minimum"
+    return {key: lo, "maximum": hi}
+
+
+def Int(lo: int, hi: int, **kw: Any) -> Any:  # noqa: N802 - a type factory
+    return Annotated[int, _range(lo, hi), Field(json_schema_extra=_bounds(lo, hi), **kw)]
+
+
+def Float(lo: float, hi: float, *, lo_open: bool = False, **kw: Any) -> Any:  # noqa: N802
+    return Annotated[
+        float,
+        _range(lo, hi, lo_open=lo_open),
+        Field(json_schema_extra=_bounds(lo, hi, lo_open=lo_open), **kw),
+    ]
+
+
+class _Strict(BaseModel):
+    # strict: no silent "60" -> 60; allow_inf_nan: NaN/Infinity never reach the engine.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+class ModelSpec(_Strict):
+    """The teacher: data distribution and hierarchical target (MODEL.md section 1)."""
+
+    d: Int(2, MAX_D, description="input dimension") = 60
+    q: Literal[2, 3] = Field(2, description="degree of the Hermite feature lift")
+    epsilon: Float(0.0, 1.0, lo_open=True, description="d1 = round(d**epsilon)") = 0.5
+    d1: Int(1, 10_000, description="number of hidden features; overrides epsilon") | None = None
+    gamma: Float(0.0, 10.0, description="power-law exponent of the second-layer weights") = 1.0
+    activation: Literal["id", "tanh", "quadratic"] = "id"
+    features: Literal["hermite", "gaussian"] = "hermite"
+    noise_std: Float(0.0, 100.0, description="standard deviation of label noise") = 0.0
+
+    @property
+    def log_feature_dim(self) -> float:
+        """Natural log of D = C(d + q - 1, q), computed without forming D."""
+        return math.lgamma(self.d + self.q) - math.lgamma(self.q + 1) - math.lgamma(self.d)
+
+    @property
+    def feature_dim(self) -> int:
+        """D = C(d + q - 1, q). Only call after validation (it can be large, never absurd)."""
+        return math.comb(self.d + self.q - 1, self.q)
+
+    @property
+    def hidden_dim(self) -> int:
+        """d1: explicit, or round(d**epsilon) (at least 1)."""
+        if self.d1 is not None:
+            return self.d1
+        return max(1, round(self.d**self.epsilon))
+
+    @model_validator(mode="after")
+    def _d1_fits(self) -> ModelSpec:
+        if math.log(self.hidden_dim) > self.log_feature_dim + 1e-9:
+            raise PydanticCustomError(
+                "out_of_range",
+                "d1 = {d1} exceeds the feature dimension D = C(d + q - 1, q) = {D}",
+                {"d1": self.hidden_dim, "D": self.feature_dim, "field": "model.d1"},
+            )
+        return self
+
+
+class SweepSpec(_Strict):
+    """Sample sizes and seeds."""
+
+    alphas: (
+        Annotated[
+            list[Float(0.0, 8.0, lo_open=True)],
+            Field(min_length=1, max_length=MAX_SWEEP_POINTS),
+        ]
+        | None
+    ) = None
+    n_values: (
+        Annotated[list[Int(MIN_N, MAX_N)], Field(min_length=1, max_length=MAX_SWEEP_POINTS)]
+        | None
+    ) = None
+    seeds: Int(1, MAX_SEEDS, description="number of independent seeds") = 3
+    seed: Int(0, 2**63 - 1, description="root of all randomness") = 0
+    n_test: Int(10, 1_000_000, description="test samples per seed") = 5000
+
+    @model_validator(mode="after")
+    def _one_grid(self) -> SweepSpec:
+        if (self.alphas is None) == (self.n_values is None):
+            raise PydanticCustomError(
+                "sweep_grid", "give exactly one of 'alphas' and 'n_values'", {"field": "sweep"}
+            )
+        return self
+
+
+class LayerwiseSpectral(_Strict):
+    """The layer-wise spectral method (MODEL.md section 2)."""
+
+    name: Literal["layerwise_spectral"]
+    sample_split: bool = True
+    readout_degree: Int(1, 9, description="polynomial degree of the readout; "
+                        "default 1 for id, 5 otherwise") | None = None
+    readout_ridge: Float(0.0, 1e6, description="ridge penalty of the readout, per sample") = 1e-6
+
+
+class _KernelBase(_Strict):
+    ridge: Float(0.0, 1e6, lo_open=True, description="ridge penalty per training sample") = 1e-3
+    n_landmarks: Int(10, 20_000, description="Nystroem landmarks; exact solve at or "
+                     "below this many training samples") = 2000
+
+
+class KernelRBF(_KernelBase):
+    """RBF kernel ridge regression on x, median-heuristic bandwidth unless given."""
+
+    name: Literal["kernel_rbf"]
+    bandwidth: Float(0.0, 1e6, lo_open=True) | None = None
+
+
+class KernelPoly(_KernelBase):
+    """Polynomial kernel ridge regression on x, ``(1 + <x, x'>/d)**degree``."""
+
+    name: Literal["kernel_poly"]
+    degree: Int(1, 12, description="kernel degree; default 2q") | None = None
+
+
+class LatentRBF(_KernelBase):
+    """RBF kernel ridge regression on the learned first-layer features h_hat."""
+
+    name: Literal["latent_rbf"]
+    sample_split: bool = True
+    bandwidth: Float(0.0, 1e6, lo_open=True) | None = None
+    n_landmarks: Int(10, 20_000) = 1000
+
+
+MethodSpec = Annotated[
+    Union[LayerwiseSpectral, KernelRBF, KernelPoly, LatentRBF], Field(discriminator="name")
+]
+METHOD_NAMES = ("layerwise_spectral", "kernel_rbf", "kernel_poly", "latent_rbf")
+
+
+class SolverSpec(_Strict):
+    """Eigensolver and floating-point type of the spectral step."""
+
+    eigensolver: Literal["auto", "dense", "krylov"] = "auto"
+    dtype: Literal["float64", "float32"] = "float64"
+    tol: Float(0.0, 0.1, lo_open=True, description="relative residual tolerance; "
+               "default 1e-6 (float64) or 1e-3 (float32)") | None = None
+    max_passes: Int(1, 100_000, description="operator applications per sample size") = 300
+
+
+def _default_methods() -> list[Any]:
+    return [LayerwiseSpectral(name="layerwise_spectral")]
+
+
+class ExperimentSpec(_Strict):
+    """A whole experiment: teacher, sweep, methods, solver and device."""
+
+    name: Annotated[str, Field(min_length=1, max_length=200)] = "experiment"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    sweep: SweepSpec = Field(default_factory=lambda: SweepSpec(alphas=[1.5, 2.0, 2.5]))
+    methods: Annotated[list[MethodSpec], Field(min_length=1, max_length=8)] = Field(
+        default_factory=_default_methods
+    )
+    solver: SolverSpec = Field(default_factory=SolverSpec)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _check_sweep(self) -> ExperimentSpec:
+        names = [m.name for m in self.methods]
+        if len(set(names)) != len(names):
+            raise PydanticCustomError(
+                "duplicate_method",
+                "each method may appear once, got {names}",
+                {"names": names, "field": "methods"},
+            )
+        log_d = math.log(self.model.d)
+        if self.sweep.alphas is not None:
+            ns = []
+            for a in self.sweep.alphas:
+                log_n = a * log_d
+                if log_n > math.log(MAX_N) or log_n < math.log(MIN_N - 0.5):
+                    raise PydanticCustomError(
+                        "out_of_range",
+                        "alpha = {a} gives n = d**alpha outside "
+                        "[{lo}, {hi}] for d = {d}",
+                        {"a": a, "lo": MIN_N, "hi": MAX_N, "d": self.model.d, "field": "sweep.alphas"},
+                    )
+                ns.append(round(math.exp(log_n)))
+        else:
+            ns = list(self.sweep.n_values or [])
+        if len(set(ns)) != len(ns):
+            raise PydanticCustomError(
+                "duplicate_n",
+                "sweep gives the same sample size n twice: {ns}",
+                {"ns": ns, "field": "sweep"},
+            )
+        return self
+
+    # ----------------------------------------------------------------------------------------
+    def sample_sizes(self) -> list[tuple[int, float]]:
+        """The sweep's ``(n, alpha)`` pairs in ascending n (the order runs execute them)."""
+        d = self.model.d
+        if self.sweep.alphas is not None:
+            pairs = [(int(round(d**a)), float(a)) for a in self.sweep.alphas]
+        else:
+            pairs = [(int(n), math.log(n) / math.log(d)) for n in self.sweep.n_values or []]
+        return sorted(pairs)
+
+    def method(self, name: str) -> Any:
+        for m in self.methods:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def canonical_json(self) -> str:
+        return json.dumps(
+            self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
+
+    @property
+    def spec_hash(self) -> str:
+        """``sha256:<hex>`` of the canonical JSON with every default filled in."""
+        return "sha256:" + hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    @property
+    def tol(self) -> float:
+        if self.solver.tol is not None:
+            return self.solver.tol
+        return 1e-6 if self.solver.dtype == "float64" else 1e-3
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    # pydantic puts the discriminator value in the location of union members
+    # (methods.0.kernel_rbf.ridge); drop it so the path is the JSON path.
+    parts = [str(p) for p in loc if p not in METHOD_NAMES]
+    return ".".join(parts) or "spec"
+
+
+def parse_spec(data: Any) -> ExperimentSpec:
+    """Validate a JSON-like object (or a JSON string) into an `ExperimentSpec`.
+
+    Raises
+    ------
+    SpecError
+        With one ``{field, message}`` entry per problem.
+    """
+    if isinstance(data, ExperimentSpec):
+        return data
+    try:
+        if isinstance(data, (str, bytes)):
+            return ExperimentSpec.model_validate_json(data)
+        return ExperimentSpec.model_validate(data)
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors(include_url=False):
+            # model validators name the field they check in the error context
+            field = (err.get("ctx") or {}).get("field") or _field_path(tuple(err["loc"]))
+            message = err["msg"]
+            if err["type"] == "extra_forbidden":
+                message = "unknown field"
+            errors.append({"field": field, "message": message})
+        raise SpecError(errors) from None
