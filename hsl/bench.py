@@ -57,19 +57,26 @@ def matmul_peak(size: int = 2000, repeat: int = 3) -> float:
     return 2.0 * size**3 / _best(lambda: a @ b, repeat)
 
 
-def operator_throughput(n: int, d: int, k: int, threads: int | None,
-                        repeat: int = 3) -> dict[str, float]:
+def operator_throughput(
+    n: int, d: int, k: int, threads: int | None, repeat: int = 3
+) -> dict[str, float]:
     rng = np.random.default_rng(1)
     x = rng.standard_normal((n, d))
     y = rng.standard_normal(n)
     y -= y.mean()
-    op = MomentOperator(x, y, q=2, features="hermite",
-                        backend=he.get_backend("cpu", threads=threads))
+    op = MomentOperator(
+        x, y, q=2, features="hermite", backend=he.get_backend("cpu", threads=threads)
+    )
     v = rng.standard_normal((op.dim, k))
     op.matmat(v)
     seconds = _best(lambda: op.matmat(v), repeat)
-    return {"n": n, "d": d, "k": k, "seconds": seconds,
-            "flops_per_s": op.flops_per_vector() * k / seconds}
+    return {
+        "n": n,
+        "d": d,
+        "k": k,
+        "seconds": seconds,
+        "flops_per_s": op.flops_per_vector() * k / seconds,
+    }
 
 
 def bench_spec(quick: bool) -> he.ExperimentSpec:
@@ -86,17 +93,28 @@ def bench_spec(quick: bool) -> he.ExperimentSpec:
 
 def engine_sweep(spec: he.ExperimentSpec, threads: int | None) -> list[dict[str, Any]]:
     data = he.make_seed_data(spec, 0)
-    method = LayerwiseSpectral(spec, spec.methods[0], data,
-                               he.get_backend("cpu", threads=threads),
-                               rng=np.random.default_rng(0))
+    method = LayerwiseSpectral(
+        spec,
+        spec.methods[0],
+        data,
+        he.get_backend("cpu", threads=threads),
+        rng=np.random.default_rng(0),
+    )
     rows = []
     for n, _ in spec.sample_sizes():
         data.train.take(n), method.second_batch(n)  # sample generation is not timed
         t0 = time.perf_counter()
         fit = method.fit(n)
-        rows.append({"n": n, "seconds": time.perf_counter() - t0, "mse": fit.mse,
-                     "cos2": fit.cos2.tolist(), "eig": fit.first.eigenvalues.tolist(),
-                     "passes": fit.first.passes})
+        rows.append(
+            {
+                "n": n,
+                "seconds": time.perf_counter() - t0,
+                "mse": fit.mse,
+                "cos2": fit.cos2.tolist(),
+                "eig": fit.first.eigenvalues.tolist(),
+                "passes": fit.first.passes,
+            }
+        )
     return rows
 
 
@@ -118,12 +136,18 @@ def reference_sweep(spec: he.ExperimentSpec, threads: int | None) -> list[dict[s
         h = hidden_features(spec, x2, directions)
         a2 = second_layer(h, y2)
         readout = Readout(1, spec.methods[0].readout_ridge).fit(quadratic_form(h, a2), y2)
-        pred = readout.predict(quadratic_form(hidden_features(spec, data.test_inputs,
-                                                              directions), a2))
-        rows.append({"n": n, "seconds": time.perf_counter() - t0,
-                     "mse": normalised_mse(pred, data.test_labels),
-                     "cos2": overlaps(data.teacher.directions, directions).tolist(),
-                     "eig": theta[order[: d1 + 10]].tolist()})
+        pred = readout.predict(
+            quadratic_form(hidden_features(spec, data.test_inputs, directions), a2)
+        )
+        rows.append(
+            {
+                "n": n,
+                "seconds": time.perf_counter() - t0,
+                "mse": normalised_mse(pred, data.test_labels),
+                "cos2": overlaps(data.teacher.directions, directions).tolist(),
+                "eig": theta[order[: d1 + 10]].tolist(),
+            }
+        )
     return rows
 
 
@@ -141,7 +165,9 @@ def _child_peak(spec: he.ExperimentSpec, threads: int | None) -> dict[str, Any]:
     )
     out = subprocess.run(
         [sys.executable, "-c", code, spec.canonical_json(), str(threads)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -151,9 +177,11 @@ def main(*, quick: bool = False, threads: int | None = None) -> int:
         print(text, flush=True)
 
     spec = bench_spec(quick)
-    say(f"hsl bench ({'quick' if quick else 'full'}): d={spec.model.d}, "
+    say(
+        f"hsl bench ({'quick' if quick else 'full'}): d={spec.model.d}, "
         f"D={spec.model.feature_dim}, d1={spec.model.hidden_dim}, "
-        f"n up to {spec.sample_sizes()[-1][0]}")
+        f"n up to {spec.sample_sizes()[-1][0]}"
+    )
 
     child = _child_peak(spec, threads)
     engine = child["rows"]
@@ -166,33 +194,46 @@ def main(*, quick: bool = False, threads: int | None = None) -> int:
     say("\n2. moment operator (q = 2, d = 60), GEMM flops 4 n d^2 per vector:")
     for k in (4, 18):
         r = operator_throughput(n_op, 60, k, threads)
-        say(f"   n={n_op} k={k:<3} {r['seconds'] * 1e3:8.1f} ms/pass  "
-            f"{r['flops_per_s'] / 1e9:6.1f} GFLOP/s  = {r['flops_per_s'] / peak:6.1%} of peak")
+        say(
+            f"   n={n_op} k={k:<3} {r['seconds'] * 1e3:8.1f} ms/pass  "
+            f"{r['flops_per_s'] / 1e9:6.1f} GFLOP/s  = {r['flops_per_s'] / peak:6.1%} of peak"
+        )
 
     reference = reference_sweep(spec, threads)
     t_engine = sum(r["seconds"] for r in engine)
     t_ref = sum(r["seconds"] for r in reference)
     d1 = spec.model.hidden_dim
-    dcos2 = max(np.max(np.abs(np.subtract(a["cos2"], b["cos2"])))
-                for a, b in zip(engine, reference))
+    dcos2 = max(
+        np.max(np.abs(np.subtract(a["cos2"], b["cos2"]))) for a, b in zip(engine, reference)
+    )
     dmse = max(abs(a["mse"] - b["mse"]) for a, b in zip(engine, reference))
-    deig = max(np.max(np.abs(np.subtract(a["eig"][:d1], b["eig"][:d1])))
-               / abs(b["eig"][0]) for a, b in zip(engine, reference))
+    deig = max(
+        np.max(np.abs(np.subtract(a["eig"][:d1], b["eig"][:d1]))) / abs(b["eig"][0])
+        for a, b in zip(engine, reference)
+    )
     say("\n3. sweep, one seed (first layer + second layer + test metrics per n):")
     say(f"   {'n':>8} {'engine s':>9} {'passes':>6} {'reference s':>11}")
     for a, b in zip(engine, reference):
         say(f"   {a['n']:>8} {a['seconds']:>9.2f} {a['passes']:>6} {b['seconds']:>11.2f}")
-    say(f"   total: engine {t_engine:.1f} s, reference {t_ref:.1f} s: "
-        f"speed-up {t_ref / t_engine:.2f}x (target >= 5x)")
-    say(f"   accuracy vs reference: max |d cos2| {dcos2:.1e}, max |d mse| {dmse:.1e}, "
-        f"max |d eigenvalue| / |theta_1| {deig:.1e}")
+    say(
+        f"   total: engine {t_engine:.1f} s, reference {t_ref:.1f} s: "
+        f"speed-up {t_ref / t_engine:.2f}x (target >= 5x)"
+    )
+    say(
+        f"   accuracy vs reference: max |d cos2| {dcos2:.1e}, max |d mse| {dmse:.1e}, "
+        f"max |d eigenvalue| / |theta_1| {deig:.1e}"
+    )
     last = engine[-1]
-    say(f"   largest point n={last['n']}: {last['seconds']:.2f} s "
-        f"(paper's code ~12.8 s at d=60, n=216000; aim 1.3 s)")
+    say(
+        f"   largest point n={last['n']}: {last['seconds']:.2f} s "
+        f"(paper's code ~12.8 s at d=60, n=216000; aim 1.3 s)"
+    )
 
     say("\n4. memory of the engine sweep (child process peak RSS):")
-    say(f"   peak {child['peak_bytes'] / 2**20:.0f} MiB, estimate {estimate / 2**20:.0f} MiB: "
-        f"ratio {child['peak_bytes'] / estimate:.2f} (target <= 1)")
+    say(
+        f"   peak {child['peak_bytes'] / 2**20:.0f} MiB, estimate {estimate / 2**20:.0f} MiB: "
+        f"ratio {child['peak_bytes'] / estimate:.2f} (target <= 1)"
+    )
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     say(f"   (this process, with the dense reference: {own / 2**20:.0f} MiB)")
     return 0

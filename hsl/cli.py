@@ -69,7 +69,8 @@ class Progress:
         fill = int(width * k / self.total)
         bar = "#" * fill + "." * (width - fill)
         line = (
-            f"[{bar}] {k}/{self.total} points  elapsed {_duration(time.perf_counter() - self.start)}"
+            f"[{bar}] {k}/{self.total} points  "
+            f"elapsed {_duration(time.perf_counter() - self.start)}"
             f"  ETA {_duration(eta)}  ({p.method} seed {p.seed} n={p.n}: mse {p.mse:.3f})"
         )
         if self.tty:
@@ -197,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     presets.add_argument("--json", action="store_true", help="print the specs as JSON")
     presets.set_defaults(func=cmd_presets)
 
-    bench = sub.add_parser("bench", help="measure the engine against matmul peak and a "
-                                         "dense reference")
+    bench = sub.add_parser(
+        "bench", help="measure the engine against matmul peak and a dense reference"
+    )
     bench.add_argument("--quick", action="store_true", help="smaller sizes (about a minute)")
     bench.add_argument("--threads", type=int, default=None)
     bench.set_defaults(func=cmd_bench)

@@ -14,8 +14,17 @@ from typing import Any
 import hsl_engine as he
 
 POINT_FIELDS = (
-    "method", "seed", "n", "alpha", "mse", "overlap", "cos2", "eigenvalues", "recovered",
-    "n_train_used", "seconds",
+    "method",
+    "seed",
+    "n",
+    "alpha",
+    "mse",
+    "overlap",
+    "cos2",
+    "eigenvalues",
+    "recovered",
+    "n_train_used",
+    "seconds",
 )
 
 
@@ -88,7 +97,15 @@ def _method_rank(spec: he.ExperimentSpec, name: str) -> int:
 
 
 CSV_COLUMNS = (
-    "method", "seed", "n", "alpha", "mse", "overlap", "recovered", "n_train_used", "seconds",
+    "method",
+    "seed",
+    "n",
+    "alpha",
+    "mse",
+    "overlap",
+    "recovered",
+    "n_train_used",
+    "seconds",
 )
 
 
@@ -100,8 +117,11 @@ def points_csv(doc: Mapping[str, Any]) -> str:
     d1 = int(doc.get("d1") or 0)
     points = doc.get("points") or []
     k = max((len(p.get("eigenvalues") or []) for p in points), default=0)
-    header = [*CSV_COLUMNS, *(f"cos2_{i + 1}" for i in range(d1)),
-              *(f"eig_{i + 1}" for i in range(k))]
+    header = [
+        *CSV_COLUMNS,
+        *(f"cos2_{i + 1}" for i in range(d1)),
+        *(f"eig_{i + 1}" for i in range(k)),
+    ]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -110,6 +130,7 @@ def points_csv(doc: Mapping[str, Any]) -> str:
         eig = p.get("eigenvalues") or []
         eig = list(eig) + [None] * (k - len(eig))
         row = [p.get(c) for c in CSV_COLUMNS] + list(cos2) + eig
-        writer.writerow(["" if v is None else (repr(v) if isinstance(v, float) else v)
-                         for v in row])
+        writer.writerow(
+            ["" if v is None else (repr(v) if isinstance(v, float) else v) for v in row]
+        )
     return buf.getvalue()

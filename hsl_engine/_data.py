@@ -132,9 +132,7 @@ class SampleStream:
         self.teacher = teacher
         self._input_rng, self._noise_rng = rng.spawn(2)
         model = teacher.model
-        self._width = (
-            feature_dim(model.d, model.q) if model.features == "gaussian" else model.d
-        )
+        self._width = feature_dim(model.d, model.q) if model.features == "gaussian" else model.d
         self._inputs = np.empty((0, self._width))
         self._labels = np.empty(0)
 

@@ -40,9 +40,16 @@ class _Spectral:
         fit = self.impl.fit(n)
         f = fit.first
         return Measurement(
-            fit.mse, fit.n_train_used, fit.cos2, f.eigenvalues,
-            {"eigensolver": f.solver, "passes": f.passes, "converged": f.converged,
-             "operator_flops": f.flops},
+            fit.mse,
+            fit.n_train_used,
+            fit.cos2,
+            f.eigenvalues,
+            {
+                "eigensolver": f.solver,
+                "passes": f.passes,
+                "converged": f.converged,
+                "operator_flops": f.flops,
+            },
         )
 
 
@@ -57,16 +64,26 @@ class _KernelOnInputs:
         else:
             kw = {"degree": method.degree or 2 * spec.model.q}
             kernel = "poly"
-        self.krr = KernelRidgeSweep(kernel, ridge=method.ridge, n_landmarks=method.n_landmarks,
-                                    incremental=True, rng=rng, **kw)
+        self.krr = KernelRidgeSweep(
+            kernel,
+            ridge=method.ridge,
+            n_landmarks=method.n_landmarks,
+            incremental=True,
+            rng=rng,
+            **kw,
+        )
 
     def measure(self, n: int) -> Measurement:
         x, y = self.data.train.take(n)
         fit = self.krr.fit_predict(x, y, self.data.test_inputs)
         return Measurement(
-            normalised_mse(fit.predictions, self.data.test_labels), fit.n_train_used,
-            extra={"solver": fit.solver, "n_landmarks": fit.n_landmarks,
-                   "bandwidth": fit.bandwidth},
+            normalised_mse(fit.predictions, self.data.test_labels),
+            fit.n_train_used,
+            extra={
+                "solver": fit.solver,
+                "n_landmarks": fit.n_landmarks,
+                "bandwidth": fit.bandwidth,
+            },
         )
 
 
@@ -77,8 +94,14 @@ class _LatentRBF:
         self.spec, self.method, self.data = spec, method, data
         solver_rng, krr_rng = rng.spawn(2)
         self.first = FirstLayerSolver(spec, backend, rng=solver_rng)
-        self.krr = KernelRidgeSweep("rbf", ridge=method.ridge, n_landmarks=method.n_landmarks,
-                                    bandwidth=method.bandwidth, incremental=False, rng=krr_rng)
+        self.krr = KernelRidgeSweep(
+            "rbf",
+            ridge=method.ridge,
+            n_landmarks=method.n_landmarks,
+            bandwidth=method.bandwidth,
+            incremental=False,
+            rng=krr_rng,
+        )
 
     def measure(self, n: int) -> Measurement:
         x, y = self.data.train.take(n)
@@ -90,10 +113,18 @@ class _LatentRBF:
         fit = self.krr.fit_predict(h, y2, h_test)
         used = (n if self.method.sample_split else 0) + fit.n_train_used
         return Measurement(
-            normalised_mse(fit.predictions, self.data.test_labels), used,
-            overlaps(self.data.teacher.directions, first.directions), first.eigenvalues,
-            {"eigensolver": first.solver, "passes": first.passes, "converged": first.converged,
-             "solver": fit.solver, "n_landmarks": fit.n_landmarks, "bandwidth": fit.bandwidth},
+            normalised_mse(fit.predictions, self.data.test_labels),
+            used,
+            overlaps(self.data.teacher.directions, first.directions),
+            first.eigenvalues,
+            {
+                "eigensolver": first.solver,
+                "passes": first.passes,
+                "converged": first.converged,
+                "solver": fit.solver,
+                "n_landmarks": fit.n_landmarks,
+                "bandwidth": fit.bandwidth,
+            },
         )
 
 
@@ -155,8 +186,7 @@ def iter_run(
             mse=float(m.mse),
             overlap=None if cos2 is None else float(np.mean(cos2)),
             cos2=cos2,
-            eigenvalues=None if m.eigenvalues is None
-            else tuple(float(v) for v in m.eigenvalues),
+            eigenvalues=None if m.eigenvalues is None else tuple(float(v) for v in m.eigenvalues),
             recovered=None if cos2 is None else int(sum(c > 0.5 for c in cos2)),
             n_train_used=int(m.n_train_used),
             seconds=float(seconds),

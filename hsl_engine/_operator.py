@@ -138,8 +138,9 @@ def dense_cost(n: int, dim: int) -> float:
     return 2.0 * n * dim * dim + 10.0 * dim**3
 
 
-def krylov_cost(n: int, d: int, dim: int, q: int, features: str, block: int,
-                passes: float = 12.0) -> float:
+def krylov_cost(
+    n: int, d: int, dim: int, q: int, features: str, block: int, passes: float = 12.0
+) -> float:
     """Flops of a warm-started block Krylov solve (``passes`` block applications)."""
     per_vector = 4.0 * n * d * d if (features == "hermite" and q == 2) else 4.0 * n * dim
     return passes * block * per_vector
@@ -150,4 +151,3 @@ def prefer_dense(n: int, d: int, dim: int, q: int, features: str, block: int) ->
     if dim * dim * 8 > 0.5 * 2**30:
         return False
     return dense_cost(n, dim) < krylov_cost(n, d, dim, q, features, block)
-

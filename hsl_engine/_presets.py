@@ -17,17 +17,35 @@ def _alphas(lo: float, hi: float, step: float) -> list[float]:
     return [round(lo + i * step, 4) for i in range(count)]
 
 
-def _paper(name: str, description: str, *, d: int, gamma: float, activation: str = "id",
-           alphas: list[float] | None = None, epsilon: float = 0.5,
-           methods: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def _paper(
+    name: str,
+    description: str,
+    *,
+    d: int,
+    gamma: float,
+    activation: str = "id",
+    alphas: list[float] | None = None,
+    epsilon: float = 0.5,
+    methods: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     return {
         "description": description,
         "spec": {
             "name": name,
-            "model": {"d": d, "q": 2, "epsilon": epsilon, "gamma": gamma,
-                      "activation": activation, "features": "hermite"},
-            "sweep": {"alphas": alphas or _alphas(1.5, 3.4, 0.1), "seeds": 10, "seed": 0,
-                      "n_test": 5000},
+            "model": {
+                "d": d,
+                "q": 2,
+                "epsilon": epsilon,
+                "gamma": gamma,
+                "activation": activation,
+                "features": "hermite",
+            },
+            "sweep": {
+                "alphas": alphas or _alphas(1.5, 3.4, 0.1),
+                "seeds": 10,
+                "seed": 0,
+                "n_test": 5000,
+            },
             "methods": methods or [{"name": "layerwise_spectral", "sample_split": False}],
         },
     }
@@ -40,48 +58,119 @@ def _build() -> dict[str, dict[str, Any]]:
         presets[entry["spec"]["name"]] = entry
 
     # -- the paper's figures (GPU-sized) ---------------------------------------------------------
-    add(_paper("fig2-d120", "Fig. 2: MSE and overlap vs alpha, gamma 0.4, d = 120", d=120,
-               gamma=0.4, alphas=_alphas(1.5, 3.4, 0.05)))
+    add(
+        _paper(
+            "fig2-d120",
+            "Fig. 2: MSE and overlap vs alpha, gamma 0.4, d = 120",
+            d=120,
+            gamma=0.4,
+            alphas=_alphas(1.5, 3.4, 0.05),
+        )
+    )
     for d in (250, 400):
-        add(_paper(f"fig2-d{d}", f"Fig. 2: MSE and overlap vs alpha, gamma 0.4, d = {d}", d=d,
-                   gamma=0.4))
-    add(_paper("fig2-spectrum", "Fig. 2 inset: spectrum of C_hat at d = 140, alpha = 3.5",
-               d=140, gamma=0.4, alphas=[3.5]))
+        add(
+            _paper(
+                f"fig2-d{d}",
+                f"Fig. 2: MSE and overlap vs alpha, gamma 0.4, d = {d}",
+                d=d,
+                gamma=0.4,
+            )
+        )
+    add(
+        _paper(
+            "fig2-spectrum",
+            "Fig. 2 inset: spectrum of C_hat at d = 140, alpha = 3.5",
+            d=140,
+            gamma=0.4,
+            alphas=[3.5],
+        )
+    )
     for g in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
-        add(_paper(f"fig3-gamma{g:g}", f"Fig. 3: MSE and overlap vs alpha, d = 400, gamma {g:g}",
-                   d=400, gamma=g))
-    add(_paper("fig4", "Fig. 4: per-direction cos2 and 1 - cos vs alpha, d = 400, gamma 0.4",
-               d=400, gamma=0.4))
+        add(
+            _paper(
+                f"fig3-gamma{g:g}",
+                f"Fig. 3: MSE and overlap vs alpha, d = 400, gamma {g:g}",
+                d=400,
+                gamma=g,
+            )
+        )
+    add(
+        _paper(
+            "fig4",
+            "Fig. 4: per-direction cos2 and 1 - cos vs alpha, d = 400, gamma 0.4",
+            d=400,
+            gamma=0.4,
+        )
+    )
     # alpha stops at 3.0 here: 800**3.4 = 7e9 samples exceeds the spec's n limit of 1e9
-    add(_paper("fig4-staircase", "Fig. 4: recovered count vs theory staircase, d = 800",
-               d=800, gamma=0.4, alphas=_alphas(1.5, 3.0, 0.1)))
+    add(
+        _paper(
+            "fig4-staircase",
+            "Fig. 4: recovered count vs theory staircase, d = 800",
+            d=800,
+            gamma=0.4,
+            alphas=_alphas(1.5, 3.0, 0.1),
+        )
+    )
     for d in (120, 250, 400):
-        add(_paper(f"fig5-d{d}", f"Fig. 5: as Fig. 2 with g = tanh, d = {d}", d=d, gamma=0.4,
-                   activation="tanh"))
-    add(_paper("kernels", "Kernel comparison: spectral vs RBF on x vs RBF on h_hat", d=200,
-               gamma=0.2, epsilon=0.4, alphas=_alphas(1.5, 3.0, 0.1),
-               methods=[{"name": "layerwise_spectral", "sample_split": False},
-                        {"name": "kernel_rbf", "n_landmarks": 4000},
-                        {"name": "latent_rbf", "sample_split": False, "n_landmarks": 4000}]))
+        add(
+            _paper(
+                f"fig5-d{d}",
+                f"Fig. 5: as Fig. 2 with g = tanh, d = {d}",
+                d=d,
+                gamma=0.4,
+                activation="tanh",
+            )
+        )
+    add(
+        _paper(
+            "kernels",
+            "Kernel comparison: spectral vs RBF on x vs RBF on h_hat",
+            d=200,
+            gamma=0.2,
+            epsilon=0.4,
+            alphas=_alphas(1.5, 3.0, 0.1),
+            methods=[
+                {"name": "layerwise_spectral", "sample_split": False},
+                {"name": "kernel_rbf", "n_landmarks": 4000},
+                {"name": "latent_rbf", "sample_split": False, "n_landmarks": 4000},
+            ],
+        )
+    )
 
     # -- CPU-sized versions ---------------------------------------------------------------------
     presets["fig2-cpu"] = {
         "description": "CPU Fig. 2: sequential recovery and power-law MSE at d = 60, gamma 1",
         "spec": {
             "name": "fig2-cpu",
-            "model": {"d": 60, "q": 2, "epsilon": 0.5, "d1": None, "gamma": 1.0,
-                      "activation": "id", "features": "hermite", "noise_std": 0.0},
-            "sweep": {"alphas": _alphas(1.5, 3.0, 0.25), "n_values": None, "seeds": 3,
-                      "seed": 0, "n_test": 5000},
-            "methods": [{"name": "layerwise_spectral", "sample_split": True},
-                        {"name": "kernel_rbf", "n_landmarks": 1000}],
+            "model": {
+                "d": 60,
+                "q": 2,
+                "epsilon": 0.5,
+                "d1": None,
+                "gamma": 1.0,
+                "activation": "id",
+                "features": "hermite",
+                "noise_std": 0.0,
+            },
+            "sweep": {
+                "alphas": _alphas(1.5, 3.0, 0.25),
+                "n_values": None,
+                "seeds": 3,
+                "seed": 0,
+                "n_test": 5000,
+            },
+            "methods": [
+                {"name": "layerwise_spectral", "sample_split": True},
+                {"name": "kernel_rbf", "n_landmarks": 1000},
+            ],
             "solver": {"eigensolver": "auto", "dtype": "float64"},
             "device": "auto",
         },
     }
     presets["fig3-cpu"] = {
         "description": "CPU Fig. 3: the MSE exponent depends on gamma (Gaussian-equivalent, "
-                       "d = 30, gamma 1.0)",
+        "d = 30, gamma 1.0)",
         "spec": {
             "name": "fig3-cpu",
             "model": {"d": 30, "gamma": 1.0, "features": "gaussian"},
@@ -91,7 +180,7 @@ def _build() -> dict[str, dict[str, Any]]:
     }
     presets["fig4-cpu"] = {
         "description": "CPU Fig. 4: per-direction cos2 against the BBP curves "
-                       "(Gaussian-equivalent, d = 30, d1 = 8, gamma 0.6)",
+        "(Gaussian-equivalent, d = 30, d1 = 8, gamma 0.6)",
         "spec": {
             "name": "fig4-cpu",
             "model": {"d": 30, "d1": 8, "gamma": 0.6, "features": "gaussian"},
@@ -101,15 +190,17 @@ def _build() -> dict[str, dict[str, Any]]:
     }
     presets["kernels-cpu"] = {
         "description": "CPU kernel comparison at d = 24: kernels on x stay near MSE 1 while "
-                       "the spectral method learns",
+        "the spectral method learns",
         "spec": {
             "name": "kernels-cpu",
             "model": {"d": 24, "gamma": 0.6, "epsilon": 0.5},
             "sweep": {"alphas": _alphas(2.0, 3.5, 0.25), "seeds": 2, "n_test": 3000},
-            "methods": [{"name": "layerwise_spectral"},
-                        {"name": "kernel_rbf", "n_landmarks": 1500},
-                        {"name": "kernel_poly", "n_landmarks": 1500},
-                        {"name": "latent_rbf", "n_landmarks": 1000}],
+            "methods": [
+                {"name": "layerwise_spectral"},
+                {"name": "kernel_rbf", "n_landmarks": 1500},
+                {"name": "kernel_poly", "n_landmarks": 1500},
+                {"name": "latent_rbf", "n_landmarks": 1000},
+            ],
         },
     }
     return presets

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -124,8 +124,7 @@ class SweepSpec(_Strict):
         | None
     ) = None
     n_values: (
-        Annotated[list[Int(MIN_N, MAX_N)], Field(min_length=1, max_length=MAX_SWEEP_POINTS)]
-        | None
+        Annotated[list[Int(MIN_N, MAX_N)], Field(min_length=1, max_length=MAX_SWEEP_POINTS)] | None
     ) = None
     seeds: Int(1, MAX_SEEDS, description="number of independent seeds") = 3
     seed: Int(0, 2**63 - 1, description="root of all randomness") = 0
@@ -145,15 +144,20 @@ class LayerwiseSpectral(_Strict):
 
     name: Literal["layerwise_spectral"]
     sample_split: bool = True
-    readout_degree: Int(1, 9, description="polynomial degree of the readout; "
-                        "default 1 for id, 5 otherwise") | None = None
-    readout_ridge: Float(0.0, 1e6, description="ridge penalty of the readout, per sample") = 1e-6
+    readout_degree: (
+        Int(1, 9, description="polynomial degree of the readout; default 1 for id, 5 otherwise")
+        | None
+    ) = None
+    readout_ridge: Float(0.0, 1e6, description="ridge penalty of the readout, per sample") = 1e-3
 
 
 class _KernelBase(_Strict):
     ridge: Float(0.0, 1e6, lo_open=True, description="ridge penalty per training sample") = 1e-3
-    n_landmarks: Int(10, 20_000, description="Nystroem landmarks; exact solve at or "
-                     "below this many training samples") = 2000
+    n_landmarks: Int(
+        10,
+        20_000,
+        description="Nystroem landmarks; exact solve at or below this many training samples",
+    ) = 2000
 
 
 class KernelRBF(_KernelBase):
@@ -180,7 +184,7 @@ class LatentRBF(_KernelBase):
 
 
 MethodSpec = Annotated[
-    Union[LayerwiseSpectral, KernelRBF, KernelPoly, LatentRBF], Field(discriminator="name")
+    LayerwiseSpectral | KernelRBF | KernelPoly | LatentRBF, Field(discriminator="name")
 ]
 METHOD_NAMES = ("layerwise_spectral", "kernel_rbf", "kernel_poly", "latent_rbf")
 
@@ -190,8 +194,15 @@ class SolverSpec(_Strict):
 
     eigensolver: Literal["auto", "dense", "krylov"] = "auto"
     dtype: Literal["float64", "float32"] = "float64"
-    tol: Float(0.0, 0.1, lo_open=True, description="relative residual tolerance; "
-               "default 1e-6 (float64) or 1e-3 (float32)") | None = None
+    tol: (
+        Float(
+            0.0,
+            0.1,
+            lo_open=True,
+            description="relative residual tolerance; default 1e-6 (float64) or 1e-3 (float32)",
+        )
+        | None
+    ) = None
     max_passes: Int(1, 100_000, description="operator applications per sample size") = 300
 
 
@@ -228,9 +239,14 @@ class ExperimentSpec(_Strict):
                 if log_n > math.log(MAX_N) or log_n < math.log(MIN_N - 0.5):
                     raise PydanticCustomError(
                         "out_of_range",
-                        "alpha = {a} gives n = d**alpha outside "
-                        "[{lo}, {hi}] for d = {d}",
-                        {"a": a, "lo": MIN_N, "hi": MAX_N, "d": self.model.d, "field": "sweep.alphas"},
+                        "alpha = {a} gives n = d**alpha outside [{lo}, {hi}] for d = {d}",
+                        {
+                            "a": a,
+                            "lo": MIN_N,
+                            "hi": MAX_N,
+                            "d": self.model.d,
+                            "field": "sweep.alphas",
+                        },
                     )
                 ns.append(round(math.exp(log_n)))
         else:

@@ -72,8 +72,11 @@ class FirstLayerSolver:
             return choice
         m = self.spec.model
         small = self.dim <= 4 * self.block
-        return "dense" if small or prefer_dense(n, m.d, self.dim, m.q, m.features, self.block) \
+        return (
+            "dense"
+            if small or prefer_dense(n, m.d, self.dim, m.q, m.features, self.block)
             else "krylov"
+        )
 
     def fit(self, inputs: np.ndarray, labels: np.ndarray) -> FirstLayer:
         m = self.spec.model
@@ -153,7 +156,14 @@ def quadratic_form(h: np.ndarray, a2: np.ndarray) -> np.ndarray:
 
 
 class Readout:
-    """Ridge polynomial fit of y on the standardised h2_hat (affine when degree is 1)."""
+    """Ridge polynomial fit of y on the standardised h2_hat (affine when degree is 1).
+
+    For degree > 1 the standardised input is winsorised at the training 0.5 % and 99.5 %
+    quantiles, in the fit and in prediction: h2_hat is heavy-tailed (Hermite features), and a
+    degree-5 polynomial pulled through a few extreme points, or evaluated past them, diverges.
+    """
+
+    WINSOR = (0.005, 0.995)
 
     def __init__(self, degree: int, ridge: float):
         self.degree = degree
@@ -161,6 +171,12 @@ class Readout:
 
     def fit(self, t: np.ndarray, y: np.ndarray) -> Readout:
         self.t_mean, self.t_std = standardise(t)
+        z = (t - self.t_mean) / self.t_std
+        if self.degree > 1:
+            lo, hi = np.quantile(z, self.WINSOR)
+            self.z_range = (float(lo), float(hi))
+        else:
+            self.z_range = (-np.inf, np.inf)
         phi = self._design(t)
         gram = phi.T @ phi
         penalty = self.ridge * t.shape[0] * np.eye(self.degree + 1)
@@ -172,7 +188,7 @@ class Readout:
         return self._design(t) @ self.coef
 
     def _design(self, t: np.ndarray) -> np.ndarray:
-        z = (t - self.t_mean) / self.t_std
+        z = np.clip((t - self.t_mean) / self.t_std, *self.z_range)
         return np.vander(z, self.degree + 1, increasing=True)
 
 
@@ -191,8 +207,15 @@ def overlaps(teacher_directions: np.ndarray, learned: np.ndarray) -> np.ndarray:
 class LayerwiseSpectral:
     """The layer-wise spectral method for one seed, over increasing n."""
 
-    def __init__(self, spec: ExperimentSpec, method, data: SeedData, backend: Backend,
-                 *, rng: np.random.Generator):
+    def __init__(
+        self,
+        spec: ExperimentSpec,
+        method,
+        data: SeedData,
+        backend: Backend,
+        *,
+        rng: np.random.Generator,
+    ):
         self.spec = spec
         self.method = method
         self.data = data

@@ -225,8 +225,15 @@ def fit_window(ns: np.ndarray, ths: list[Threshold], th: Theory) -> np.ndarray:
     return np.arange(lo, hi + 1)
 
 
-def power_law(spec: ExperimentSpec, th: Theory, points: list[Point], curve_map, ths,
-              *, rng: np.random.Generator) -> PowerLaw | None:
+def power_law(
+    spec: ExperimentSpec,
+    th: Theory,
+    points: list[Point],
+    curve_map,
+    ths,
+    *,
+    rng: np.random.Generator,
+) -> PowerLaw | None:
     """Fit log mse against log n on the seed-mean curve; bootstrap CI over seeds."""
     method = threshold_method(spec, curve_map) or (spec.methods[0].name if spec.methods else None)
     rows = curve_map.get(method or "", [])
@@ -256,8 +263,7 @@ def power_law(spec: ExperimentSpec, th: Theory, points: list[Point], curve_map, 
         slopes = (logs - logs.mean(axis=1, keepdims=True)) @ xc / (xc @ xc)
         ci = (float(np.percentile(slopes, 2.5)), float(np.percentile(slopes, 97.5)))
     theory_mse = th.mse(window_n)
-    curve_slope = _fit(np.log(window_n), np.log(theory_mse))[0] if np.all(theory_mse > 0) \
-        else None
+    curve_slope = _fit(np.log(window_n), np.log(theory_mse))[0] if np.all(theory_mse > 0) else None
     return PowerLaw(
         method=method or "",
         exponent=slope,
@@ -284,8 +290,9 @@ def theory_curve(spec: ExperimentSpec, th: Theory) -> list[TheoryPoint]:
     ]
 
 
-def summarize(spec: ExperimentSpec, points: Iterable[Point], *,
-              rng: np.random.Generator) -> Summary:
+def summarize(
+    spec: ExperimentSpec, points: Iterable[Point], *, rng: np.random.Generator
+) -> Summary:
     """Curves, thresholds, power law and theory for whatever points exist so far.
 
     Parameters
@@ -299,8 +306,9 @@ def summarize(spec: ExperimentSpec, points: Iterable[Point], *,
     ths = thresholds(spec, th, curve_map)
     pl = power_law(spec, th, pts, curve_map, ths, rng=rng)
     ns = [n for n, _ in spec.sample_sizes()]
-    spectrum = SpectrumTheory(max(ns), th.bulk_edge(max(ns)),
-                              tuple(float(s) for s in th.spikes(max(ns))))
+    spectrum = SpectrumTheory(
+        max(ns), th.bulk_edge(max(ns)), tuple(float(s) for s in th.spikes(max(ns)))
+    )
     return Summary(curve_map, ths, pl, theory_curve(spec, th), spectrum)
 
 

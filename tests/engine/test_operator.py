@@ -25,8 +25,9 @@ def test_matrix_free_equals_dense_from_explicit_features(seed, q, d, features, t
     inputs = rng.standard_normal((n, d if features == "hermite" else dim))
     y = rng.standard_normal(n)
     y -= y.mean()
-    op = MomentOperator(inputs, y, q=q, features=features,
-                        backend=he.get_backend("cpu", threads=threads))
+    op = MomentOperator(
+        inputs, y, q=q, features=features, backend=he.get_backend("cpu", threads=threads)
+    )
     reference = explicit_moment(inputs, y, q, features)
     v = rng.standard_normal((dim, 5))
     assert_allclose(op.matmat(v), reference @ v, rtol=1e-11, atol=1e-12)
@@ -57,8 +58,9 @@ def test_float32_operator_is_close_to_float64(seed):
     be = he.get_backend("cpu")
     v = rng.standard_normal((he.feature_dim(d, 2), 3))
     r64 = MomentOperator(x, y, q=2, features="hermite", backend=be).matmat(v)
-    r32 = MomentOperator(x.astype(np.float32), y.astype(np.float32), q=2, features="hermite",
-                         backend=be).matmat(v.astype(np.float32))
+    r32 = MomentOperator(
+        x.astype(np.float32), y.astype(np.float32), q=2, features="hermite", backend=be
+    ).matmat(v.astype(np.float32))
     assert r32.dtype == np.float32
     assert_allclose(r32, r64, rtol=0, atol=1e-4 * np.abs(r64).max())
 

@@ -22,11 +22,19 @@ def test_defaults_are_filled_and_hash_is_stable():
     dumped = a.model_dump(mode="json")
     assert dumped["model"]["gamma"] == 1.0
     assert dumped["methods"] == [
-        {"name": "layerwise_spectral", "sample_split": True, "readout_degree": None,
-         "readout_ridge": 1e-6}
+        {
+            "name": "layerwise_spectral",
+            "sample_split": True,
+            "readout_degree": None,
+            "readout_ridge": 1e-3,
+        }
     ]
-    assert dumped["solver"] == {"eigensolver": "auto", "dtype": "float64", "tol": None,
-                                "max_passes": 300}
+    assert dumped["solver"] == {
+        "eigensolver": "auto",
+        "dtype": "float64",
+        "tol": None,
+        "max_passes": 300,
+    }
 
 
 def test_hash_changes_with_any_field():
@@ -38,21 +46,37 @@ def test_hash_changes_with_any_field():
 
 
 def test_api_example_spec_is_accepted():
-    spec = he.parse_spec({
-        "name": "fig2-cpu",
-        "model": {"d": 60, "q": 2, "epsilon": 0.5, "d1": None, "gamma": 1.0,
-                  "activation": "id", "features": "hermite", "noise_std": 0.0},
-        "sweep": {"alphas": [1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0], "n_values": None,
-                  "seeds": 3, "seed": 0, "n_test": 5000},
-        "methods": [{"name": "layerwise_spectral", "sample_split": True},
-                    {"name": "kernel_rbf"}],
-        "solver": {"eigensolver": "auto", "dtype": "float64"},
-        "device": "auto",
-    })
+    spec = he.parse_spec(
+        {
+            "name": "fig2-cpu",
+            "model": {
+                "d": 60,
+                "q": 2,
+                "epsilon": 0.5,
+                "d1": None,
+                "gamma": 1.0,
+                "activation": "id",
+                "features": "hermite",
+                "noise_std": 0.0,
+            },
+            "sweep": {
+                "alphas": [1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0],
+                "n_values": None,
+                "seeds": 3,
+                "seed": 0,
+                "n_test": 5000,
+            },
+            "methods": [
+                {"name": "layerwise_spectral", "sample_split": True},
+                {"name": "kernel_rbf"},
+            ],
+            "solver": {"eigensolver": "auto", "dtype": "float64"},
+            "device": "auto",
+        }
+    )
     assert spec.model.hidden_dim == 8
     assert spec.model.feature_dim == 1830
-    assert [n for n, _ in spec.sample_sizes()] == [465, 1293, 3600, 10019, 27885, 77610,
-                                                    216000]
+    assert [n for n, _ in spec.sample_sizes()] == [465, 1293, 3600, 10019, 27885, 77610, 216000]
 
 
 @pytest.mark.parametrize(
@@ -104,7 +128,9 @@ def test_non_finite_numbers_and_wrong_types_are_rejected():
     assert "finite" in errors_of('{"model": {"noise_std": Infinity}}')["model.noise_std"]
     assert "integer" in errors_of({"model": {"d": "60"}})["model.d"]
     assert "integer" in errors_of({"model": {"d": 60.5}})["model.d"]
-    assert "'id', 'tanh' or 'quadratic'" in errors_of({"model": {"activation": 3}})["model.activation"]
+    assert (
+        "'id', 'tanh' or 'quadratic'" in errors_of({"model": {"activation": 3}})["model.activation"]
+    )
     assert errors_of("{not json")  # truncated JSON is a SpecError too
 
 
@@ -115,8 +141,12 @@ def test_several_errors_are_reported_together():
 
 def test_huge_sizes_are_rejected_in_log_space_quickly():
     t0 = time.perf_counter()
-    for data in ({"model": {"d": 10**6}}, {"model": {"q": 10**9}},
-                 {"model": {"d": 10**100}}, {"sweep": {"alphas": [8.0]}}):
+    for data in (
+        {"model": {"d": 10**6}},
+        {"model": {"q": 10**9}},
+        {"model": {"d": 10**100}},
+        {"sweep": {"alphas": [8.0]}},
+    ):
         with pytest.raises(he.SpecError):
             he.parse_spec(data)
     # a generous bound that only a d**q evaluation would break
@@ -126,8 +156,7 @@ def test_huge_sizes_are_rejected_in_log_space_quickly():
 def test_estimate_is_finite_monotone_and_log_space():
     small = he.parse_spec({"model": {"d": 30}, "sweep": {"alphas": [1.5, 2.0]}})
     big = he.parse_spec({"model": {"d": 60}, "sweep": {"alphas": [1.5, 2.0, 3.0]}})
-    huge = he.parse_spec({"model": {"d": 100000, "q": 3},
-                          "sweep": {"alphas": [1.5]}})
+    huge = he.parse_spec({"model": {"d": 100000, "q": 3}, "sweep": {"alphas": [1.5]}})
     e_small, e_big, e_huge = (he.estimate_resources(s) for s in (small, big, huge))
     assert 0 < e_small.peak_bytes < e_big.peak_bytes < e_huge.peak_bytes
     assert 0 < e_small.flops < e_big.flops < e_huge.flops
@@ -143,8 +172,7 @@ def test_sample_sizes_sorted_and_alpha_from_n_values():
 
 def test_every_preset_validates():
     names = he.preset_names()
-    assert {"fig2-cpu", "fig3-cpu", "fig4-cpu", "kernels-cpu", "fig2-d120", "kernels"} <= set(
-        names)
+    assert {"fig2-cpu", "fig3-cpu", "fig4-cpu", "kernels-cpu", "fig2-d120", "kernels"} <= set(names)
     for name in names:
         spec = he.preset(name)
         assert spec.name == name

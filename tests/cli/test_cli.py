@@ -1,0 +1,167 @@
+import json
+
+import pytest
+
+import hsl_engine as he
+from hsl import cli, document
+
+TINY = {
+    "name": "tiny",
+    "model": {"d": 8, "gamma": 1.0},
+    "sweep": {"alphas": [2.0, 2.5, 3.0, 3.5], "seeds": 2},
+    "methods": [{"name": "layerwise_spectral"}, {"name": "kernel_rbf", "n_landmarks": 200}],
+}
+
+RESULT_KEYS = {
+    "experiment_id",
+    "spec",
+    "spec_hash",
+    "engine_version",
+    "complete",
+    "d1",
+    "feature_dim",
+    "weights",
+    "points",
+    "curves",
+    "thresholds",
+    "power_law",
+    "theory",
+}
+POINT_KEYS = {
+    "method",
+    "seed",
+    "n",
+    "alpha",
+    "mse",
+    "overlap",
+    "cos2",
+    "eigenvalues",
+    "recovered",
+    "n_train_used",
+    "seconds",
+}
+
+
+@pytest.fixture
+def tiny_spec_file(tmp_path):
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY))
+    return path
+
+
+def test_run_writes_results_plots_and_summary(tmp_path, tiny_spec_file, capsys):
+    out = tmp_path / "res" / "tiny.json"
+    code = cli.main(
+        [
+            "run",
+            str(tiny_spec_file),
+            "--out",
+            str(out),
+            "--plots",
+            str(tmp_path / "plots"),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert RESULT_KEYS <= set(doc)
+    assert doc["complete"] is True and doc["d1"] == 3 and doc["feature_dim"] == 36
+    assert doc["spec_hash"] == he.parse_spec(TINY).spec_hash
+    assert len(doc["points"]) == 2 * 2 * 4
+    assert POINT_KEYS <= set(doc["points"][0])
+    assert set(doc["curves"]) == {"layerwise_spectral", "kernel_rbf"}
+    assert {
+        "n",
+        "alpha",
+        "n_seeds",
+        "mse_mean",
+        "mse_sem",
+        "overlap_mean",
+        "overlap_sem",
+        "cos2_mean",
+        "recovered_mean",
+    } <= set(doc["curves"]["layerwise_spectral"][0])
+    assert {"feature", "weight", "n_half", "n_half_theory", "n_onset_theory"} <= set(
+        doc["thresholds"][0]
+    )
+    assert {"curve", "spectrum"} <= set(doc["theory"])
+    written = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert written == sorted(
+        f"{n}.{f}" for n in ("mse", "overlap", "cos2", "spectrum") for f in ("png", "svg")
+    )
+    printed = capsys.readouterr().out
+    assert "per-feature recovery threshold" in printed and "power law" in printed
+    assert "kernel_rbf" in printed
+
+
+def test_same_spec_gives_same_document_numbers(tmp_path, tiny_spec_file):
+    docs = []
+    for i in range(2):
+        out = tmp_path / f"r{i}.json"
+        assert cli.main(["run", str(tiny_spec_file), "--out", str(out), "--quiet"]) == 0
+        doc = json.loads(out.read_text())
+        for p in doc["points"]:
+            p.pop("seconds")
+        docs.append(doc)
+    assert docs[0] == docs[1]
+
+
+def test_invalid_spec_names_field_and_range(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model": {"d": 10**6, "gamma": float("nan")}}))
+    assert cli.main(["run", str(bad), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "model.d: must be in [2, 100000], got 1000000" in err
+    assert "model.gamma" in err
+
+
+def test_unknown_preset_lists_the_presets(capsys):
+    with pytest.raises(SystemExit, match="fig2-cpu"):
+        cli.main(["run", "no-such-preset"])
+
+
+def test_presets_listing(capsys):
+    assert cli.main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fig2-cpu", "fig3-cpu", "fig4-cpu", "kernels-cpu", "fig2-d400"):
+        assert name in out
+    assert cli.main(["presets", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fig2-cpu"]["spec"]["model"]["d"] == 60
+
+
+def test_points_round_trip_and_csv():
+    spec = he.parse_spec(TINY)
+    points = he.run_experiment(spec).points
+    assert [document.point_from_dict(document.point_to_dict(p)) for p in points] == points
+    doc = document.results_document(spec, points)
+    csv_text = document.points_csv(doc)
+    lines = csv_text.strip().splitlines()
+    assert len(lines) == 1 + len(points)
+    header = lines[0].split(",")
+    assert header[:5] == ["method", "seed", "n", "alpha", "mse"]
+    assert "cos2_3" in header and "eig_13" in header
+    first = dict(zip(header, lines[1].split(",")))
+    assert float(first["mse"]) == points[0].mse
+
+
+def test_partial_document_while_running():
+    spec = he.parse_spec(TINY)
+    points = he.run_experiment(spec).points[:2]  # two sizes: too few for a fit
+    doc = document.results_document(spec, points, experiment_id="x", complete=False)
+    assert doc["complete"] is False and doc["experiment_id"] == "x"
+    assert doc["power_law"] is None
+    assert json.loads(json.dumps(doc, allow_nan=False)) == doc  # strict JSON, no NaN
+
+
+def test_progress_reports_every_point(capsys):
+    import io
+
+    spec = he.parse_spec(TINY)
+    stream = io.StringIO()
+    progress = cli.Progress(spec, stream)
+    he.run_experiment(spec, on_point=progress)
+    lines = stream.getvalue().strip().splitlines()
+    assert len(lines) == he.points_total(spec)
+    assert lines[-1].startswith("[" + "#" * 28 + "] 16/16 points")
+    assert "ETA 0s" in lines[-1]

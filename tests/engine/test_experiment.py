@@ -1,0 +1,199 @@
+import dataclasses
+
+import numpy as np
+import pytest
+
+import hsl_engine as he
+from hsl_engine._summary import Point, n_half_crossing
+
+
+def small_spec(**over):
+    data = {
+        "model": {"d": 8, "gamma": 1.0},
+        "sweep": {"alphas": [2.0, 2.75, 3.5], "seeds": 2},
+        "methods": [
+            {"name": "layerwise_spectral"},
+            {"name": "kernel_rbf", "n_landmarks": 300},
+            {"name": "kernel_poly", "n_landmarks": 300},
+            {"name": "latent_rbf", "n_landmarks": 200},
+        ],
+    }
+    for key, value in over.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return he.parse_spec(data)
+
+
+def without_time(points):
+    return [dataclasses.replace(p, seconds=0.0) for p in points]
+
+
+def test_same_spec_same_numbers():
+    spec = small_spec()
+    a = he.run_experiment(spec).points
+    b = he.run_experiment(spec).points
+    assert len(a) == he.points_total(spec) == 4 * 2 * 3
+    assert without_time(a) == without_time(b)
+
+
+def test_points_have_the_contract_fields():
+    spec = small_spec(sweep={"seeds": 1})
+    n_max = spec.sample_sizes()[-1][0]
+    pts = {p.method: p for p in he.run_experiment(spec).points if p.n == n_max}
+    d1 = spec.model.hidden_dim
+    sp = pts["layerwise_spectral"]
+    assert len(sp.cos2) == d1 and len(sp.eigenvalues) == d1 + 10
+    assert sp.recovered == sum(c > 0.5 for c in sp.cos2)
+    assert sp.overlap == pytest.approx(np.mean(sp.cos2))
+    assert sp.n_train_used == 2 * sp.n  # sample split: a fresh batch for steps 3-4
+    assert np.all(np.diff(np.abs(sp.eigenvalues)) <= 1e-12)
+    assert sp.extra["converged"] is True
+    assert pts["kernel_rbf"].cos2 is None and pts["kernel_rbf"].n_train_used == sp.n
+    assert pts["latent_rbf"].cos2 is not None
+
+
+def test_adding_a_method_does_not_change_another_methods_numbers():
+    alone = small_spec(methods=[{"name": "layerwise_spectral"}])
+    both = small_spec()
+    a = [p for p in he.run_experiment(alone).points]
+    b = [p for p in he.run_experiment(both).points if p.method == "layerwise_spectral"]
+    assert without_time(a) == without_time(b)
+
+
+def test_resumed_run_matches_full_run():
+    spec = small_spec(sweep={"seeds": 1})
+    for method in ("layerwise_spectral", "kernel_rbf"):
+        full = list(he.iter_run(spec, method, 0))
+        resumed = list(he.iter_run(spec, method, 0, skip={full[0].n}))
+        assert [p.n for p in resumed] == [p.n for p in full[1:]]
+        for p, q in zip(full[1:], resumed):
+            # the Krylov warm start differs; converged results agree to the solver tolerance
+            assert q.mse == pytest.approx(p.mse, abs=1e-6)
+            if p.cos2 is not None:
+                np.testing.assert_allclose(q.cos2, p.cos2, atol=1e-6)
+
+
+def test_cancellation_stops_at_a_point_boundary():
+    spec = small_spec(sweep={"seeds": 1})
+    done = []
+    pts = he.iter_run(spec, "layerwise_spectral", 0, should_stop=lambda: len(done) >= 2)
+    for p in pts:
+        done.append(p)
+    assert len(done) == 2
+
+
+def test_dense_and_krylov_and_float32_agree(seed):
+    base = {"model": {"d": 10, "gamma": 1.0}, "sweep": {"alphas": [3.0], "seeds": 1, "seed": seed}}
+    results = {}
+    for solver in (
+        {"eigensolver": "dense"},
+        {"eigensolver": "krylov"},
+        {"eigensolver": "krylov", "dtype": "float32"},
+    ):
+        spec = he.parse_spec({**base, "solver": solver})
+        results[tuple(solver.values())] = he.run_experiment(spec).points[0]
+    dense, krylov, f32 = results.values()
+    assert dense.extra["eigensolver"] == "dense" and krylov.extra["eigensolver"] == "krylov"
+    np.testing.assert_allclose(krylov.cos2, dense.cos2, atol=1e-6)
+    assert krylov.mse == pytest.approx(dense.mse, abs=1e-6)
+    np.testing.assert_allclose(f32.cos2, dense.cos2, atol=2e-3)
+
+
+def test_unconverged_solve_warns_and_is_recorded():
+    spec = he.parse_spec(
+        {
+            "model": {"d": 10},
+            "sweep": {"alphas": [2.5], "seeds": 1},
+            "solver": {"eigensolver": "krylov", "max_passes": 1},
+        }
+    )
+    with pytest.warns(he.ConvergenceWarning, match="max_passes"):
+        p = he.run_experiment(spec).points[0]
+    assert p.extra["converged"] is False and p.extra["passes"] == 1
+
+
+def test_cuda_device_is_a_clear_error():
+    spec = he.parse_spec({"sweep": {"alphas": [1.5]}, "device": "cuda"})
+    with pytest.raises(he.DeviceError, match="cuda"):
+        he.run_experiment(spec)
+
+
+def synthetic_points(spec, mse_fn, cos2_fn, seeds):
+    pts = []
+    for s in seeds:
+        for n, a in spec.sample_sizes():
+            c = cos2_fn(n, s)
+            pts.append(
+                Point(
+                    "layerwise_spectral",
+                    s,
+                    n,
+                    a,
+                    mse_fn(n, s),
+                    float(np.mean(c)),
+                    tuple(c),
+                    None,
+                    int(sum(v > 0.5 for v in c)),
+                    n,
+                    0.0,
+                )
+            )
+    return pts
+
+
+def test_threshold_interpolates_in_log_n():
+    assert n_half_crossing(np.array([100.0, 400.0]), np.array([0.25, 0.75])) == (
+        pytest.approx(200.0),
+        None,
+    )
+    assert n_half_crossing(np.array([100.0, 400.0]), np.array([0.6, 0.9])) == (100.0, "left")
+    assert n_half_crossing(np.array([100.0, 400.0]), np.array([0.1, 0.2])) == (None, None)
+
+
+def test_power_law_fit_is_exact_on_an_exact_power_law():
+    spec = he.parse_spec(
+        {
+            "model": {"d": 10, "d1": 2, "gamma": 1.0},
+            "sweep": {"n_values": [100, 200, 400, 800, 1600], "seeds": 3},
+        }
+    )
+
+    # cos2 linear in log n: direction 1 crosses 1/2 at n = 141, direction 2 at n = 1131,
+    # so interpolation is exact and the window is [200, 800]
+    def cos2(n, s):
+        return [float(np.clip(0.5 + 0.25 * np.log2(n / m), 0, 1)) for m in (141.0, 1131.0)]
+
+    pts = synthetic_points(spec, mse_fn=lambda n, s: 3.0 * n**-0.5, cos2_fn=cos2, seeds=range(3))
+    summary = he.summarize(spec, pts, rng=he.summary_rng(spec))
+    pl = summary.power_law
+    assert pl.exponent == pytest.approx(-0.5, abs=1e-12)
+    assert pl.intercept == pytest.approx(np.log(3.0), abs=1e-12)
+    assert pl.exponent_ci == pytest.approx((-0.5, -0.5), abs=1e-12)
+    assert pl.n_range == (200, 800)
+    assert [t.n_half for t in summary.thresholds] == [
+        pytest.approx(141.0, rel=1e-12),
+        pytest.approx(1131.0, rel=1e-12),
+    ]
+
+
+def test_summaries_work_on_partial_points():
+    spec = small_spec()
+    pts = he.run_experiment(small_spec(sweep={"seeds": 1})).points
+    partial = [p for p in pts if p.n < 8**3.5 - 1]  # seed 0 only, two of three sizes
+    summary = he.summarize(spec, partial, rng=he.summary_rng(spec))
+    rows = summary.curves["layerwise_spectral"]
+    assert [r.n_seeds for r in rows] == [1, 1]
+    assert rows[0].mse_sem is None
+    assert summary.curves["kernel_rbf"][0].cos2_mean is None
+    assert len(summary.thresholds) == spec.model.hidden_dim
+    empty = he.summarize(spec, [], rng=he.summary_rng(spec))
+    assert empty.curves == {} and empty.power_law is None
+    assert all(t.n_half is None for t in empty.thresholds)
+    assert len(empty.theory_curve) > 10
+
+
+def test_eta_counts_remaining_points():
+    spec = small_spec(sweep={"seeds": 1}, methods=[{"name": "layerwise_spectral"}])
+    pts = he.run_experiment(spec).points
+    assert he.expected_seconds(spec, []) is None
+    assert he.expected_seconds(spec, pts) == 0.0
+    assert he.expected_seconds(spec, pts[:1]) > 0
