@@ -173,7 +173,7 @@ def _build() -> dict[str, dict[str, Any]]:
         "d = 30, gamma 1.0)",
         "spec": {
             "name": "fig3-cpu",
-            "model": {"d": 30, "gamma": 1.0, "features": "gaussian"},
+            "model": {"d": 30, "d1": 8, "gamma": 1.0, "features": "gaussian"},
             "sweep": {"alphas": _alphas(2.0, 3.5, 0.25), "seeds": 3, "n_test": 5000},
             "methods": [{"name": "layerwise_spectral"}],
         },
