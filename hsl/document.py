@@ -96,17 +96,8 @@ def _method_rank(spec: he.ExperimentSpec, name: str) -> int:
     return names.index(name) if name in names else len(names)
 
 
-CSV_COLUMNS = (
-    "method",
-    "seed",
-    "n",
-    "alpha",
-    "mse",
-    "overlap",
-    "recovered",
-    "n_train_used",
-    "seconds",
-)
+# the scalar point fields; the vectors get one column per entry
+CSV_COLUMNS = tuple(f for f in POINT_FIELDS if f not in ("cos2", "eigenvalues"))
 
 
 def points_csv(doc: Mapping[str, Any]) -> str:

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from ._spec import ExperimentSpec
 
 BASELINE_BYTES = 150e6  # interpreter, NumPy/SciPy and their buffers
-KRYLOV_PASSES = 12.0  # typical block applications per n (measured 8-15 with warm starts)
+# operator applications per n, in full blocks of d1 + 10 vectors: measured 7-9 blocks' worth
+# (120-160 vectors) at fig2-cpu sizes with warm starts; 12 keeps the estimate an upper bound
+KRYLOV_PASSES = 12.0
 
 
 @dataclass(frozen=True)
