@@ -62,9 +62,10 @@ class Backend:
     def map_reduce(self, func: Callable[[int, int], Any], n: int, chunk: int) -> list[Any]:
         """Apply ``func(start, stop)`` to consecutive chunks of ``range(n)``.
 
-        Chunks are split into ``threads`` contiguous groups; each group is folded by ``func``'s
-        caller-visible accumulation (``func`` returns a tuple of arrays that are summed). The
-        grouping is fixed by ``n``, ``chunk`` and ``threads``, so results are deterministic.
+        ``func`` returns a tuple of arrays. Chunks are split into ``threads`` contiguous
+        groups; each thread sums its group's tuples elementwise, and one partial sum per group
+        is returned for the caller to add. The grouping is fixed by ``n``, ``chunk`` and
+        ``threads``, so results are deterministic for a given thread count.
         """
         starts = list(range(0, n, chunk))
         groups = [g for g in _split(starts, self.threads) if g]

@@ -1,6 +1,5 @@
 import json
 import math
-import time
 
 import pytest
 
@@ -139,18 +138,15 @@ def test_several_errors_are_reported_together():
     assert {"model.d", "model.gamma", "sweep.seeds"} <= set(errs)
 
 
-def test_huge_sizes_are_rejected_in_log_space_quickly():
-    t0 = time.perf_counter()
-    for data in (
-        {"model": {"d": 10**6}},
-        {"model": {"q": 10**9}},
-        {"model": {"d": 10**100}},
-        {"sweep": {"alphas": [8.0]}},
+def test_huge_sizes_are_rejected_in_log_space():
+    # d = 10**100 would overflow a float power; the validator compares logarithms
+    for data, field in (
+        ({"model": {"d": 10**6}}, "model.d"),
+        ({"model": {"q": 10**9}}, "model.q"),
+        ({"model": {"d": 10**100}}, "model.d"),
+        ({"sweep": {"alphas": [8.0]}}, "sweep.alphas"),
     ):
-        with pytest.raises(he.SpecError):
-            he.parse_spec(data)
-    # a generous bound that only a d**q evaluation would break
-    assert time.perf_counter() - t0 < 1.0
+        assert field in errors_of(data)
 
 
 def test_estimate_is_finite_monotone_and_log_space():
