@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 import hsl_engine as he
 
-from . import document
+from . import client, document, server
 
 
 def load_spec(arg: str) -> he.ExperimentSpec:
@@ -204,6 +204,43 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="smaller sizes (about a minute)")
     bench.add_argument("--threads", type=int, default=None)
     bench.set_defaults(func=cmd_bench)
+
+    serve = sub.add_parser(
+        "serve", help="the API with the embedded default (SQLite under ./.hsl/, in-process worker)"
+    )
+    serve.add_argument("--host", default=None, help="default 127.0.0.1 (or $HSL_HOST)")
+    serve.add_argument("--port", type=int, default=None, help="default 8000 (or $HSL_PORT)")
+    serve.set_defaults(func=lambda a: server.serve(a.host, a.port))
+
+    api = sub.add_parser("api", help="the API of the distributed stack (HSL_BROKER_URL, ...)")
+    api.add_argument("--host", default=None)
+    api.add_argument("--port", type=int, default=None)
+    api.set_defaults(func=lambda a: server.api(a.host, a.port))
+
+    worker = sub.add_parser("worker", help="a Celery worker executing runs")
+    worker.add_argument("--queues", default="cpu", help="comma-separated: cpu, gpu (default cpu)")
+    worker.add_argument("--concurrency", type=int, default=1, help="processes (default 1)")
+    worker.set_defaults(func=lambda a: server.worker(a.queues, a.concurrency))
+
+    reaper = sub.add_parser("reaper", help="requeue runs of lost workers, publish unclaimed runs")
+    reaper.set_defaults(func=lambda a: server.reaper())
+
+    db = sub.add_parser("db", help="database administration")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("upgrade", help="apply the migrations to HSL_DATABASE_URL").set_defaults(
+        func=lambda a: server.db_upgrade()
+    )
+
+    keys = sub.add_parser("keys", help="API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="mint a key for a tenant (printed once)")
+    create.add_argument("--tenant", required=True)
+    create.set_defaults(func=lambda a: server.keys_create(a.tenant))
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its first characters")
+    revoke.add_argument("prefix")
+    revoke.set_defaults(func=lambda a: server.keys_revoke(a.prefix))
+
+    client.add_commands(sub)
     return parser
 
 

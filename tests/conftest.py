@@ -11,6 +11,8 @@ import os
 
 import pytest
 
+from tests.servers import postgres_url, redis_server  # noqa: F401  (shared fixtures)
+
 
 def _seeds() -> list[int]:
     raw = os.environ.get("HSL_TEST_SEED", "0")

@@ -1,0 +1,1 @@
+"""Alembic migrations of the hsl database (env.py and versions/)."""

@@ -1,0 +1,92 @@
+"""``create_app(settings, make_publisher)``: the FastAPI application.
+
+The caller chooses how runs reach workers (``make_publisher``): the embedded in-process
+worker or Celery. The service itself imports neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from sqlalchemy.orm import Session, sessionmaker
+
+import hsl_engine as he
+
+from . import errors, health, presets
+from .config import Settings
+from .db import keys, make_engine, make_session_factory, migrate
+from .deps import Publisher
+from .experiments import routes as experiments
+
+MakePublisher = Callable[[sessionmaker[Session], Settings], Publisher]
+
+
+def create_app(settings: Settings, make_publisher: MakePublisher) -> FastAPI:
+    engine = make_engine(settings.database_url)
+    if settings.auto_migrate if settings.auto_migrate is not None else settings.embedded:
+        migrate.upgrade(settings.database_url)
+    sessions = make_session_factory(engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        publisher = make_publisher(sessions, settings)
+        app.state.publisher = publisher
+        start = getattr(publisher, "start", None)
+        if start is not None:
+            start()
+        try:
+            yield
+        finally:
+            close = getattr(publisher, "close", None)
+            if close is not None:
+                close()
+            engine.dispose()
+
+    app = FastAPI(
+        title="hsl",
+        version=he.ENGINE_VERSION,
+        summary="Simulation as a service for a solvable model of neural scaling laws",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessions = sessions
+    app.state.publisher = None
+    app.state.local_tenant_id = None
+    if not settings.keys_required:
+        with sessions.begin() as session:
+            app.state.local_tenant_id = keys.get_or_create_tenant(session, keys.LOCAL_TENANT).id
+
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(experiments.router)
+    app.include_router(presets.router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """OpenAPI with the engine's spec schema as the request body of POST /v1/experiments,
+    and a bearer-key security scheme."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, summary=app.summary, routes=app.routes
+    )
+    spec_schema = he.ExperimentSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(spec_schema.pop("$defs", {}))
+    components["ExperimentSpec"] = spec_schema
+    schema["components"]["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "hsl_... API key"}
+    }
+    for path, ops in schema["paths"].items():
+        if path.startswith("/v1/"):
+            for op in ops.values():
+                op["security"] = [{"bearer": []}]
+    app.openapi_schema = schema
+    return schema

@@ -1,0 +1,103 @@
+"""Settings: one pydantic-settings class; every field is an ``HSL_*`` environment variable.
+
+FastAPI-free, so the worker, the reaper and the command line share it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_DATABASE_URL = "sqlite:///./.hsl/hsl.db"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HSL_", extra="ignore")
+
+    database_url: str = Field(
+        EMBEDDED_DATABASE_URL,
+        description="SQLAlchemy URL: sqlite:///PATH or postgresql+psycopg://USER@HOST/DB",
+    )
+    broker_url: SecretStr | None = Field(
+        None,
+        description="Celery broker (redis://HOST:PORT/DB). Unset: the in-process worker runs runs.",
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    require_keys: bool | None = Field(
+        None,
+        description="Require API keys. Default: yes, except the embedded service on loopback.",
+    )
+    auto_migrate: bool | None = Field(
+        None, description="Migrate the database at start. Default: only the embedded service."
+    )
+    api_key: SecretStr | None = Field(None, description="The client's key (hsl submit/status/...)")
+    url: str = Field("http://127.0.0.1:8000", description="The service the client talks to")
+
+    # durability (shared/RELIABILITY.md)
+    lease_seconds: float = Field(30.0, gt=0, description="A run's lease; heartbeats renew it")
+    reaper_interval: float = Field(5.0, gt=0, description="Seconds between reaper sweeps")
+    republish_after: float = Field(
+        120.0, gt=0, description="Re-publish a queued run nobody claimed after this many seconds"
+    )
+    max_attempts: int = Field(3, ge=1, le=100, description="Claims of one run before it fails")
+    run_time_limit: float = Field(
+        6 * 3600.0, gt=0, description="Hard time limit of one run (seconds)"
+    )
+
+    # compute
+    threads: int | None = Field(None, ge=1, le=1024, description="Engine threads per run")
+    embedded_workers: int = Field(1, ge=0, le=64, description="In-process worker threads")
+
+    # what a submission may ask for (checked on the engine's estimate before storing)
+    max_memory_bytes: float = Field(64 * 2.0**30, gt=0)
+    max_flops: float = Field(1e18, gt=0)
+    max_points: int = Field(100_000, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted")
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_driver(cls, v: str) -> str:
+        if not (v.startswith("sqlite") or v.startswith("postgresql")):
+            raise ValueError("HSL_DATABASE_URL must be a sqlite:// or postgresql+psycopg:// URL")
+        if v.startswith("postgresql://"):
+            v = "postgresql+psycopg://" + v.removeprefix("postgresql://")
+        return v
+
+    @property
+    def embedded(self) -> bool:
+        """No broker: runs execute in the API process."""
+        return self.broker_url is None
+
+    @property
+    def keys_required(self) -> bool:
+        if self.require_keys is not None:
+            return self.require_keys
+        return not (self.embedded and _is_loopback(self.host))
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        return self.lease_seconds / 3
+
+    @property
+    def visibility_timeout(self) -> float:
+        """Above the longest hard time limit, so Redis never redelivers a live run's message."""
+        return self.run_time_limit + 600.0
+
+    def sqlite_path(self) -> Path | None:
+        if not self.database_url.startswith("sqlite"):
+            return None
+        path = self.database_url.split("///", 1)[1] if "///" in self.database_url else ""
+        return None if path in ("", ":memory:") else Path(path)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

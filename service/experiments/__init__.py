@@ -1,0 +1,1 @@
+"""The experiments resource: schemas, repository and routes."""

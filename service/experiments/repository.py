@@ -1,0 +1,219 @@
+"""Queries and writes of the experiments resource. Never commits: the route does, once."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from datetime import datetime
+from types import SimpleNamespace
+from typing import Any
+
+from sqlalchemy import and_, delete, func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+import hsl_engine as he
+from hsl.document import point_from_dict
+
+from ..db import Experiment, Point, Run, state, utcnow
+from ..errors import BadRequest, Conflict, NotFound
+
+
+def queue_for(spec: he.ExperimentSpec) -> str:
+    return "gpu" if spec.device == "cuda" else "cpu"
+
+
+def find_live(session: Session, tenant_id: int, spec_hash: str) -> Experiment | None:
+    return session.execute(
+        select(Experiment).where(
+            Experiment.tenant_id == tenant_id, Experiment.dedupe_key == spec_hash
+        )
+    ).scalar_one_or_none()
+
+
+def find_by_idempotency_key(session: Session, tenant_id: int, key: str) -> Experiment | None:
+    return session.execute(
+        select(Experiment).where(
+            Experiment.tenant_id == tenant_id, Experiment.idempotency_key == key
+        )
+    ).scalar_one_or_none()
+
+
+def create(
+    session: Session, tenant_id: int, spec: he.ExperimentSpec, *, idempotency_key: str | None
+) -> tuple[Experiment, bool]:
+    """Store an experiment and its runs; or return the tenant's existing one.
+
+    Returns ``(experiment, created)``. The same ``Idempotency-Key`` returns the experiment
+    it created (a different spec under the same key is a conflict); the same spec while the
+    earlier one is live (not failed or cancelled) returns that one.
+    """
+    if idempotency_key is not None:
+        earlier = find_by_idempotency_key(session, tenant_id, idempotency_key)
+        if earlier is not None:
+            if earlier.spec_hash != spec.spec_hash:
+                raise Conflict(
+                    "this Idempotency-Key was used with a different spec",
+                    errors=[{"field": "Idempotency-Key", "message": "reused with another spec"}],
+                )
+            return earlier, False
+    live = find_live(session, tenant_id, spec.spec_hash)
+    if live is not None:
+        return live, False
+    exp = Experiment(
+        id=uuid.uuid4().hex,
+        tenant_id=tenant_id,
+        name=spec.name,
+        spec=spec.model_dump(mode="json"),
+        spec_hash=spec.spec_hash,
+        dedupe_key=spec.spec_hash,
+        idempotency_key=idempotency_key,
+        status="queued",
+        cancel_requested=False,
+        points_total=he.points_total(spec),
+        created_at=utcnow(),
+    )
+    queue = queue_for(spec)
+    exp.runs = [
+        Run(method=m, seed=s, queue=queue, status="queued", attempts=0) for m, s in he.runs(spec)
+    ]
+    try:
+        with session.begin_nested():
+            session.add(exp)
+            session.flush()
+    except IntegrityError:
+        # a concurrent submission of the same spec or key won the race: return its row
+        if idempotency_key is not None:
+            earlier = find_by_idempotency_key(session, tenant_id, idempotency_key)
+            if earlier is not None and earlier.spec_hash == spec.spec_hash:
+                return earlier, False
+        live = find_live(session, tenant_id, spec.spec_hash)
+        if live is not None:
+            return live, False
+        raise
+    return exp, True
+
+
+def get(session: Session, tenant_id: int, experiment_id: str) -> Experiment:
+    """The tenant's experiment; another tenant's id answers exactly like an unknown one."""
+    exp = session.execute(
+        select(Experiment).where(Experiment.id == experiment_id, Experiment.tenant_id == tenant_id)
+    ).scalar_one_or_none()
+    if exp is None:
+        raise NotFound(f"no experiment with id {experiment_id!r}")
+    return exp
+
+
+def _encode_cursor(exp: Experiment) -> str:
+    raw = json.dumps([exp.created_at.isoformat(), exp.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, exp_id = json.loads(raw)
+        return datetime.fromisoformat(created), str(exp_id)
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        raise BadRequest(
+            "cursor is not one this service issued",
+            errors=[{"field": "cursor", "message": "invalid cursor; use next_cursor as given"}],
+        ) from None
+
+
+def list_page(
+    session: Session,
+    tenant_id: int,
+    *,
+    status: str | None,
+    name: str | None,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[Experiment], str | None]:
+    """Newest first; keyset pagination on (created_at, id)."""
+    q = select(Experiment).where(Experiment.tenant_id == tenant_id)
+    if status is not None:
+        q = q.where(Experiment.status == status)
+    if name is not None:
+        q = q.where(Experiment.name == name)
+    if cursor is not None:
+        created, exp_id = _decode_cursor(cursor)
+        q = q.where(
+            or_(
+                Experiment.created_at < created,
+                and_(Experiment.created_at == created, Experiment.id < exp_id),
+            )
+        )
+    rows = list(
+        session.execute(
+            q.order_by(Experiment.created_at.desc(), Experiment.id.desc()).limit(limit + 1)
+        ).scalars()
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, (_encode_cursor(rows[-1]) if more and rows else None)
+
+
+def run_counts(session: Session, experiment_id: str) -> dict[str, int]:
+    return dict(
+        session.execute(
+            select(Run.status, func.count())
+            .where(Run.experiment_id == experiment_id)
+            .group_by(Run.status)
+        ).all()
+    )
+
+
+def progress(session: Session, exp: Experiment) -> dict[str, Any]:
+    timings = [
+        SimpleNamespace(method=m, seed=s, n=n, seconds=sec)
+        for m, s, n, sec in session.execute(
+            select(Point.method, Point.seed, Point.n, Point.seconds).where(
+                Point.experiment_id == exp.id
+            )
+        ).all()
+    ]
+    counts = run_counts(session, exp.id)
+    done = len(timings)
+    eta: float | None
+    if exp.status in ("succeeded", "failed", "cancelled"):
+        eta = 0.0 if exp.status == "succeeded" else None
+    else:
+        left = he.expected_seconds(he.parse_spec(exp.spec), timings)
+        # runs execute in parallel: divide by the runs under way (at least one)
+        eta = None if left is None else left / max(1, counts.get("running", 0))
+    return {
+        "points_done": done,
+        "points_total": exp.points_total,
+        "fraction": done / exp.points_total if exp.points_total else 1.0,
+        "eta_seconds": eta,
+        "runs": counts,
+    }
+
+
+def points(session: Session, experiment_id: str) -> list[he.Point]:
+    rows = session.execute(
+        select(Point.data).where(Point.experiment_id == experiment_id).order_by(Point.id)
+    ).scalars()
+    return [point_from_dict(d) for d in rows]
+
+
+def points_count(session: Session, experiment_id: str) -> int:
+    return session.execute(
+        select(func.count()).select_from(Point).where(Point.experiment_id == experiment_id)
+    ).scalar_one()
+
+
+def cancel(session: Session, exp: Experiment) -> None:
+    state.request_cancel(session, exp.id)
+
+
+def remove(session: Session, exp: Experiment) -> None:
+    """Cancel, then delete the experiment with its runs and points (a running run notices
+    at its next point and stops)."""
+    state.request_cancel(session, exp.id)
+    session.execute(delete(Point).where(Point.experiment_id == exp.id))
+    session.execute(delete(Run).where(Run.experiment_id == exp.id))
+    session.execute(delete(Experiment).where(Experiment.id == exp.id))

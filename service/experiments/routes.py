@@ -1,0 +1,326 @@
+"""Routes of the experiments resource. The request path validates, stores, commits,
+publishes and returns; the numerics happen in workers."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+import hsl_engine as he
+from hsl import document, plots
+
+from ..db import Experiment
+from ..deps import PublisherDep, SessionDep, SettingsDep, TenantDep
+from ..errors import (
+    BadRequest,
+    InvalidSpec,
+    NotFound,
+    PayloadTooLarge,
+    TooLarge,
+    UnsupportedMediaType,
+)
+from . import repository as repo
+from .schemas import ExperimentList, Problem, Status, StatusDocument
+
+router = APIRouter(prefix="/v1/experiments", tags=["experiments"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem, "content": {"application/problem+json": {}}}
+    for code in (400, 401, 404, 409, 413, 415, 422, 503)
+}
+
+
+def status_document(session, exp: Experiment) -> dict[str, Any]:
+    base = f"/v1/experiments/{exp.id}"
+    return {
+        "id": exp.id,
+        "name": exp.name,
+        "status": exp.status,
+        "spec_hash": exp.spec_hash,
+        "created_at": exp.created_at,
+        "started_at": exp.started_at,
+        "finished_at": exp.finished_at,
+        "progress": repo.progress(session, exp),
+        "error": exp.error,
+        "links": {
+            "self": base,
+            "results": f"{base}/results",
+            "results_csv": f"{base}/results.csv",
+            "plots": {
+                n: {f: f"{base}/plots/{n}.{f}" for f in plots.FORMATS} for n in plots.PLOT_NAMES
+            },
+            "cancel": f"{base}/cancel",
+        },
+    }
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused past ``limit`` bytes whether or not Content-Length is sent."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"the body exceeds {limit} bytes (HSL_MAX_BODY_BYTES)",
+        errors=[{"field": "body", "message": f"at most {limit} bytes"}],
+    )
+
+
+def check_limits(spec: he.ExperimentSpec, settings) -> None:
+    """Refuse specs beyond the deployment's limits, from the engine's log-space estimate
+    (nothing is allocated)."""
+    est = he.estimate_resources(spec)
+    problems = []
+    if est.peak_bytes > settings.max_memory_bytes:
+        problems.append(
+            {
+                "field": "spec",
+                "message": f"estimated peak memory {est.peak_bytes:.3g} bytes exceeds the limit "
+                f"{settings.max_memory_bytes:.3g} bytes (HSL_MAX_MEMORY_BYTES)",
+            }
+        )
+    if est.flops > settings.max_flops:
+        problems.append(
+            {
+                "field": "spec",
+                "message": f"estimated work {est.flops:.3g} flops exceeds the limit "
+                f"{settings.max_flops:.3g} flops (HSL_MAX_FLOPS)",
+            }
+        )
+    if est.points > settings.max_points:
+        problems.append(
+            {
+                "field": "sweep",
+                "message": f"{est.points} points exceed the limit {settings.max_points} "
+                "(HSL_MAX_POINTS)",
+            }
+        )
+    if problems:
+        raise TooLarge(
+            "; ".join(p["message"] for p in problems),
+            errors=problems,
+            estimate={"peak_bytes": est.peak_bytes, "flops": est.flops, "points": est.points},
+            limits={
+                "max_memory_bytes": settings.max_memory_bytes,
+                "max_flops": settings.max_flops,
+                "max_points": settings.max_points,
+            },
+        )
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=StatusDocument,
+    responses={
+        200: {"model": StatusDocument, "description": "the same spec, already submitted"},
+        **ERRORS,
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ExperimentSpec"}}
+            },
+        }
+    },
+)
+async def submit(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant_id: TenantDep,
+    publisher: PublisherDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> Any:
+    """Submit a spec. 201 with ``Location``; the same spec again returns the existing
+    experiment (200); ``Idempotency-Key`` makes retries safe."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() != "application/json":
+        raise UnsupportedMediaType(
+            f"send the spec as application/json, not {ctype or 'no content type'!r}",
+            errors=[{"field": "Content-Type", "message": "must be application/json"}],
+        )
+    body = await _read_body(request, settings.max_body_bytes)
+    try:
+        json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(
+            f"the body is not valid JSON: {exc}",
+            errors=[{"field": "body", "message": "invalid JSON"}],
+        ) from None
+    try:
+        spec = he.parse_spec(body)
+    except he.SpecError as exc:
+        raise InvalidSpec(
+            "; ".join(f"{e['field']}: {e['message']}" for e in exc.errors), errors=exc.errors
+        ) from None
+    check_limits(spec, settings)
+
+    from starlette.concurrency import run_in_threadpool
+
+    def store() -> tuple[dict[str, Any], bool, list[tuple[int, str]]]:
+        exp, created = repo.create(session, tenant_id, spec, idempotency_key=idempotency_key)
+        session.commit()
+        runs = [(r.id, r.queue) for r in exp.runs] if created else []
+        return status_document(session, exp), created, runs
+
+    doc, created, runs = await run_in_threadpool(store)
+    if created:
+        await run_in_threadpool(_publish, request, publisher, runs)
+    response.status_code = 201 if created else 200
+    response.headers["Location"] = doc["links"]["self"]
+    return doc
+
+
+def _publish(request: Request, publisher, runs: list[tuple[int, str]]) -> None:
+    """After the commit: a failure leaves the runs unpublished for the reaper."""
+    published = publisher.publish(runs)
+    if published:
+        from ..db import state
+
+        try:
+            with request.app.state.sessions.begin() as s:
+                state.mark_published(s, published)
+        except Exception:  # the reaper may publish them again: harmless, claims are atomic
+            pass
+
+
+@router.get("", response_model=ExperimentList, responses=ERRORS)
+def list_experiments(
+    session: SessionDep,
+    tenant_id: TenantDep,
+    status: Status | None = None,
+    name: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+) -> Any:
+    """The tenant's experiments, newest first."""
+    rows, next_cursor = repo.list_page(
+        session, tenant_id, status=status, name=name, limit=limit, cursor=cursor
+    )
+    return {"items": [status_document(session, e) for e in rows], "next_cursor": next_cursor}
+
+
+@router.get("/{experiment_id}", response_model=StatusDocument, responses=ERRORS)
+def get_status(experiment_id: str, session: SessionDep, tenant_id: TenantDep) -> Any:
+    return status_document(session, repo.get(session, tenant_id, experiment_id))
+
+
+class _DocumentCache:
+    """Results documents keyed by (experiment, points stored, status): the summary's
+    bootstrap is the costly part, and a document only changes when a point arrives."""
+
+    def __init__(self, size: int = 64):
+        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        return None
+
+    def put(self, key, value) -> None:
+        with self.lock:
+            self.items[key] = value
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+_cache = _DocumentCache()
+
+
+def results_for(session, exp: Experiment) -> dict[str, Any]:
+    key = (exp.id, repo.points_count(session, exp.id), exp.status)
+    doc = _cache.get(key)
+    if doc is None:
+        spec = he.parse_spec(exp.spec)
+        doc = document.results_document(
+            spec,
+            repo.points(session, exp.id),
+            experiment_id=exp.id,
+            complete=exp.status == "succeeded",
+        )
+        _cache.put(key, doc)
+    return doc
+
+
+@router.get("/{experiment_id}/results", responses=ERRORS)
+def get_results(experiment_id: str, session: SessionDep, tenant_id: TenantDep) -> JSONResponse:
+    """The results document, computed from the points stored so far (partial while running)."""
+    exp = repo.get(session, tenant_id, experiment_id)
+    return JSONResponse(results_for(session, exp))
+
+
+@router.get(
+    "/{experiment_id}/results.csv",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/csv": {}}}, **ERRORS},
+)
+def get_results_csv(experiment_id: str, session: SessionDep, tenant_id: TenantDep) -> Response:
+    exp = repo.get(session, tenant_id, experiment_id)
+    return Response(
+        document.points_csv(results_for(session, exp)),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{exp.name}-{exp.id[:8]}.csv"'},
+    )
+
+
+MEDIA = {"png": "image/png", "svg": "image/svg+xml"}
+
+
+@router.get(
+    "/{experiment_id}/plots/{filename}",
+    responses={200: {"content": {"image/png": {}, "image/svg+xml": {}}}, **ERRORS},
+)
+def get_plot(
+    experiment_id: str, filename: str, session: SessionDep, tenant_id: TenantDep
+) -> Response:
+    """``{mse,overlap,cos2,spectrum}.{png,svg}``, drawn from the results document."""
+    exp = repo.get(session, tenant_id, experiment_id)
+    plot, _, fmt = filename.rpartition(".")
+    if plot not in plots.PLOT_NAMES or fmt not in MEDIA:
+        raise NotFound(
+            f"no plot {filename!r}; plots are NAME.FORMAT with NAME in "
+            f"{', '.join(plots.PLOT_NAMES)} and FORMAT in png, svg"
+        )
+    doc = results_for(session, exp)
+    if not doc["points"]:
+        raise NotFound("no points stored yet: the plot has nothing to show")
+    return Response(plots.render(doc, plot, fmt), media_type=MEDIA[fmt])
+
+
+@router.post("/{experiment_id}/cancel", response_model=StatusDocument, responses=ERRORS)
+def cancel(
+    experiment_id: str, session: SessionDep, tenant_id: TenantDep, publisher: PublisherDep
+) -> Any:
+    """Queued work never starts; running work stops at its next point. Idempotent."""
+    exp = repo.get(session, tenant_id, experiment_id)
+    repo.cancel(session, exp)
+    session.commit()
+    session.refresh(exp)
+    return status_document(session, exp)
+
+
+@router.delete("/{experiment_id}", status_code=204, responses=ERRORS)
+def remove(experiment_id: str, session: SessionDep, tenant_id: TenantDep) -> Response:
+    exp = repo.get(session, tenant_id, experiment_id)
+    repo.remove(session, exp)
+    session.commit()
+    return Response(status_code=204)

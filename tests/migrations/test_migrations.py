@@ -1,0 +1,308 @@
+"""The Alembic revisions against the models, on SQLite and PostgreSQL.
+
+Every database test runs on a SQLite file and on a fresh PostgreSQL database (the
+``postgres_url`` fixture, fetched lazily so the SQLite variant never needs a server).
+"""
+
+from __future__ import annotations
+
+import ast
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.db import migrate
+from service.db.models import ApiKey, Base, Experiment, Point, Run, Tenant
+from service.db.session import make_engine
+
+VERSIONS = Path(migrate.SCRIPT_LOCATION) / "versions"
+REVISION_IMPORTS = {"sqlalchemy", "alembic", "__future__"}
+MODEL_TABLES = set(Base.metadata.tables)
+
+# a non-UTC offset, so a round trip proves the conversion to UTC and back
+CEST = timezone(timedelta(hours=2))
+T0 = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=CEST)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'hsl.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def engine(db_url) -> Iterator[sa.Engine]:
+    eng = make_engine(db_url)
+    try:
+        yield eng
+    finally:
+        eng.dispose()
+
+
+@pytest.fixture
+def migrated(db_url, engine) -> sa.Engine:
+    """The engine of a database upgraded to head."""
+    migrate.upgrade(db_url)
+    return engine
+
+
+def table_names(engine: sa.Engine) -> set[str]:
+    return set(sa.inspect(engine).get_table_names())
+
+
+def new_tenant(session: Session, name: str = "acme") -> Tenant:
+    tenant = Tenant(name=name, created_at=T0)
+    session.add(tenant)
+    session.flush()
+    return tenant
+
+
+def new_experiment(session: Session, tenant: Tenant, **kw) -> Experiment:
+    exp = Experiment(
+        id=uuid.uuid4().hex,
+        tenant_id=tenant.id,
+        name="fig3",
+        spec={"methods": ["exact"], "seeds": [0]},
+        spec_hash="sha256:" + "0" * 64,
+        points_total=2,
+        created_at=T0,
+        **kw,
+    )
+    session.add(exp)
+    session.flush()
+    return exp
+
+
+def new_run(session: Session, exp: Experiment, method: str = "exact", seed: int = 0) -> Run:
+    run = Run(experiment_id=exp.id, method=method, seed=seed, queue="cpu", status="queued")
+    session.add(run)
+    session.flush()
+    return run
+
+
+def new_point(session: Session, run: Run, n: int) -> Point:
+    point = Point(
+        run_id=run.id,
+        experiment_id=run.experiment_id,
+        method=run.method,
+        seed=run.seed,
+        n=n,
+        seconds=0.25,
+        data={"loss": 0.5, "n": n},
+        attempt=1,
+        created_at=T0 + timedelta(seconds=n),
+    )
+    session.add(point)
+    session.flush()
+    return point
+
+
+def seed_rows(engine: sa.Engine) -> str:
+    """A tenant, an API key, an experiment, a run and two points; returns the experiment id."""
+    with Session(engine) as s, s.begin():
+        tenant = new_tenant(s)
+        s.add(ApiKey(tenant_id=tenant.id, prefix="hsl_abc", key_hash="f" * 64, created_at=T0))
+        exp = new_experiment(s, tenant, dedupe_key="d1")
+        run = new_run(s, exp)
+        new_point(s, run, 1)
+        new_point(s, run, 2)
+        return exp.id
+
+
+def count(engine: sa.Engine, model) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(model)).scalar_one()
+
+
+# 1. upgrade ----------------------------------------------------------------------------
+
+
+def test_upgrade_to_head_creates_exactly_the_model_tables(db_url, engine):
+    assert table_names(engine) == set()
+    assert not migrate.is_current(engine)
+
+    migrate.upgrade(db_url)
+
+    assert table_names(engine) == MODEL_TABLES | {"alembic_version"}
+    assert migrate.is_current(engine)
+
+
+def test_is_current_is_false_at_an_unknown_revision(migrated):
+    with migrated.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = 'not-a-revision'"))
+    assert not migrate.is_current(migrated)
+
+
+# 2. down and up again ------------------------------------------------------------------
+
+
+def test_up_down_up_then_rows_round_trip_with_aware_datetimes(db_url, migrated):
+    seed_rows(migrated)  # downgrade must drop tables that hold rows
+
+    migrate.downgrade(db_url, "base")
+    assert table_names(migrated) <= {"alembic_version"}
+    assert not migrate.is_current(migrated)
+
+    migrate.upgrade(db_url)
+    assert table_names(migrated) == MODEL_TABLES | {"alembic_version"}
+    assert migrate.is_current(migrated)
+    assert count(migrated, Tenant) == 0
+
+    exp_id = seed_rows(migrated)
+
+    with Session(migrated) as s:
+        exp = s.get(Experiment, exp_id)
+        assert exp is not None
+        assert exp.spec == {"methods": ["exact"], "seeds": [0]}
+        assert exp.status == "queued" and exp.cancel_requested is False
+        assert exp.started_at is None
+        [run] = exp.runs
+        points = s.scalars(sa.select(Point).where(Point.run_id == run.id).order_by(Point.n)).all()
+        assert [p.n for p in points] == [1, 2]
+        assert points[0].data == {"loss": 0.5, "n": 1}
+        tenant = s.get(Tenant, exp.tenant_id)
+        for value, expected in [
+            (tenant.created_at, T0),
+            (exp.created_at, T0),
+            (points[1].created_at, T0 + timedelta(seconds=2)),
+        ]:
+            assert value.utcoffset() == timedelta(0)  # aware, in UTC
+            assert value == expected  # same instant, microseconds kept
+
+    # stored as naive UTC wall time on both databases
+    raw = sa.table("tenants", sa.column("created_at", sa.DateTime()))
+    with migrated.connect() as conn:
+        stored = conn.execute(sa.select(raw.c.created_at)).scalar_one()
+    assert stored == T0.astimezone(UTC).replace(tzinfo=None)
+
+
+def test_naive_datetime_is_rejected(migrated):
+    with Session(migrated) as s, pytest.raises(sa.exc.StatementError, match="naive datetime"):
+        s.add(Tenant(name="naive", created_at=datetime(2026, 3, 1, 12, 0)))
+        s.flush()
+
+
+# 3. models match migrations ------------------------------------------------------------
+
+
+def test_models_match_the_migrations(migrated):
+    with migrated.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        diff = compare_metadata(ctx, Base.metadata)
+    assert diff == []
+
+
+# 4. revision files ---------------------------------------------------------------------
+
+
+def imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            roots.add("." * node.level + (node.module or "").split(".")[0])
+    return roots
+
+
+REVISION_FILES = sorted(VERSIONS.glob("*.py"))
+
+
+def test_there_are_revision_files():
+    assert REVISION_FILES
+
+
+@pytest.mark.parametrize("path", REVISION_FILES, ids=lambda p: p.name)
+def test_revision_imports_only_sqlalchemy_and_alembic(path):
+    # revisions are frozen history: importing the app would make them change with it
+    assert imported_roots(path) <= REVISION_IMPORTS
+
+
+def test_history_is_linear_with_one_head():
+    script = ScriptDirectory.from_config(migrate.alembic_config("sqlite://"))
+    assert len(script.get_heads()) == 1
+    assert len(script.get_bases()) == 1
+    assert len(list(script.walk_revisions())) == len(REVISION_FILES)
+
+
+# 5. constraints the design relies on ---------------------------------------------------
+
+
+def test_points_are_unique_per_run_and_n(migrated):
+    with Session(migrated) as s, s.begin():
+        run = new_run(s, new_experiment(s, new_tenant(s)))
+        new_point(s, run, 1)
+        run_id = run.id
+
+    with Session(migrated) as s:
+        run = s.get(Run, run_id)
+        with pytest.raises(IntegrityError):
+            new_point(s, run, 1)
+        s.rollback()
+        new_point(s, s.get(Run, run_id), 2)  # another n of the same run is fine
+        s.commit()
+    assert count(migrated, Point) == 2
+
+
+def test_runs_are_unique_per_experiment_method_and_seed(migrated):
+    with Session(migrated) as s, s.begin():
+        exp = new_experiment(s, new_tenant(s))
+        new_run(s, exp, "exact", 0)
+        new_run(s, exp, "exact", 1)
+        new_run(s, exp, "mc", 0)
+        exp_id = exp.id
+
+    with Session(migrated) as s, pytest.raises(IntegrityError):
+        new_run(s, s.get(Experiment, exp_id), "exact", 0)
+
+
+@pytest.mark.parametrize("column", ["dedupe_key", "idempotency_key"])
+def test_experiment_keys_are_unique_per_tenant_but_null_repeats(migrated, column):
+    with Session(migrated) as s, s.begin():
+        acme, other = new_tenant(s, "acme"), new_tenant(s, "other")
+        new_experiment(s, acme, **{column: "k"})
+        new_experiment(s, other, **{column: "k"})  # same key, another tenant
+        new_experiment(s, acme, **{column: None})
+        new_experiment(s, acme, **{column: None})  # NULLs never collide
+        acme_id = acme.id
+
+    with Session(migrated) as s, pytest.raises(IntegrityError):
+        new_experiment(s, s.get(Tenant, acme_id), **{column: "k"})
+    assert count(migrated, Experiment) == 4
+
+
+def test_deleting_an_experiment_cascades_to_its_runs_and_points(migrated):
+    doomed = seed_rows(migrated)
+    with Session(migrated) as s, s.begin():
+        tenant = s.scalars(sa.select(Tenant)).one()
+        kept = new_experiment(s, tenant)
+        new_point(s, new_run(s, kept), 1)
+        kept_id = kept.id
+
+    # a Core DELETE: the database's ON DELETE CASCADE does the work, not the ORM
+    with migrated.begin() as conn:
+        conn.execute(sa.delete(Experiment).where(Experiment.id == doomed))
+
+    with Session(migrated) as s:
+        assert s.scalars(sa.select(Run.experiment_id)).all() == [kept_id]
+        assert s.scalars(sa.select(Point.experiment_id)).all() == [kept_id]
+        assert s.scalars(sa.select(Experiment.id)).all() == [kept_id]
+        assert count(migrated, Tenant) == 1 and count(migrated, ApiKey) == 1
+
+
+def test_deleting_a_tenant_cascades_to_everything_it_owns(migrated):
+    seed_rows(migrated)
+    with migrated.begin() as conn:
+        conn.execute(sa.delete(Tenant))
+    for model in (ApiKey, Experiment, Run, Point):
+        assert count(migrated, model) == 0, model.__tablename__

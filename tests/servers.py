@@ -1,0 +1,133 @@
+"""Real PostgreSQL and Redis for the tests: a fresh database per test, a private Redis.
+
+PostgreSQL: the server at ``HSL_TEST_PG`` (default 127.0.0.1:5432, trust auth, user postgres);
+each test gets its own database, dropped afterwards. Redis: a private ``redis-server`` on a
+free port in its own process group, so a test may kill or restart it.
+
+Without the servers the tests skip with the reason; with ``HSL_REQUIRE_SERVICES=1`` (set by
+``.ci/run``) they fail instead, so CI can never pass by skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PG_HOSTPORT = os.environ.get("HSL_TEST_PG", "127.0.0.1:5432")
+PG_ADMIN_DB = os.environ.get("HSL_TEST_PG_DB", "test")
+
+
+def unavailable(reason: str) -> None:
+    if os.environ.get("HSL_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason} (HSL_REQUIRE_SERVICES=1: this test may not skip)")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _admin_conn():
+    import psycopg
+
+    host, port = PG_HOSTPORT.rsplit(":", 1)
+    try:
+        return psycopg.connect(
+            host=host,
+            port=int(port),
+            user="postgres",
+            dbname=PG_ADMIN_DB,
+            autocommit=True,
+            connect_timeout=3,
+        )
+    except psycopg.OperationalError as exc:
+        unavailable(f"PostgreSQL is not reachable at {PG_HOSTPORT}: {exc}".strip())
+
+
+def drop_database(name: str) -> None:
+    with _admin_conn() as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A SQLAlchemy URL of a new, empty PostgreSQL database."""
+    name = f"hsl_test_{uuid.uuid4().hex[:12]}"
+    with _admin_conn() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@{PG_HOSTPORT}/{name}"
+    finally:
+        drop_database(name)
+
+
+class RedisServer:
+    def __init__(self, workdir: Path):
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            unavailable("redis-server is not installed")
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(signal.SIGKILL)

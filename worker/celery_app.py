@@ -1,0 +1,113 @@
+"""The Celery adapter: ``make_celery(settings)`` and one thin task over `execute_run`.
+
+Settings follow shared/RELIABILITY.md: late acknowledgement, redelivery when a child dies,
+one message prefetched per process, JSON only, and a visibility timeout above the hard
+time limit so Redis never hands a live run's message to a second worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.config import Settings
+from service.db import make_engine, make_session_factory
+
+from .execute import execute_run
+
+log = logging.getLogger("hsl.worker")
+
+TASK_NAME = "hsl.execute_run"
+
+
+class _ProcessSessions:
+    """One engine per process: prefork children must not share their parent's sockets."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.pid: int | None = None
+        self.factory: sessionmaker[Session] | None = None
+        self.lock = threading.Lock()
+
+    def get(self) -> sessionmaker[Session]:
+        with self.lock:
+            if self.factory is None or self.pid != os.getpid():
+                self.factory = make_session_factory(make_engine(self.url))
+                self.pid = os.getpid()
+            return self.factory
+
+
+def make_celery(settings: Settings) -> Celery:
+    if settings.broker_url is None:
+        raise ValueError("HSL_BROKER_URL is not set: the distributed roles need a broker")
+    app = Celery("hsl", broker=settings.broker_url.get_secret_value(), set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue="cpu",
+        task_soft_time_limit=settings.run_time_limit,
+        task_time_limit=settings.run_time_limit + 60,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0.1,
+            "interval_step": 0.4,
+            "interval_max": 1.0,
+        },
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_hijack_root_logger=False,
+    )
+    sessions = _ProcessSessions(settings.database_url)
+
+    @app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    def execute_run_task(run_id: int) -> str:
+        outcome = execute_run(int(run_id), sessions=sessions.get(), settings=settings)
+        log.info("run %s: %s", run_id, outcome)
+        return outcome
+
+    app.hsl_settings = settings  # type: ignore[attr-defined]
+    return app
+
+
+class CeleryPublisher:
+    """Publishes run ids to their queues; a failure leaves them for the reaper."""
+
+    def __init__(self, app: Celery):
+        self.app = app
+
+    def publish(self, runs: Sequence[tuple[int, str]]) -> list[int]:
+        published: list[int] = []
+        for run_id, queue in runs:
+            try:
+                self.app.send_task(TASK_NAME, args=[run_id], queue=queue)
+            except Exception as exc:  # broker down: the row stays unpublished
+                log.warning("publishing run %s failed (%s); the reaper will retry", run_id, exc)
+                break
+            published.append(run_id)
+        return published
+
+    def wake(self) -> None:
+        pass
+
+    def ping(self) -> bool:
+        try:
+            with self.app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=2)
+            return True
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,85 @@
+"""The embedded worker: threads in the API process that execute runs straight from the
+database (no broker). Same `execute_run` as the Celery task; it polls, so work queued
+before a restart is picked up when the service comes back."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.config import Settings
+from service.db import state
+
+from .execute import NOTHING_TO_DO, execute_run, make_owner
+
+log = logging.getLogger("hsl.worker")
+
+POLL_SECONDS = 1.0
+
+
+class EmbeddedWorker:
+    def __init__(self, sessions: sessionmaker[Session], settings: Settings):
+        self.sessions, self.settings = sessions, settings
+        self.wake_event = threading.Event()
+        self.stop_event = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    # the publisher interface of the API: nothing to send, just wake the threads up
+    def publish(self, runs: Sequence[tuple[int, str]]) -> list[int]:
+        self.wake()
+        return []
+
+    def wake(self) -> None:
+        self.wake_event.set()
+
+    def ping(self) -> bool:
+        return all(t.is_alive() for t in self.threads)
+
+    def start(self) -> None:
+        for i in range(self.settings.embedded_workers):
+            t = threading.Thread(target=self._loop, name=f"hsl-embedded-worker-{i}", daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.stop_event.set()
+        self.wake_event.set()
+        for t in self.threads:
+            t.join(timeout)
+
+    def _loop(self) -> None:
+        owner = make_owner()
+        last_reap = 0.0
+        while not self.stop_event.is_set():
+            did_work = False
+            try:
+                now = time.monotonic()
+                if now - last_reap > self.settings.reaper_interval:
+                    with self.sessions.begin() as session:
+                        state.expire_leases(session, max_attempts=self.settings.max_attempts)
+                    last_reap = now
+                with self.sessions() as session:
+                    candidates = state.next_claimable(session)
+                for run_id in candidates:
+                    if self.stop_event.is_set():
+                        break
+                    outcome = execute_run(
+                        run_id,
+                        sessions=self.sessions,
+                        settings=self.settings,
+                        owner=owner,
+                        shutdown=self.stop_event,
+                    )
+                    did_work = did_work or outcome != NOTHING_TO_DO
+            except DBAPIError as exc:
+                log.warning("embedded worker: database unavailable (%s)", exc)
+            except Exception:
+                log.exception("embedded worker loop failed")
+            if not did_work:
+                self.wake_event.wait(POLL_SECONDS)
+                self.wake_event.clear()
