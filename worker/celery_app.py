@@ -67,7 +67,6 @@ def make_celery(settings: Settings) -> Celery:
             "interval_max": 1.0,
         },
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        worker_hijack_root_logger=False,
     )
     sessions = _ProcessSessions(settings.database_url)
 

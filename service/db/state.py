@@ -124,6 +124,7 @@ def release_run(
             lease_owner=None,
             lease_expires_at=None,
             published_at=None,
+            attempts=Run.attempts - 1 if refund_attempt else Run.attempts,
         )
     )
     return result.rowcount == 1

@@ -115,7 +115,10 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, exp_id = json.loads(raw)
-        return datetime.fromisoformat(created), str(exp_id)
+        created = datetime.fromisoformat(created)
+        if created.tzinfo is None:  # ours carry UTC; a naive one fails in the UTC column
+            raise ValueError("naive timestamp")
+        return created, str(exp_id)
     except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
         raise BadRequest(
             "cursor is not one this service issued",
