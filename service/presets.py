@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
 import hsl_engine as he
 
+from .deps import get_tenant
 from .errors import NotFound
 from .experiments.routes import ERRORS
 from .experiments.schemas import PresetOut
 
-router = APIRouter(prefix="/v1/presets", tags=["presets"])
+# keyed like the rest of /v1 (and as the OpenAPI document declares)
+router = APIRouter(prefix="/v1/presets", tags=["presets"], dependencies=[Depends(get_tenant)])
 
 
 def _preset(name: str) -> dict[str, Any]:

@@ -66,3 +66,66 @@ def test_engine_reads_no_environment_and_prints_nothing():
             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"
         ]
         assert not calls, f"{path.name} prints"
+
+
+ROOT = Path(hsl_engine.__file__).parent.parent
+
+
+def _package_imports(package: str) -> dict[str, set[str]]:
+    """Module path -> absolute names it imports (relative imports resolved)."""
+    out = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        rel = path.relative_to(ROOT).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+            pkg_parts = parts
+        else:
+            pkg_parts = parts[:-1]
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = pkg_parts[: len(pkg_parts) - node.level + 1]
+                    mod = ".".join(base + ([node.module] if node.module else []))
+                    names.add(mod)
+                    names.update(f"{mod}.{a.name}" for a in node.names)
+                elif node.module:
+                    names.add(node.module)
+        out[str(rel)] = names
+    return out
+
+
+def _tops(names: set[str]) -> set[str]:
+    return {n.split(".")[0] for n in names}
+
+
+def test_service_never_imports_the_worker():
+    imports = _package_imports("service")
+    assert len(imports) > 8
+    for module, names in imports.items():
+        assert "worker" not in _tops(names), f"{module} imports the worker"
+        assert not any(n == "hsl.cli" or n.startswith("hsl.server") for n in names), module
+
+
+def test_db_and_config_are_fastapi_free():
+    imports = _package_imports("service")
+    checked = [m for m in imports if m.startswith("service/db") or m == "service/config"]
+    assert len(checked) >= 5
+    for module in checked:
+        assert not _tops(imports[module]) & {"fastapi", "starlette"}, module
+
+
+def test_worker_uses_only_the_db_and_config_of_the_service():
+    for module, names in _package_imports("worker").items():
+        assert not _tops(names) & {"fastapi", "starlette", "uvicorn"}, module
+        for name in names:
+            if name.split(".")[0] == "service":
+                assert name.startswith(("service.db", "service.config")), f"{module}: {name}"
+
+
+def test_revisions_import_only_sqlalchemy_and_alembic():
+    for module, names in _package_imports("migrations/versions").items():
+        assert _tops(names) <= {"sqlalchemy", "alembic", "__future__"}, module

@@ -146,8 +146,11 @@ def wait_status(
 
 
 def same_numbers(remote: dict[str, Any], local: dict[str, Any], *, rel: float = 0.0) -> None:
-    """Every point of ``local`` is in ``remote`` with the same numbers (exactly, or within
-    ``rel`` where a resumed run's eigensolver warm start differs)."""
+    """Every point of ``local`` is in ``remote`` with the same numbers: exactly, or, for a
+    resumed run (``rel`` > 0), within ``rel``. A resumed run cold-starts the eigensolver at
+    its first new n, so it converges to the same top eigenvectors within the solver's
+    tolerance, but the reported eigenvalues past the top d1 are the bulk's and can differ
+    (near-ties in |value| swap): they are compared only when ``rel`` is 0."""
     import math
 
     def key(p):
@@ -158,7 +161,10 @@ def same_numbers(remote: dict[str, Any], local: dict[str, Any], *, rel: float = 
     assert set(got) == {key(p) for p in local["points"]}
     for p in local["points"]:
         q = got[key(p)]
-        for field in ("mse", "overlap", "cos2", "eigenvalues", "recovered", "n_train_used"):
+        fields = ["mse", "overlap", "cos2", "recovered", "n_train_used"]
+        if rel == 0.0:
+            fields.append("eigenvalues")
+        for field in fields:
             a, b = q[field], p[field]
             if rel == 0.0 or a is None or isinstance(a, int):
                 assert a == b, (key(p), field, a, b)
