@@ -246,8 +246,15 @@ def expire_leases(session: Session, *, max_attempts: int, now: datetime | None =
     return requeued
 
 
-def unpublished_runs(session: Session, *, older_than: datetime) -> list[tuple[int, str]]:
-    """Queued runs never published, or published before ``older_than`` and not claimed."""
+def unpublished_runs(
+    session: Session, *, older_than: datetime, grace_seconds: float = 5.0
+) -> list[tuple[int, str]]:
+    """Queued runs nobody claimed: published before ``older_than``, or never published.
+
+    A never-claimed run of an experiment younger than ``grace_seconds`` is left to the API,
+    which publishes it right after its commit; the reaper picks it up only if that failed.
+    """
+    fresh = utcnow() - timedelta(seconds=grace_seconds)
     return [
         (r.id, r.queue)
         for r in session.execute(
@@ -256,7 +263,13 @@ def unpublished_runs(session: Session, *, older_than: datetime) -> list[tuple[in
             .where(
                 Run.status == "queued",
                 Experiment.cancel_requested.is_(False),
-                or_(Run.published_at.is_(None), Run.published_at < older_than),
+                or_(
+                    and_(
+                        Run.published_at.is_(None),
+                        or_(Run.attempts > 0, Experiment.created_at < fresh),
+                    ),
+                    Run.published_at < older_than,
+                ),
             )
             .order_by(Run.id)
         ).all()
