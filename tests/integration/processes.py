@@ -21,8 +21,10 @@ class Proc:
         self.name, self.argv, self.env, self.cwd = name, argv, env, cwd
         self.log_path = logdir / f"{name}.log"
         self.popen: subprocess.Popen | None = None
+        self.stopped = False  # by the test: kill() or stop()
 
     def start(self) -> Proc:
+        self.stopped = False
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.popen = subprocess.Popen(
             self.argv,
@@ -37,6 +39,7 @@ class Proc:
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole process group (a Celery worker and its pool children)."""
+        self.stopped = True
         if self.popen is not None and self.popen.poll() is None:
             try:
                 os.killpg(self.popen.pid, sig)
@@ -69,9 +72,12 @@ class Processes:
         self.cwd, self.env, self.procs = cwd, env, []
 
     def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
-        proc = Proc(
-            name, [str(BIN / "hsl"), *args], {**self.env, **(env or {})}, self.cwd, self.cwd
-        )
+        """Start ``hsl *args``."""
+        return self.spawn(name, [str(BIN / "hsl"), *args], env=env)
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        """Start any command (``argv[0]`` is looked up on the PATH of the environment)."""
+        proc = Proc(name, argv, {**self.env, **(env or {})}, self.cwd, self.cwd)
         self.procs.append(proc)
         return proc.start()
 
@@ -89,6 +95,12 @@ class Processes:
             raise AssertionError(f"hsl {' '.join(args)} -> {out.returncode}\n{out.stderr}")
         return out.stdout
 
+    def assert_alive(self) -> None:
+        """No process has exited but those the test stopped itself."""
+        for p in self.procs:
+            code = None if p.popen is None else p.popen.poll()
+            assert p.stopped or code is None, f"{p.name} exited early with status {code}"
+
     def stop_all(self) -> None:
         for p in reversed(self.procs):
             p.stop()
@@ -105,9 +117,14 @@ def base_env(**extra: Any) -> dict[str, str]:
     return env
 
 
-def wait_http(url: str, timeout: float = 60.0, procs: Processes | None = None) -> None:
+def wait_http(
+    url: str, timeout: float = 60.0, procs: Processes | None = None, *, alive: bool = False
+) -> None:
+    """Until ``url`` answers 200; with ``alive``, fail at once when one of ``procs`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if alive and procs is not None:
+            procs.assert_alive()
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
@@ -124,10 +141,15 @@ def wait_status(
     timeout: float = 300.0,
     procs: Processes | None = None,
     predicate=None,
+    *,
+    alive: bool = False,
 ) -> dict[str, Any]:
+    """The experiment's status once terminal (or ``predicate``); ``alive`` as for wait_http."""
     deadline = time.monotonic() + timeout
     doc: dict[str, Any] = {}
     while time.monotonic() < deadline:
+        if alive and procs is not None:
+            procs.assert_alive()
         try:
             doc = client.get(f"/v1/experiments/{exp_id}").json()
         except httpx.TransportError:

@@ -2,19 +2,23 @@
 
 Docker is not needed: `test_compose_roles_run_an_experiment` runs the api, worker and reaper
 commands of the compose file as local processes against a fresh PostgreSQL database and a
-private Redis, and checks that an experiment submitted over HTTP gives the numbers of a local
-in-process run. It skips when PostgreSQL (127.0.0.1:5432) or redis-server is missing, and fails
-instead when HSL_REQUIRE_SERVICES=1.
+private Redis (the `postgres_url` and `redis_server` fixtures of tests/servers.py), and checks
+that an experiment submitted over HTTP gives the numbers of a local in-process run. It skips
+when PostgreSQL (HSL_TEST_PG) or redis-server is missing, and fails instead when
+HSL_REQUIRE_SERVICES=1.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
+import httpx
 import pytest
 
+from tests.servers import free_port
+
 from . import _compose as c
+from .processes import Processes, base_env, same_numbers, wait_http, wait_status
 
 HSL_ROLES = ("api", "worker", "reaper", "worker-gpu")
 BACKING = ("postgres", "redis")
@@ -25,8 +29,6 @@ SPEC = {
     "sweep": {"alphas": [1.5, 2.0], "seeds": 2, "seed": 3, "n_test": 500},
     "methods": [{"name": "layerwise_spectral"}],
 }
-TERMINAL = {"succeeded", "failed", "cancelled"}
-COMPARED = ("mse", "cos2", "recovered", "n_train_used")
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +149,12 @@ def test_dockerfile_and_dockerignore():
 
 
 def test_local_rewrite_points_compose_urls_at_loopback(services):
-    ep = c.Endpoints(database="hsl_compose_x", redis_port=6390, api_port=18000)
+    # The compose file's driver and Redis database number stay; the location is the test's.
+    ep = c.Endpoints(
+        database_url="postgresql://postgres@127.0.0.1:5432/hsl_compose_x",
+        redis_url="redis://127.0.0.1:6390",
+        api_port=18000,
+    )
     env = c.local_environment(services["api"], ep)
     assert env == {
         "HSL_DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:5432/hsl_compose_x",
@@ -164,41 +171,6 @@ def test_local_rewrite_points_compose_urls_at_loopback(services):
 # ---------------------------------------------------------------------------------- run it
 
 
-def _wait_http_ok(client, url: str, groups: c.ProcessGroups, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        groups.assert_alive()
-        try:
-            r = client.get(url)
-            if r.status_code == 200:
-                return
-            last = f"{r.status_code} {r.text[:300]}"
-        except Exception as exc:  # noqa: BLE001 - not up yet: connection refused, reset, ...
-            last = repr(exc)
-        time.sleep(0.5)
-    raise AssertionError(f"{url} not 200 within {timeout:.0f} s; last: {last}")
-
-
-def _wait_redis(port: int, groups: c.ProcessGroups, timeout: float = 20.0) -> None:
-    import redis
-
-    deadline = time.monotonic() + timeout
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
-    try:
-        while True:
-            groups.assert_alive()
-            try:
-                if client.ping():
-                    return
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.2)
-    finally:
-        client.close()
-
-
 def _local_results() -> dict:
     import hsl_engine as he
     from hsl import document
@@ -207,66 +179,44 @@ def _local_results() -> dict:
     return document.results_document(res.spec, res.points)
 
 
-def test_compose_roles_run_an_experiment(services, tmp_path: Path):
-    c.require_services()
-    groups = c.ProcessGroups(tmp_path)
-    with c.fresh_database() as db:
-        ep = c.Endpoints(database=db, redis_port=c.free_port(), api_port=c.free_port())
-        try:
-            _run_experiment_through_roles(services, ep, groups, tmp_path)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n\nlogs:\n{groups.tails()}") from exc
-        finally:
-            groups.stop_all()
+def test_compose_roles_run_an_experiment(services, tmp_path: Path, postgres_url, redis_server):
+    ep = c.Endpoints(postgres_url, redis_server.url, api_port=free_port())
+    # Short leases and a quick reaper, as settings the roles read (checked to exist above).
+    procs = Processes(tmp_path, base_env(HSL_LEASE_SECONDS=5, HSL_REAPER_INTERVAL=1))
+    try:
+        _run_experiment_through_roles(services, ep, procs)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n\nlogs:\n{procs.logs()}") from exc
+    finally:
+        procs.stop_all()
 
 
-def _run_experiment_through_roles(services, ep, groups, tmp_path) -> None:
-    import httpx
-
-    redis_argv = ["redis-server", "--port", str(ep.redis_port), "--bind", "127.0.0.1"]
-    redis_argv += ["--save", "", "--appendonly", "no"]
-    groups.start("redis", redis_argv, c.base_environment({}))
-    _wait_redis(ep.redis_port, groups)
-
-    overrides = {"HSL_LEASE_SECONDS": "5", "HSL_REAPER_INTERVAL": "1"}
-    envs = {
-        role: c.base_environment({**c.local_environment(services[role], ep), **overrides})
-        for role in c.ROLES
-    }
+def _run_experiment_through_roles(services, ep: c.Endpoints, procs: Processes) -> None:
+    envs = {role: c.local_environment(services[role], ep) for role in c.ROLES}
 
     # The distributed api requires keys: migrate, then make one, as an operator would.
-    c.run_once(["hsl", "db", "upgrade"], envs["api"], tmp_path)
-    out = c.run_once(["hsl", "keys", "create", "--tenant", "compose"], envs["api"], tmp_path)
+    procs.hsl("db", "upgrade", env=envs["api"])
+    out = procs.hsl("keys", "create", "--tenant", "compose", env=envs["api"])
     lines = [ln for ln in out.splitlines() if ln.strip()]
     assert lines, "hsl keys create printed nothing"
     key = lines[-1].split()[-1]
 
     for role in c.ROLES:
-        groups.start(role, c.local_command(services[role], ep), envs[role])
+        procs.spawn(role, c.local_command(services[role], ep), env=envs[role])
 
     base = f"http://127.0.0.1:{ep.api_port}"
+    wait_http(f"{base}/healthz", timeout=60, procs=procs, alive=True)
+    wait_http(f"{base}/readyz", timeout=30, procs=procs, alive=True)
     auth = {"Authorization": f"Bearer {key}"}
-    with httpx.Client(base_url=base, timeout=10.0) as client:
-        _wait_http_ok(client, "/healthz", groups, timeout=60)
-        _wait_http_ok(client, "/readyz", groups, timeout=30)
-
-        r = client.post("/v1/experiments", json=SPEC, headers=auth)
+    with httpx.Client(base_url=base, headers=auth, timeout=10.0) as client:
+        r = client.post("/v1/experiments", json=SPEC)
         assert r.status_code == 201, f"POST /v1/experiments: {r.status_code} {r.text}"
         exp_id = r.json()["id"]
 
-        deadline = time.monotonic() + 180
-        while True:
-            groups.assert_alive()
-            r = client.get(f"/v1/experiments/{exp_id}", headers=auth)
-            assert r.status_code == 200, f"GET status: {r.status_code} {r.text}"
-            status = r.json()
-            if status["status"] in TERMINAL:
-                break
-            assert time.monotonic() < deadline, f"not finished within 180 s: {status}"
-            time.sleep(0.5)
+        status = wait_status(client, exp_id, timeout=180, procs=procs, alive=True)
         assert status["status"] == "succeeded", f"experiment ended {status}"
 
-        r = client.get(f"/v1/experiments/{exp_id}/results", headers=auth)
+        r = client.get(f"/v1/experiments/{exp_id}/results")
         assert r.status_code == 200, f"GET results: {r.status_code} {r.text}"
         remote = r.json()
 
@@ -279,14 +229,6 @@ def _run_experiment_through_roles(services, ep, groups, tmp_path) -> None:
 
     local = _local_results()
     assert remote["spec_hash"] == local["spec_hash"] == status["spec_hash"]
-    by_key = {(p["method"], p["seed"], p["n"]): p for p in local["points"]}
-    remote_keys = [(p["method"], p["seed"], p["n"]) for p in remote["points"]]
-    assert sorted(remote_keys) == sorted(by_key), "the service ran other points than the engine"
-    for p in remote["points"]:
-        mine = by_key[(p["method"], p["seed"], p["n"])]
-        for name in COMPARED:
-            # Same spec, engine, device and dtype: identical numbers (shared/API.md), so ==.
-            assert p[name] == mine[name], (
-                f"{name} differs at method={p['method']} seed={p['seed']} n={p['n']}: "
-                f"service {p[name]!r} vs local {mine[name]!r}"
-            )
+    # The same points, each once, with identical numbers: same spec, engine, device and dtype
+    # (shared/API.md), so ==.
+    same_numbers(remote, local)
