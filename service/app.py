@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import hsl_engine as he
 
-from . import errors, health, presets
+from . import errors, health, limits, presets
 from .config import Settings
 from .db import keys, make_engine, make_session_factory, migrate
 from .deps import Publisher
@@ -56,6 +56,7 @@ def create_app(settings: Settings, make_publisher: MakePublisher) -> FastAPI:
     app.state.engine = engine
     app.state.sessions = sessions
     app.state.publisher = None
+    app.state.submit_buckets = limits.TokenBuckets(settings.submit_rate, settings.submit_burst)
     app.state.local_tenant_id = None
     if not settings.keys_required:
         with sessions.begin() as session:

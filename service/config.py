@@ -48,6 +48,20 @@ class Settings(BaseSettings):
         6 * 3600.0, gt=0, description="Hard time limit of one run (seconds)"
     )
 
+    visibility_timeout_seconds: float | None = Field(
+        None, gt=0, description="Redis visibility timeout. Default: run time limit + 600 s"
+    )
+    memory_limit_bytes: int | None = Field(
+        None, ge=1 << 28, description="Address-space limit (RLIMIT_AS) of a worker process"
+    )
+
+    # per tenant (429 with Retry-After beyond them)
+    submit_rate: float = Field(5.0, gt=0, description="Sustained submissions per second")
+    submit_burst: int = Field(20, ge=1, description="Submissions allowed in a burst")
+    max_active_experiments: int = Field(
+        100, ge=1, description="Queued and running experiments per tenant"
+    )
+
     # compute
     threads: int | None = Field(None, ge=1, le=1024, description="Engine threads per run")
     embedded_workers: int = Field(1, ge=0, le=64, description="In-process worker threads")
@@ -84,7 +98,10 @@ class Settings(BaseSettings):
 
     @property
     def visibility_timeout(self) -> float:
-        """Above the longest hard time limit, so Redis never redelivers a live run's message."""
+        """Above the longest hard time limit, so Redis never redelivers a live run's message
+        (a run that outlives it anyway is protected by its lease: the copy finds nothing)."""
+        if self.visibility_timeout_seconds is not None:
+            return self.visibility_timeout_seconds
         return self.run_time_limit + 600.0
 
     def sqlite_path(self) -> Path | None:

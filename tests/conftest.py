@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from tests.servers import postgres_url, redis_server  # noqa: F401  (shared fixtures)
+from tests.servers import postgres_url, private_postgres, redis_server  # noqa: F401
 
 
 def _seeds() -> list[int]:

@@ -131,3 +131,77 @@ def redis_server(tmp_path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop(signal.SIGKILL)
+
+
+class PostgresServer:
+    """A private PostgreSQL cluster on a free port (initdb from the installed binaries), so a
+    test may stop and start it. As root, the server runs as the ``postgres`` user."""
+
+    def __init__(self):
+        import glob
+
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+        found = shutil.which("pg_ctl")
+        self.bindir = Path(found).parent if found else (Path(bins[-1]) if bins else None)
+        if self.bindir is None or not (self.bindir / "initdb").exists():
+            unavailable("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+        import tempfile
+
+        self.port = free_port()
+        # not under pytest's tmp_path: its parents are private to this user
+        self.dir = Path(tempfile.mkdtemp(prefix="hsl-pg-"))
+        self.as_postgres = os.geteuid() == 0
+        if self.as_postgres:
+            shutil.chown(self.dir, "postgres")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.dir / "data"),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        )
+
+    def _run(self, tool: str, *args: str) -> None:
+        argv = [str(self.bindir / tool), *args]
+        if self.as_postgres:
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        subprocess.run(argv, check=True, capture_output=True, timeout=120)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.dir / "data"),
+            "-l",
+            str(self.dir / "log"),
+            "-w",
+            "start",
+            "-o",
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off",
+        )
+
+    def stop(self, mode: str = "immediate") -> None:
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", mode, "-w", "stop")
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        try:
+            server.stop()
+        except subprocess.CalledProcessError:
+            pass  # already stopped
+        shutil.rmtree(server.dir, ignore_errors=True)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import threading
 from collections.abc import Sequence
 
 from celery import Celery
+from celery.signals import worker_process_init
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
@@ -69,6 +71,15 @@ def make_celery(settings: Settings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     sessions = _ProcessSessions(settings.database_url)
+
+    if settings.memory_limit_bytes is not None:
+        limit = settings.memory_limit_bytes
+
+        @worker_process_init.connect(weak=False)
+        def _limit_memory(**_: object) -> None:
+            # each pool process gets the limit: a run that needs more raises MemoryError,
+            # is failed with resource_exhausted, and the process goes on serving others
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     @app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def execute_run_task(run_id: int) -> str:

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 import hsl_engine as he
 from hsl import document, plots
 
+from .. import limits
 from ..db import Experiment
 from ..deps import PublisherDep, SessionDep, SettingsDep, TenantDep
 from ..errors import (
@@ -31,7 +32,7 @@ router = APIRouter(prefix="/v1/experiments", tags=["experiments"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem, "content": {"application/problem+json": {}}}
-    for code in (400, 401, 404, 409, 413, 415, 422, 503)
+    for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)
 }
 
 
@@ -150,6 +151,7 @@ async def submit(
 ) -> Any:
     """Submit a spec. 201 with ``Location``; the same spec again returns the existing
     experiment (200); ``Idempotency-Key`` makes retries safe."""
+    limits.check_rate(request.app.state.submit_buckets, tenant_id)
     ctype = request.headers.get("content-type", "")
     if ctype.split(";")[0].strip().lower() != "application/json":
         raise UnsupportedMediaType(
@@ -175,6 +177,8 @@ async def submit(
     from starlette.concurrency import run_in_threadpool
 
     def store() -> tuple[dict[str, Any], bool, list[tuple[int, str]]]:
+        if repo.find_live(session, tenant_id, spec.spec_hash) is None:
+            limits.check_quota(session, tenant_id, settings.max_active_experiments)
         exp, created = repo.create(session, tenant_id, spec, idempotency_key=idempotency_key)
         session.commit()
         runs = [(r.id, r.queue) for r in exp.runs] if created else []
