@@ -59,7 +59,7 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue="cpu",
         task_soft_time_limit=settings.run_time_limit,
         task_time_limit=settings.run_time_limit + 60,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options=_transport_options(settings),
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
         task_publish_retry_policy={
@@ -89,6 +89,20 @@ def make_celery(settings: Settings) -> Celery:
 
     app.hsl_settings = settings  # type: ignore[attr-defined]
     return app
+
+
+def _transport_options(settings: Settings) -> dict[str, float]:
+    vt = settings.visibility_timeout
+    return {
+        "visibility_timeout": vt,
+        # kombu sweeps unacknowledged messages back only every interval x throttle
+        # seconds (100 s by default); with a short visibility timeout, sweep to match it
+        "unacked_restore_interval": max(1.0, min(10.0, vt / 4)),
+        "unacked_restore_throttle": 1 if vt < 600 else 10,
+        # a vanished broker must not hang a publish (the API answers, the reaper retries)
+        "socket_timeout": 5.0,
+        "socket_connect_timeout": 3.0,
+    }
 
 
 class CeleryPublisher:
