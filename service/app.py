@@ -21,6 +21,7 @@ from .config import Settings
 from .db import keys, make_engine, make_session_factory, migrate
 from .deps import Publisher
 from .experiments import routes as experiments
+from .experiments.schemas import Problem
 
 MakePublisher = Callable[[sessionmaker[Session], Settings], Publisher]
 
@@ -72,7 +73,7 @@ def create_app(settings: Settings, make_publisher: MakePublisher) -> FastAPI:
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
     """OpenAPI with the engine's spec schema as the request body of POST /v1/experiments,
-    and a bearer-key security scheme."""
+    the problem+json schema of every error response, and a bearer-key security scheme."""
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(
@@ -82,6 +83,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.update(spec_schema.pop("$defs", {}))
     components["ExperimentSpec"] = spec_schema
+    problem_schema = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(problem_schema.pop("$defs", {}))
+    components["Problem"] = problem_schema
     schema["components"]["securitySchemes"] = {
         "bearer": {"type": "http", "scheme": "bearer", "description": "hsl_... API key"}
     }

@@ -20,6 +20,13 @@ log = logging.getLogger("hsl.service")
 PROBLEM = "application/problem+json"
 TYPE_BASE = "https://hsl.dev/problems/"
 
+# An error response as the OpenAPI document declares it: problem+json alone, with its schema
+# (a route's ``"model"`` would also advertise an application/json error that never comes).
+# The app's OpenAPI builder adds the ``Problem`` schema to the components.
+PROBLEM_RESPONSE: dict[str, Any] = {
+    "content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+}
+
 
 class ProblemError(Exception):
     status: int = 500

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from sqlalchemy import text
 
 from .db import migrate
-from .errors import Unavailable
+from .errors import PROBLEM_RESPONSE, Unavailable
 
 router = APIRouter(tags=["health"])
 
@@ -19,7 +19,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"content": {"application/problem+json": {}}}})
+@router.get("/readyz", responses={503: PROBLEM_RESPONSE})
 def readyz(request: Request) -> dict[str, Any]:
     """Ready to accept work: the database answers and is at the head revision, and the
     broker (or the in-process worker) is up."""

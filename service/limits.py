@@ -11,10 +11,10 @@ import math
 import threading
 import time
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from .db import Experiment
+from .db import Experiment, Tenant
 from .errors import ProblemError
 
 
@@ -53,7 +53,21 @@ def check_rate(buckets: TokenBuckets, tenant_id: int) -> None:
         )
 
 
+def lock_tenant(session: Session, tenant_id: int) -> None:
+    """Serialise the tenant's submissions until the caller's commit or rollback, so that two
+    concurrent ones cannot both pass the count and both be stored: a row lock on PostgreSQL;
+    on SQLite, which has no row locks, a write that takes the database's write lock (a
+    concurrent submitter waits for it, then counts what the first one stored)."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name))
+    else:
+        session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+
+
 def check_quota(session: Session, tenant_id: int, limit: int) -> None:
+    """Refuse a new experiment past ``limit`` queued or running ones. Call it in the
+    transaction that stores the experiment: it holds the tenant's lock until the commit."""
+    lock_tenant(session, tenant_id)
     active = session.execute(
         select(func.count())
         .select_from(Experiment)

@@ -9,15 +9,17 @@ from collections import OrderedDict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 import hsl_engine as he
 from hsl import document, plots
 
 from .. import limits
-from ..db import Experiment
+from ..db import Experiment, state
 from ..deps import PublisherDep, SessionDep, SettingsDep, TenantDep
 from ..errors import (
+    PROBLEM_RESPONSE,
     BadRequest,
     InvalidSpec,
     NotFound,
@@ -26,13 +28,12 @@ from ..errors import (
     UnsupportedMediaType,
 )
 from . import repository as repo
-from .schemas import ExperimentList, Problem, Status, StatusDocument
+from .schemas import ExperimentList, Status, StatusDocument
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": Problem, "content": {"application/problem+json": {}}}
-    for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)
+    code: PROBLEM_RESPONSE for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)
 }
 
 
@@ -161,7 +162,7 @@ async def submit(
     body = await _read_body(request, settings.max_body_bytes)
     try:
         json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # nesting too deep: 400
         raise BadRequest(
             f"the body is not valid JSON: {exc}",
             errors=[{"field": "body", "message": "invalid JSON"}],
@@ -174,10 +175,13 @@ async def submit(
         ) from None
     check_limits(spec, settings)
 
-    from starlette.concurrency import run_in_threadpool
-
     def store() -> tuple[dict[str, Any], bool, list[tuple[int, str]]]:
-        if repo.find_live(session, tenant_id, spec.spec_hash) is None:
+        # only a submission that would store a new experiment counts against the quota, not
+        # a resubmission of a live spec nor the retry of an Idempotency-Key already answered
+        if repo.find_live(session, tenant_id, spec.spec_hash) is None and (
+            idempotency_key is None
+            or repo.find_by_idempotency_key(session, tenant_id, idempotency_key) is None
+        ):
             limits.check_quota(session, tenant_id, settings.max_active_experiments)
         exp, created = repo.create(session, tenant_id, spec, idempotency_key=idempotency_key)
         session.commit()
@@ -196,8 +200,6 @@ def _publish(request: Request, publisher, runs: list[tuple[int, str]]) -> None:
     """After the commit: a failure leaves the runs unpublished for the reaper."""
     published = publisher.publish(runs)
     if published:
-        from ..db import state
-
         try:
             with request.app.state.sessions.begin() as s:
                 state.mark_published(s, published)
@@ -274,8 +276,8 @@ def get_results(experiment_id: str, session: SessionDep, tenant_id: TenantDep) -
 
 @router.get(
     "/{experiment_id}/results.csv",
-    response_class=PlainTextResponse,
-    responses={200: {"content": {"text/csv": {}}}, **ERRORS},
+    response_class=Response,  # the body is text/csv, nothing else
+    responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}}}, **ERRORS},
 )
 def get_results_csv(experiment_id: str, session: SessionDep, tenant_id: TenantDep) -> Response:
     exp = repo.get(session, tenant_id, experiment_id)
@@ -291,7 +293,16 @@ MEDIA = {"png": "image/png", "svg": "image/svg+xml"}
 
 @router.get(
     "/{experiment_id}/plots/{filename}",
-    responses={200: {"content": {"image/png": {}, "image/svg+xml": {}}}, **ERRORS},
+    response_class=Response,  # an image, never JSON
+    responses={
+        200: {
+            "content": {
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+                "image/svg+xml": {"schema": {"type": "string"}},
+            }
+        },
+        **ERRORS,
+    },
 )
 def get_plot(
     experiment_id: str, filename: str, session: SessionDep, tenant_id: TenantDep

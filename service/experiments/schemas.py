@@ -71,6 +71,11 @@ class PresetOut(BaseModel):
     estimate: ResourceEstimateOut
 
 
+class FieldProblem(BaseModel):
+    field: str = Field(description="dotted path of the offending field, e.g. model.d")
+    message: str
+
+
 class Problem(BaseModel):
     """RFC 9457 problem details."""
 
@@ -79,4 +84,4 @@ class Problem(BaseModel):
     status: int
     detail: str
     instance: str | None = None
-    errors: list[dict[str, str]] | None = None
+    errors: list[FieldProblem] | None = None
