@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -71,7 +72,7 @@ def _classify(exc: BaseException) -> tuple[str, dict[str, Any]]:
     """(what to do, error): deterministic failures are final; infrastructure ones retry."""
     if isinstance(exc, MemoryError):
         return FAILED, _error("resource_exhausted", "the run ran out of memory")
-    if type(exc).__name__ in ("SoftTimeLimitExceeded", "TimeLimitExceeded"):
+    if isinstance(exc, SoftTimeLimitExceeded | TimeLimitExceeded):
         return FAILED, _error("timeout", "the run exceeded its time limit")
     if isinstance(exc, he.EngineError):
         return FAILED, _error("engine_error", f"{type(exc).__name__}: {exc}")
