@@ -8,7 +8,7 @@ invariant check on each database and fails the test if one is broken:
 - every point is stored once, and belongs to its experiment's sweep;
 - no run was claimed more than ``max_attempts`` times;
 - a succeeded experiment has all its points;
-- every service the test registers answers /healthz at the end of the test.
+- every service the test registers still answers /healthz.
 
 Records go to ``reports/reliability.json`` (one per scenario: id, passed, figures), written
 at the end of the session and merged with records of scenarios not run this time.
@@ -39,7 +39,7 @@ class Scenario:
         self.id: str | None = None
         self.figures: dict[str, Any] = {}
         self.databases: list[tuple[str, int]] = []  # (url, max_attempts)
-        self.problems: list[str] = []
+        self.services: list[str] = []
         self.invariants: dict[str, Any] = {}
 
     def __call__(self, scenario_id: str) -> Scenario:
@@ -50,12 +50,9 @@ class Scenario:
         self.databases.append((url, max_attempts))
 
     def service(self, url: str) -> None:
-        """Check now (at the end of the test, while the service runs) that it answers."""
-        try:
-            if httpx.get(f"{url}/healthz", timeout=5).status_code != 200:
-                self.problems.append(f"{url} does not answer /healthz")
-        except httpx.TransportError as exc:
-            self.problems.append(f"{url} does not answer /healthz: {exc}")
+        """Check after the test that this service still answers. (The fixtures that run
+        the service must be set up before ``scenario``, so they outlive its check.)"""
+        self.services.append(url)
 
 
 def check_invariants(url: str, max_attempts: int) -> dict[str, Any]:
@@ -123,7 +120,13 @@ def scenario(request):
     sc = Scenario()
     started = time.monotonic()
     yield sc
-    problems = list(sc.problems)
+    problems = []
+    for url in sc.services:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code != 200:
+                problems.append(f"{url} does not answer /healthz")
+        except httpx.TransportError as exc:
+            problems.append(f"{url} does not answer /healthz: {exc}")
     for url, max_attempts in sc.databases:
         result = check_invariants(url, max_attempts)
         sc.invariants = result

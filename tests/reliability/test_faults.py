@@ -14,13 +14,16 @@ from .stack import SLOW_SPEC, TINY_SPEC, Stack, variant
 
 
 @pytest.fixture
-def stack(tmp_path, postgres_url, redis_server, scenario):
+def stack(request, tmp_path, postgres_url, redis_server):
+    """``stack(**settings)``; set up before ``scenario`` (tests list it first), so the
+    processes and the database still exist when the scenario's checks run."""
     stacks = []
 
-    def make(**settings):
-        s = Stack(tmp_path, postgres_url, redis_server.url, **settings)
+    def make(db_url=None, **settings):
+        db_url = db_url or postgres_url
+        s = Stack(tmp_path, db_url, redis_server.url, **settings)
         stacks.append(s)
-        scenario.database(postgres_url)
+        request.getfixturevalue("scenario").database(db_url)
         return s
 
     yield make
@@ -191,49 +194,43 @@ def test_05_broker_down_at_submit_time(stack, scenario, redis_server):
     scenario.service(st.url)
 
 
-def test_06_postgresql_stopped_during_writes(tmp_path, private_postgres, redis_server, scenario):
+def test_06_postgresql_stopped_during_writes(private_postgres, stack, scenario):
     scenario("06-postgres-stopped-10s")
-    db = private_postgres.url
-    scenario.database(db)
-    st = Stack(tmp_path, db, redis_server.url, HSL_LEASE_SECONDS=30)
-    try:
-        st.start(workers=1)
-        exp_id = st.submit(SLOW_SPEC)
-        st.wait_for(lambda: len(st.points(exp_id)) >= 1, what="a first point")
-        st.engine.dispose()
-        private_postgres.stop()
-        stopped = time.monotonic()
-        codes, transport_errors = [], 0
-        while time.monotonic() - stopped < 10:
-            try:
-                r = st.client.get(f"/v1/experiments/{exp_id}", timeout=10)
-                codes.append(r.status_code)
-                if r.status_code >= 500:
-                    assert r.status_code == 503, r.text
-                    assert r.headers["content-type"] == "application/problem+json"
-            except httpx.TransportError:
-                transport_errors += 1
-            time.sleep(0.5)
-        private_postgres.start()
-        started = time.monotonic()
-        while st.client.get(f"/v1/experiments/{exp_id}").status_code != 200:
-            time.sleep(0.1)
-        recover = time.monotonic() - started
-        doc = st.wait(exp_id)
-        assert doc["status"] == "succeeded", doc
-        ns = [p.n for p in st.points(exp_id)]
-        assert sorted(ns) == SLOW_SPEC["sweep"]["n_values"]  # none lost, none doubled
-        failed = sum(c not in (200, 503) for c in codes) + transport_errors
-        assert failed == 0 and 503 in codes
-        scenario.figures.update(
-            requests_during_outage=len(codes) + transport_errors,
-            answered_503=codes.count(503),
-            failed_requests=failed,
-            seconds_to_recover=round(recover, 2),
-        )
-        scenario.service(st.url)
-    finally:
-        st.close()
+    st = stack(db_url=private_postgres.url, HSL_LEASE_SECONDS=30).start(workers=1)
+    exp_id = st.submit(SLOW_SPEC)
+    st.wait_for(lambda: len(st.points(exp_id)) >= 1, what="a first point")
+    st.engine.dispose()
+    private_postgres.stop()
+    stopped = time.monotonic()
+    codes, transport_errors = [], 0
+    while time.monotonic() - stopped < 10:
+        try:
+            r = st.client.get(f"/v1/experiments/{exp_id}", timeout=10)
+            codes.append(r.status_code)
+            if r.status_code >= 500:
+                assert r.status_code == 503, r.text
+                assert r.headers["content-type"] == "application/problem+json"
+        except httpx.TransportError:
+            transport_errors += 1
+        time.sleep(0.5)
+    private_postgres.start()
+    started = time.monotonic()
+    while st.client.get(f"/v1/experiments/{exp_id}").status_code != 200:
+        time.sleep(0.1)
+    recover = time.monotonic() - started
+    doc = st.wait(exp_id)
+    assert doc["status"] == "succeeded", doc
+    ns = [p.n for p in st.points(exp_id)]
+    assert sorted(ns) == SLOW_SPEC["sweep"]["n_values"]  # none lost, none doubled
+    failed = sum(c not in (200, 503) for c in codes) + transport_errors
+    assert failed == 0 and 503 in codes
+    scenario.figures.update(
+        requests_during_outage=len(codes) + transport_errors,
+        answered_503=codes.count(503),
+        failed_requests=failed,
+        seconds_to_recover=round(recover, 2),
+    )
+    scenario.service(st.url)
 
 
 def test_07_worker_killed_after_storing_a_point_before_acknowledging(stack, scenario):
