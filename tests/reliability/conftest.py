@@ -29,6 +29,7 @@ from sqlalchemy import func, select
 import hsl_engine as he
 from service.db import Experiment, Point, Run, make_engine, make_session_factory, utcnow
 from service.db.models import TERMINAL
+from tests.reliability.server import start_server  # noqa: F401 (a fixture of this folder)
 
 REPORT = Path(__file__).resolve().parents[2] / "reports" / "reliability.json"
 _RECORDS: dict[str, dict[str, Any]] = {}

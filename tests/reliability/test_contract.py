@@ -11,8 +11,10 @@ under property tests.
   else; valid specs round-trip with the same hash; and the same bodies POSTed to the service
   never get a 5xx.
 
-The app runs in-process on a migrated SQLite file; the broker is outside the unit under test,
-so a recording publisher stands in for it.
+Both run against a real ``hsl serve`` process (uvicorn, its SQLite database under the test's
+folder, keys required) over loopback: Schemathesis loads the document from the server's
+``/openapi.json`` and sends every case over the network; the POSTed bodies of the property
+tests go the same way. The validator properties themselves call ``parse_spec`` in process.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from __future__ import annotations
 import json
 import math
 import traceback
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
+import requests
 import schemathesis
-from fastapi import FastAPI
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
@@ -35,16 +37,9 @@ from schemathesis import checks as st_checks
 from schemathesis.core.failures import FailureGroup
 
 import hsl_engine as he
-from service.app import create_app
-from service.config import Settings
-from service.db import keys, migrate
-from tests.service.api import RecordingPublisher, execute_all, tiny_spec
-
-with warnings.catch_warnings():
-    # starlette asks for httpx2 and warns on import when only httpx (a project dependency)
-    # is installed; the test client works the same with either
-    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
-    from starlette.testclient import TestClient
+from tests.integration.processes import wait_status
+from tests.reliability.server import cancel_everything
+from tests.service.api import tiny_spec
 
 PROBLEM = "application/problem+json"
 
@@ -70,25 +65,9 @@ CHECKS = [
 ]
 
 
-def make_app(tmp_path) -> tuple[FastAPI, RecordingPublisher]:
-    url = f"sqlite:///{tmp_path}/contract.db"
-    migrate.upgrade(url)
-    settings_ = Settings(
-        database_url=url,
-        require_keys=True,
-        auto_migrate=False,
-        # the limits have tests of their own; here they would only turn requests into 429s
-        submit_rate=1e6,
-        submit_burst=10**6,
-        max_active_experiments=10**6,
-    )
-    publisher = RecordingPublisher()
-    return create_app(settings_, lambda _sessions, _settings: publisher), publisher
-
-
-def new_key(app: FastAPI, tenant: str) -> str:
-    with app.state.sessions.begin() as session:
-        return keys.create_key(session, tenant)
+# The limits have tests of their own (scenarios 09 and 13); here they would only turn
+# requests into 429s.
+GENEROUS = {"submit_rate": 1e6, "submit_burst": 10**6, "max_active_experiments": 10**6}
 
 
 def problem_errors(status: int, content_type: str, body: bytes) -> list[str]:
@@ -151,9 +130,17 @@ class Tally:
         self.failures: list[str] = []
 
 
-def fuzz(operation, mode: GenerationMode, strategy, tally: Tally) -> None:
-    """Run one operation's cases in one generation mode; a failure (after Hypothesis has
-    shrunk it) is recorded, and the other operations still run."""
+def fuzz(
+    operation,
+    mode: GenerationMode,
+    strategy,
+    tally: Tally,
+    base_url: str,
+    session: requests.Session,
+) -> None:
+    """Run one operation's cases in one generation mode against the server at ``base_url``
+    (over ``session``'s keep-alive connections); a failure (after Hypothesis has shrunk it)
+    is recorded, and the other operations still run."""
 
     @given(case=strategy)
     @settings(
@@ -170,7 +157,7 @@ def fuzz(operation, mode: GenerationMode, strategy, tally: Tally) -> None:
         ],
     )
     def check_case(case) -> None:
-        response = case.call()
+        response = case.call(base_url=base_url, session=session)
         tally.requests[mode.value] += 1
         tally.statuses[f"{response.status_code // 100}xx"] += 1
         if response.status_code < 300:
@@ -195,30 +182,37 @@ def fuzz(operation, mode: GenerationMode, strategy, tally: Tally) -> None:
         tally.failures.append(f"{operation.label} ({mode.value}): {detail}")
 
 
-def test_every_operation_conforms_to_the_openapi_document(scenario, tmp_path):
+def test_every_operation_conforms_to_the_openapi_document(start_server, scenario):
+    # the embedded service executes runs with its in-process worker: one experiment is run
+    # to the end before the fuzzing
+    server = start_server("contract", embedded_workers=1, **GENEROUS)
     sc = scenario("14-schemathesis")
-    app, publisher = make_app(tmp_path)
-    # Loading the document through the app starts the app's lifespan (schemathesis' ASGI
-    # transport runs it; its pytest plugin ends it when the test ends).
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-    assert app.state.publisher is publisher
-
-    key = new_key(app, "schemathesis")
+    sc.database(server.database_url)
+    sc.service(server.url)
+    (key,) = server.keys("schemathesis")
     headers = {"Authorization": f"Bearer {key}"}
-    # not entered as a context manager: that would run the lifespan a second time
-    client = TestClient(app, headers=headers)
 
     # One experiment finished (points, results, plots), one queued, one to be deleted.
-    done = client.post("/v1/experiments", json=tiny_spec(name="done"))
-    queued = client.post(
-        "/v1/experiments", json=tiny_spec(name="queued", sweep={"alphas": [1.5], "seeds": 1})
-    )
-    doomed = client.post(
-        "/v1/experiments", json=tiny_spec(name="doomed", sweep={"alphas": [2.0], "seeds": 1})
-    )
-    assert [r.status_code for r in (done, queued, doomed)] == [201, 201, 201]
-    assert set(execute_all(app, done.json()["id"])) == {"succeeded"}
-    client.close()
+    with server.client(key) as client:
+        done = client.post("/v1/experiments", json=tiny_spec(name="done"))
+        assert done.status_code == 201, done.text
+        finished = wait_status(
+            client, done.json()["id"], timeout=60, procs=server.procs, alive=True
+        )
+        assert finished["status"] == "succeeded", finished
+    # The same server again, on the same database, without its worker: the experiments the
+    # fuzzing submits stay queued (schema-valid specs within the default limits may ask for
+    # hours of work), and so does the queued one the cases are pointed at, as a client would
+    # see it before a worker is free.
+    server.restart(embedded_workers=0)
+    with server.client(key) as client:
+        queued = client.post(
+            "/v1/experiments", json=tiny_spec(name="queued", sweep={"alphas": [1.5], "seeds": 1})
+        )
+        doomed = client.post(
+            "/v1/experiments", json=tiny_spec(name="doomed", sweep={"alphas": [2.0], "seeds": 1})
+        )
+        assert [r.status_code for r in (queued, doomed)] == [201, 201]
     ids = [done.json()["id"], queued.json()["id"]]
     plots = [f"{n}.{f}" for n in ("mse", "overlap", "cos2", "spectrum") for f in ("png", "svg")]
     known = {
@@ -229,11 +223,18 @@ def test_every_operation_conforms_to_the_openapi_document(scenario, tmp_path):
         "DELETE /v1/experiments/{experiment_id}": [{"experiment_id": doomed.json()["id"]}],
     }
 
+    # the document as the server serves it; every case sent over loopback
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", timeout=30)
     tally = Tally()
     operations = [result.ok() for result in schema.get_all_operations()]
-    for operation in operations:
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            fuzz(operation, mode, _strategies(operation, mode, headers, known), tally)
+    with requests.Session() as session:
+        for operation in operations:
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+                strategy = _strategies(operation, mode, headers, known)
+                fuzz(operation, mode, strategy, tally, server.url, session)
+    server.procs.assert_alive()
+    # the experiments the cases submitted, cancelled (the invariant check wants them terminal)
+    cancelled = cancel_everything(server, key)
 
     sc.figures.update(
         {
@@ -250,6 +251,8 @@ def test_every_operation_conforms_to_the_openapi_document(scenario, tmp_path):
             "error_responses_checked_problem_json": tally.problems_checked,
             "checks": [c.__name__ for c in CHECKS] + ["problem+json (type, title, status, detail)"],
             "failures": len(tally.failures),
+            "server": "hsl serve (uvicorn) over loopback, schema from its /openapi.json",
+            "submitted_then_cancelled": cancelled,
         }
     )
     assert not tally.failures, "\n\n".join(tally.failures)
@@ -511,7 +514,7 @@ bodies = json_values | mutated_specs().map(lambda m: m[0]) | valid_specs()
 
 @given(body=bodies)
 @settings(max_examples=120, **HYPOTHESIS)
-def posted_bodies_never_5xx(stats: Counter, client: TestClient, body: Any) -> None:
+def posted_bodies_never_5xx(stats: Counter, client: httpx.Client, body: Any) -> None:
     resp = client.post(
         "/v1/experiments",
         content=json.dumps(body).encode(),
@@ -529,13 +532,17 @@ def posted_bodies_never_5xx(stats: Counter, client: TestClient, body: Any) -> No
     stats["examples"] += 1
 
 
-def test_spec_validator_properties(scenario, tmp_path):
+def test_spec_validator_properties(start_server, scenario):
+    # the POSTed bodies go to a real server; what they submit stays queued (no worker) and is
+    # cancelled at the end
+    server = start_server("properties", embedded_workers=0, **GENEROUS)
     sc = scenario("14-hypothesis-spec")
-    app, _ = make_app(tmp_path)
+    sc.database(server.database_url)
+    sc.service(server.url)
+    (key,) = server.keys("hypothesis")
     results: dict[str, Counter] = {}
     failures: list[str] = []
-    with TestClient(app) as client:
-        client.headers["Authorization"] = f"Bearer {new_key(app, 'hypothesis')}"
+    with server.client(key) as client:
         for prop, args in (
             (any_json_value, ()),
             (mutated_valid_spec, ()),
@@ -547,8 +554,12 @@ def test_spec_validator_properties(scenario, tmp_path):
                 prop(stats, *args)
             except Exception as exc:  # the falsifying example is in the message
                 failures.append(f"{prop.__name__}: {''.join(traceback.format_exception(exc))}")
+    server.procs.assert_alive()
+    cancelled = cancel_everything(server, key)
     sc.figures.update({name: dict(sorted(c.items())) for name, c in results.items()})
     sc.figures["failures"] = len(failures)
+    sc.figures["posted_to"] = "hsl serve (uvicorn) over loopback"
+    sc.figures["submitted_then_cancelled"] = cancelled
     assert not failures, "\n\n".join(failures)
     # the properties were not vacuous: both outcomes were seen where both are possible
     assert results["any_json_value"]["spec_errors"] > 0

@@ -2,14 +2,14 @@
 scenarios 09-13 of shared/RELIABILITY.md).
 
 Scenario 09 measures the submit path in process (the app from ``create_app`` behind the
-starlette test client), so the handling time is the server's and not the network's. The
-others drive a real ``hsl serve`` process over loopback, with keys required and its SQLite
-database under the test's folder, and mint keys with ``hsl keys create`` as an operator would.
+starlette test client), so the handling time is the server's and not the network's, and
+again against real ``hsl serve`` processes over loopback, for what a client waits. The others
+drive a real ``hsl serve`` process over loopback, with keys required and its SQLite database
+under the test's folder, and mint keys with ``hsl keys create`` as an operator would.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import itertools
@@ -25,10 +25,8 @@ import tracemalloc
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -44,8 +42,7 @@ from service.experiments import repository
 from service.experiments.routes import check_limits
 from service.limits import RateLimited, TokenBuckets, check_quota, check_rate
 from tests.factories import TINY_SPEC, migrated_sessions
-from tests.integration.processes import Processes, base_env, wait_http
-from tests.servers import free_port
+from tests.reliability.server import Server, cancel_everything
 from tests.service.api import RecordingPublisher
 
 with warnings.catch_warnings():
@@ -55,6 +52,10 @@ with warnings.catch_warnings():
 
 PROBLEM = "application/problem+json"
 MiB = 1 << 20
+# The round trip to a real server, median per kind: measured at 2.8-4.7 ms on the two-core
+# test machine, too close to 5 ms to assert that robustly there; the < 5 ms assertion is on
+# the server's own handling time (in process). This bound catches a refusal that does work.
+REAL_MEDIAN_MS = 20.0
 
 
 def spec(name: str = "tiny", **model: Any) -> dict[str, Any]:
@@ -90,98 +91,6 @@ def percentile(values: list[float], q: float) -> float:
 
 def ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
-
-
-# --- real server processes -------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    procs: Processes
-    url: str
-    port: int
-    folder: Path
-    minted: list[str] = field(default_factory=list)
-
-    @property
-    def database_url(self) -> str:
-        return f"sqlite:///{self.folder}/.hsl/hsl.db"
-
-    def keys(self, *tenants: str) -> list[str]:
-        """A new key per tenant name, minted with ``hsl keys create`` (concurrently)."""
-
-        def mint(tenant: str) -> str:
-            out = self.procs.hsl("keys", "create", "--tenant", tenant).strip()
-            assert keys.KEY_PATTERN.match(out), out
-            return out
-
-        with ThreadPoolExecutor(len(tenants)) as pool:
-            minted = list(pool.map(mint, tenants))
-        self.minted += minted
-        return minted
-
-    def client(self, key: str | None = None, **kw: Any) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kw)
-
-
-StartServer = Callable[..., Server]
-
-
-@pytest.fixture
-def start_server(request, tmp_path) -> Iterator[StartServer]:
-    """``start_server(name, **HSL_settings)``: ``hsl serve`` in ``tmp_path/name``, keys required
-    unless the settings say otherwise, answering /readyz.
-
-    Request it before ``scenario``: the servers then stop after the scenario's checks. Before
-    those checks, passed or failed, the experiments left live are cancelled (nothing executes
-    them here, and the invariant check wants every experiment terminal)."""
-    started: list[Processes] = []
-
-    def start(name: str = "serve", **settings: Any) -> Server:
-        folder = tmp_path / name
-        folder.mkdir()
-        env = {"HSL_REQUIRE_KEYS": "1", **{f"HSL_{k.upper()}": str(v) for k, v in settings.items()}}
-        env = {k: v for k, v in env.items() if v != "None"}
-        procs = Processes(folder, base_env(**env))
-        started.append(procs)
-        port = free_port()
-        procs.start("serve", "serve", "--port", str(port))
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/readyz", procs=procs, alive=True)
-        server = Server(procs, url, port, folder)
-        # on the test's own finalizer stack: runs before the scenario's teardown
-        request.node.addfinalizer(lambda: cancel_quietly(server))
-        return server
-
-    try:
-        yield start
-    finally:
-        for procs in started:
-            procs.stop_all()
-
-
-def cancel_everything(server: Server, *api_keys: str) -> int:
-    """Cancel every live experiment of these tenants (the invariant check wants them terminal)."""
-    cancelled = 0
-    for key in api_keys:
-        with server.client(key) as c:
-            for status in ("queued", "running"):
-                while True:
-                    items = c.get("/v1/experiments", params={"status": status, "limit": 200})
-                    items = items.json()["items"]
-                    if not items:
-                        break
-                    for item in items:
-                        assert c.post(f"/v1/experiments/{item['id']}/cancel").status_code == 200
-                        cancelled += 1
-    return cancelled
-
-
-def cancel_quietly(server: Server) -> None:
-    """Cleanup after a test that may have failed: a dead server is the test's failure to report."""
-    with contextlib.suppress(httpx.HTTPError, AssertionError, KeyError, ValueError):
-        cancel_everything(server, *server.minted)
 
 
 # --- 09: resource estimate at submit ---------------------------------------------------------
@@ -243,21 +152,54 @@ class HandlingTime:
         await self.app(scope, receive, timed)
 
 
+def round_trips_over_loopback(
+    server: Server, key: str, raw: bytes, count: int
+) -> tuple[list[float], list[httpx.Response]]:
+    """``count`` POSTs of ``raw`` on one keep-alive connection to a real server: the seconds
+    from sending each request to its answer read in full, and the answers."""
+    headers = {"Content-Type": "application/json"}
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    seconds: list[float] = []
+    answers: list[httpx.Response] = []
+    with server.client(key, limits=limits) as client:
+        for _ in range(5):  # the connection opened, the server's caches warm
+            client.post("/v1/experiments", content=raw, headers=headers)
+        for _ in range(count):
+            t0 = time.perf_counter()
+            resp = client.post("/v1/experiments", content=raw, headers=headers)
+            seconds.append(time.perf_counter() - t0)
+            answers.append(resp)
+    return seconds, answers
+
+
 def test_09_a_spec_beyond_the_limits_is_refused_in_milliseconds_without_allocating(
-    scenario, tmp_path
+    start_server, scenario, tmp_path
 ):
+    # the same two deployments twice: in process (the server's own handling time) and as
+    # real ``hsl serve`` processes over loopback (what a client waits for)
+    deployments: dict[str, dict[str, Any]] = {"default": {}, "small": {"max_memory_bytes": 1e8}}
+    # this scenario measures the estimate, not the rate limit
+    generous = {"submit_rate": 1e9, "submit_burst": 10**9}
+    servers = {
+        name: start_server(f"limits-{name}", embedded_workers=0, **generous, **overrides)
+        for name, overrides in deployments.items()
+    }
     sc = scenario("09-estimate-limits")
+    for server in servers.values():
+        sc.database(server.database_url)
+        sc.service(server.url)
+    server_keys = {name: server.keys("a")[0] for name, server in servers.items()}
+
     clients: dict[str, TestClient] = {}
     timers: dict[str, HandlingTime] = {}
     settings: dict[str, Settings] = {}
-    for name, overrides in {"default": {}, "small": {"max_memory_bytes": 1e8}}.items():
+    for name, overrides in deployments.items():
         url = f"sqlite:///{tmp_path}/{name}.db"
         settings[name] = Settings(
             database_url=url,
             require_keys=True,
             auto_migrate=True,
-            submit_rate=1e9,  # this scenario measures the estimate, not the rate limit
-            submit_burst=10**9,
+            **generous,
             **overrides,
         )
         app = create_app(settings[name], lambda _s, _settings: RecordingPublisher())
@@ -321,12 +263,33 @@ def test_09_a_spec_beyond_the_limits_is_refused_in_milliseconds_without_allocati
         for client in clients.values():
             client.__exit__(None, None, None)
 
+    # the real processes: every answer checked, after the timed loop
+    real: dict[str, dict[str, float]] = {}
+    for kind, (app_name, body) in kinds.items():
+        seconds, answers = round_trips_over_loopback(
+            servers[app_name], server_keys[app_name], json.dumps(body).encode(), requests_per_kind
+        )
+        for resp in answers:
+            expected_complaint(assert_problem(resp, 422), kind)
+        real[kind] = {
+            "round_trip_median_ms": ms(statistics.median(seconds)),
+            "round_trip_p99_ms": ms(percentile(seconds, 99)),
+        }
+    for name, server in servers.items():
+        with server.client(server_keys[name]) as client:
+            assert client.get("/v1/experiments").json()["items"] == []
+        server.procs.assert_alive()
+
     sc.figures.update(
         requests_per_kind=requests_per_kind,
         timing_in_process=timings,
         worst_server_median_ms=max(t["server_median_ms"] for t in timings.values()),
         worst_server_p99_ms=max(t["server_p99_ms"] for t in timings.values()),
         worst_round_trip_median_ms=max(t["round_trip_median_ms"] for t in timings.values()),
+        # hsl serve (uvicorn) processes, one keep-alive httpx connection over loopback
+        timing_real_process=real,
+        worst_real_round_trip_median_ms=max(t["round_trip_median_ms"] for t in real.values()),
+        worst_real_round_trip_p99_ms=max(t["round_trip_p99_ms"] for t in real.values()),
         tracemalloc_peak_bytes=peaks,
         worst_tracemalloc_peak_bytes=max(peaks.values()),
         limits={"max_memory_bytes": 64 * 2.0**30, "max_flops": 1e18, "small_max_memory": 1e8},
@@ -334,6 +297,8 @@ def test_09_a_spec_beyond_the_limits_is_refused_in_milliseconds_without_allocati
     for kind, t in timings.items():
         # p99 is reported, not asserted: the machine is shared with other test runs
         assert t["server_median_ms"] < 5.0, (kind, t)
+    for kind, t in real.items():
+        assert t["round_trip_median_ms"] < REAL_MEDIAN_MS, (kind, t)
     for kind, peak in peaks.items():
         assert peak < MiB, (kind, peak)
 
