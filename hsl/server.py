@@ -111,7 +111,7 @@ def worker(queues: str, concurrency: int) -> int:
 def reaper() -> int:
     from service.db import make_engine, make_session_factory
     from worker.celery_app import CeleryPublisher, make_celery
-    from worker.reaper import run_forever
+    from worker.reaper import Reaper
 
     _logging()
     settings = Settings()
@@ -124,7 +124,7 @@ def reaper() -> int:
     logging.getLogger("hsl.reaper").info(
         "reaper: every %gs, lease %gs", settings.reaper_interval, settings.lease_seconds
     )
-    run_forever(sessions, CeleryPublisher(make_celery(settings)), settings, stop)
+    Reaper(sessions, CeleryPublisher(make_celery(settings)), settings).run_forever(stop)
     return 0
 
 

@@ -41,7 +41,10 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(30.0, gt=0, description="A run's lease; heartbeats renew it")
     reaper_interval: float = Field(5.0, gt=0, description="Seconds between reaper sweeps")
     republish_after: float = Field(
-        120.0, gt=0, description="Re-publish a queued run nobody claimed after this many seconds"
+        3600.0,
+        gt=0,
+        description="Publish a queued run nobody claimed again after this many seconds (a "
+        "backstop: a broker restart is detected and republishes at once)",
     )
     max_attempts: int = Field(3, ge=1, le=100, description="Claims of one run before it fails")
     run_time_limit: float = Field(

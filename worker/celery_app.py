@@ -125,6 +125,17 @@ class CeleryPublisher:
     def wake(self) -> None:
         pass
 
+    def epoch(self) -> str | None:
+        """Redis' ``run_id``: new at every server start, so the reaper can tell a restart
+        (whose queue may be empty) from a long backlog. None when unknown."""
+        try:
+            with self.app.connection_for_read() as conn:
+                conn.ensure_connection(max_retries=1, timeout=2)
+                client = getattr(conn.default_channel, "client", None)
+                return None if client is None else str(client.info("server")["run_id"])
+        except Exception:  # broker down or not Redis: no identity now
+            return None
+
     def ping(self) -> bool:
         try:
             with self.app.connection_for_write() as conn:

@@ -23,36 +23,61 @@ log = logging.getLogger("hsl.reaper")
 class Publisher(Protocol):
     def publish(self, runs: list[tuple[int, str]]) -> list[int]: ...
 
-
-def sweep(sessions: sessionmaker[Session], publisher: Publisher, settings: Settings) -> dict:
-    """One pass; returns what it did (requeued, published)."""
-    with sessions.begin() as session:
-        requeued = state.expire_leases(session, max_attempts=settings.max_attempts)
-    with sessions.begin() as session:
-        stale = state.unpublished_runs(
-            session, older_than=utcnow() - timedelta(seconds=settings.republish_after)
-        )
-    published = publisher.publish(stale) if stale else []
-    if published:
-        with sessions.begin() as session:
-            state.mark_published(session, published)
-    if requeued or published:
-        log.info("reaper: %d leases expired, %d runs published", len(requeued), len(published))
-    return {"requeued": requeued, "published": published}
+    def epoch(self) -> str | None:
+        """The broker's identity, which changes when it restarts (None: unknown now)."""
+        ...
 
 
-def run_forever(
-    sessions: sessionmaker[Session],
-    publisher: Publisher,
-    settings: Settings,
-    stop: threading.Event | None = None,
-) -> None:
-    stop = stop or threading.Event()
-    while not stop.is_set():
-        try:
-            sweep(sessions, publisher, settings)
-        except DBAPIError as exc:
-            log.warning("reaper: database unavailable (%s); retrying", exc)
-        except Exception:  # keep the reaper alive whatever one sweep met
-            log.exception("reaper sweep failed")
-        stop.wait(settings.reaper_interval)
+class Reaper:
+    """Sweeps: expired leases back to the queue, then queued runs nobody claimed published.
+
+    A queued run already published is sent again only when the broker restarted since the
+    last sweep (its messages may be gone) or after ``republish_after`` as a backstop, so a
+    long backlog is not re-sent over and over. The first sweep of a new reaper cannot know
+    what happened before it started, and republishes everything queued (duplicates are
+    harmless: a claim is one conditional UPDATE).
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], publisher: Publisher, settings: Settings):
+        self.sessions, self.publisher, self.settings = sessions, publisher, settings
+        self.epoch: str | None = None
+
+    def _broker_restarted(self) -> bool:
+        epoch = self.publisher.epoch()
+        if epoch is None:  # unknown now (down, or no identity): decide when it answers
+            return False
+        restarted = epoch != self.epoch
+        if restarted and self.epoch is not None:
+            log.warning("reaper: the broker restarted; publishing every queued run again")
+        self.epoch = epoch
+        return restarted
+
+    def sweep(self) -> dict:
+        """One pass; returns what it did (requeued, published, broker_restarted)."""
+        settings = self.settings
+        with self.sessions.begin() as session:
+            requeued = state.expire_leases(session, max_attempts=settings.max_attempts)
+        restarted = self._broker_restarted()
+        horizon = 0.0 if restarted else settings.republish_after
+        with self.sessions.begin() as session:
+            stale = state.unpublished_runs(
+                session, older_than=utcnow() - timedelta(seconds=horizon)
+            )
+        published = self.publisher.publish(stale) if stale else []
+        if published:
+            with self.sessions.begin() as session:
+                state.mark_published(session, published)
+        if requeued or published:
+            log.info("reaper: %d leases expired, %d runs published", len(requeued), len(published))
+        return {"requeued": requeued, "published": published, "broker_restarted": restarted}
+
+    def run_forever(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            try:
+                self.sweep()
+            except DBAPIError as exc:
+                log.warning("reaper: database unavailable (%s); retrying", exc)
+            except Exception:  # keep the reaper alive whatever one sweep met
+                log.exception("reaper sweep failed")
+            stop.wait(self.settings.reaper_interval)

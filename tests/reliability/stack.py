@@ -47,7 +47,6 @@ class Stack:
             "HSL_BROKER_URL": broker_url,
             "HSL_LEASE_SECONDS": 3,
             "HSL_REAPER_INTERVAL": 1,
-            "HSL_REPUBLISH_AFTER": 5,
             "HSL_THREADS": 1,
             **settings,
         }

@@ -16,7 +16,7 @@ from service.db import Experiment, Point, Run, state, utcnow
 from tests.factories import TINY_SPEC, store_experiment
 from worker import execute
 from worker.execute import execute_run
-from worker.reaper import sweep
+from worker.reaper import Reaper
 
 N_VALUES = [n for n, _ in he.parse_spec(TINY_SPEC).sample_sizes()]
 
@@ -219,12 +219,18 @@ def test_shutdown_gives_the_run_back_without_spending_an_attempt(sessions, setti
 
 
 class _Recorder:
-    def __init__(self):
-        self.runs = []
+    """Stands in for the broker (outside the unit): records what it is asked to publish."""
+
+    def __init__(self, epoch: str | None = "redis-1"):
+        self.runs: list[tuple[int, str]] = []
+        self.broker_epoch = epoch
 
     def publish(self, runs):
         self.runs.extend(runs)
         return [r for r, _ in runs]
+
+    def epoch(self):
+        return self.broker_epoch
 
 
 def test_reaper_requeues_expired_leases_and_publishes_unclaimed_runs(sessions, settings):
@@ -232,7 +238,8 @@ def test_reaper_requeues_expired_leases_and_publishes_unclaimed_runs(sessions, s
     with sessions.begin() as s:
         state.claim_run(s, run_ids[0], owner="dead", lease_seconds=-1, max_attempts=3)
     pub = _Recorder()
-    out = sweep(sessions, pub, settings)
+    reaper = Reaper(sessions, pub, settings)
+    out = reaper.sweep()
     assert out["requeued"] == [run_ids[0]]
     # the expired run goes out at once; the never-published run of a just-submitted
     # experiment is left to the API for a grace period (no duplicate message)
@@ -243,12 +250,38 @@ def test_reaper_requeues_expired_leases_and_publishes_unclaimed_runs(sessions, s
             .where(Experiment.id == exp_id)
             .values(created_at=utcnow() - timedelta(seconds=60))
         )
-    pub = _Recorder()
-    assert sweep(sessions, pub, settings)["published"] == run_ids[1:]
-    # published just now: the next sweep leaves them alone until republish_after
-    pub2 = _Recorder()
-    assert sweep(sessions, pub2, settings)["published"] == [] and pub2.runs == []
+    pub.runs.clear()
+    assert reaper.sweep()["published"] == run_ids[1:]
+    # published just now, same broker: left alone until republish_after
+    pub.runs.clear()
+    assert reaper.sweep()["published"] == [] and pub.runs == []
     with sessions() as s:
         assert s.execute(
             select(func.count()).select_from(Run).where(Run.published_at.is_not(None))
         ).scalar_one() == len(run_ids)
+
+
+def test_reaper_republishes_everything_queued_after_a_broker_restart(sessions, settings):
+    exp_id, run_ids = store_experiment(sessions, TINY_SPEC)
+    with sessions.begin() as s:
+        s.execute(
+            update(Experiment)
+            .where(Experiment.id == exp_id)
+            .values(created_at=utcnow() - timedelta(seconds=60))
+        )
+        state.mark_published(s, run_ids)  # published by the API: in the broker's queue
+    pub = _Recorder(epoch="redis-1")
+    reaper = Reaper(sessions, pub, settings)
+    # a new reaper cannot know what happened before it: it republishes once
+    assert reaper.sweep() == {"requeued": [], "published": run_ids, "broker_restarted": True}
+    assert reaper.sweep()["published"] == []  # a backlog is not re-sent
+    pub.broker_epoch = None  # broker down: nothing can be decided
+    assert reaper.sweep()["published"] == []
+    pub.broker_epoch = "redis-2"  # back, restarted (possibly empty): everything again
+    assert reaper.sweep() == {"requeued": [], "published": run_ids, "broker_restarted": True}
+    assert reaper.sweep()["published"] == []
+    # a run claimed meanwhile is not published again
+    with sessions.begin() as s:
+        state.claim_run(s, run_ids[0], owner="w", lease_seconds=30, max_attempts=3)
+    pub.broker_epoch = "redis-3"
+    assert reaper.sweep()["published"] == run_ids[1:]
