@@ -46,15 +46,18 @@ def _uvicorn(app, settings: Settings) -> int:
     return 0
 
 
-def serve(host: str | None, port: int | None) -> int:
-    _logging()
-    settings = Settings()
-    update = {"broker_url": None}
+def _listen(settings: Settings, host: str | None, port: int | None, **update) -> Settings:
+    """The settings with the command line's --host/--port (when given) on top."""
     if host is not None:
         update["host"] = host
     if port is not None:
         update["port"] = port
-    settings = settings.model_copy(update=update)
+    return settings.model_copy(update=update)
+
+
+def serve(host: str | None, port: int | None) -> int:
+    _logging()
+    settings = _listen(Settings(), host, port, broker_url=None)
     if settings.keys_required:
         logging.getLogger("hsl").info("API keys are required (host %s)", settings.host)
     print(
@@ -70,12 +73,7 @@ def api(host: str | None, port: int | None) -> int:
     settings = Settings()
     if settings.broker_url is None:
         raise SystemExit("hsl api: set HSL_BROKER_URL (or use 'hsl serve' for the embedded mode)")
-    update = {}
-    if host is not None:
-        update["host"] = host
-    if port is not None:
-        update["port"] = port
-    settings = settings.model_copy(update=update)
+    settings = _listen(settings, host, port)
     return _uvicorn(distributed_app(settings), settings)
 
 

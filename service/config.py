@@ -6,7 +6,6 @@ FastAPI-free, so the worker, the reaper and the command line share it.
 from __future__ import annotations
 
 import ipaddress
-from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -106,12 +105,6 @@ class Settings(BaseSettings):
         if self.visibility_timeout_seconds is not None:
             return self.visibility_timeout_seconds
         return self.run_time_limit + 600.0
-
-    def sqlite_path(self) -> Path | None:
-        if not self.database_url.startswith("sqlite"):
-            return None
-        path = self.database_url.split("///", 1)[1] if "///" in self.database_url else ""
-        return None if path in ("", ":memory:") else Path(path)
 
 
 def _is_loopback(host: str) -> bool:

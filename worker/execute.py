@@ -32,6 +32,7 @@ LEASE_LOST = "lease_lost"
 FAILED = "failed"
 RETRY = "retry"
 SHUTDOWN = "shutdown"
+TIMEOUT = "timeout"
 
 
 def make_owner() -> str:
@@ -135,7 +136,7 @@ def execute_run(
             stop_reason.append(LEASE_LOST)
             return True
         if time.monotonic() - started > settings.run_time_limit:
-            stop_reason.append("timeout")
+            stop_reason.append(TIMEOUT)
             return True
         try:
             with sessions() as s:
@@ -163,7 +164,7 @@ def execute_run(
         heartbeat.stop_event.set()
         heartbeat.join()
 
-    if outcome == "timeout":
+    if outcome == TIMEOUT:
         outcome, error = (
             FAILED,
             _error("timeout", f"the run exceeded its time limit ({settings.run_time_limit:g} s)"),

@@ -285,7 +285,7 @@ def mark_published(session: Session, run_ids: list[int]) -> None:
         )
 
 
-def next_claimable(session: Session, *, queues: tuple[str, ...] | None = None) -> list[int]:
+def next_claimable(session: Session) -> list[int]:
     """Ids of runs a poller could claim now (queued, or running with an expired lease)."""
     now = utcnow()
     q = (
@@ -298,6 +298,4 @@ def next_claimable(session: Session, *, queues: tuple[str, ...] | None = None) -
         .order_by(Run.id)
         .limit(50)
     )
-    if queues:
-        q = q.where(Run.queue.in_(queues))
     return list(session.execute(q).scalars())

@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
@@ -42,13 +43,19 @@ def find_by_idempotency_key(session: Session, tenant_id: int, key: str) -> Exper
 
 
 def create(
-    session: Session, tenant_id: int, spec: he.ExperimentSpec, *, idempotency_key: str | None
+    session: Session,
+    tenant_id: int,
+    spec: he.ExperimentSpec,
+    *,
+    idempotency_key: str | None,
+    admit: Callable[[], None] | None = None,
 ) -> tuple[Experiment, bool]:
     """Store an experiment and its runs; or return the tenant's existing one.
 
     Returns ``(experiment, created)``. The same ``Idempotency-Key`` returns the experiment
     it created (a different spec under the same key is a conflict); the same spec while the
-    earlier one is live (not failed or cancelled) returns that one.
+    earlier one is live (not failed or cancelled) returns that one. ``admit`` runs only
+    when a new experiment is about to be stored (it may refuse it by raising).
     """
     if idempotency_key is not None:
         earlier = find_by_idempotency_key(session, tenant_id, idempotency_key)
@@ -62,6 +69,8 @@ def create(
     live = find_live(session, tenant_id, spec.spec_hash)
     if live is not None:
         return live, False
+    if admit is not None:
+        admit()
     exp = Experiment(
         id=uuid.uuid4().hex,
         tenant_id=tenant_id,

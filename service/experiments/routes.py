@@ -176,14 +176,15 @@ async def submit(
     check_limits(spec, settings)
 
     def store() -> tuple[dict[str, Any], bool, list[tuple[int, str]]]:
-        # only a submission that would store a new experiment counts against the quota, not
-        # a resubmission of a live spec nor the retry of an Idempotency-Key already answered
-        if repo.find_live(session, tenant_id, spec.spec_hash) is None and (
-            idempotency_key is None
-            or repo.find_by_idempotency_key(session, tenant_id, idempotency_key) is None
-        ):
-            limits.check_quota(session, tenant_id, settings.max_active_experiments)
-        exp, created = repo.create(session, tenant_id, spec, idempotency_key=idempotency_key)
+        exp, created = repo.create(
+            session,
+            tenant_id,
+            spec,
+            idempotency_key=idempotency_key,
+            # only a new experiment counts against the quota, not a resubmission of a live
+            # spec nor the retry of an Idempotency-Key already answered
+            admit=lambda: limits.check_quota(session, tenant_id, settings.max_active_experiments),
+        )
         session.commit()
         runs = [(r.id, r.queue) for r in exp.runs] if created else []
         return status_document(session, exp), created, runs

@@ -41,7 +41,6 @@ class Scenario:
         self.figures: dict[str, Any] = {}
         self.databases: list[tuple[str, int]] = []  # (url, max_attempts)
         self.services: list[str] = []
-        self.invariants: dict[str, Any] = {}
 
     def __call__(self, scenario_id: str) -> Scenario:
         self.id = scenario_id
@@ -129,9 +128,7 @@ def scenario(request):
         except httpx.TransportError as exc:
             problems.append(f"{url} does not answer /healthz: {exc}")
     for url, max_attempts in sc.databases:
-        result = check_invariants(url, max_attempts)
-        sc.invariants = result
-        problems += result["problems"]
+        problems += check_invariants(url, max_attempts)["problems"]
     rep = getattr(request.node, "rep_call", None)
     passed = bool(rep is not None and rep.passed and not problems)
     if sc.id is not None:
