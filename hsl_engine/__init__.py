@@ -29,8 +29,9 @@ from ._summary import (
 )
 from ._theory import Theory, exponent_theory, nu1, theory
 
-__version__ = "0.1.0"
-ENGINE_VERSION = __version__
+from ._version import ENGINE_VERSION
+
+__version__ = ENGINE_VERSION
 
 __all__ = [
     "ENGINE_VERSION",

@@ -59,6 +59,16 @@ class Backend:
     xp: Any
     threads: int
 
+    @property
+    def device(self) -> str:
+        """The device that computes, as recorded with every point (``"cpu"``)."""
+        return self.name
+
+    @property
+    def array_backend(self) -> str:
+        """The array library of the hot loop, as recorded with every point (``"numpy"``)."""
+        return "numpy"
+
     def map_reduce(self, func: Callable[[int, int], Any], n: int, chunk: int) -> list[Any]:
         """Apply ``func(start, stop)`` to consecutive chunks of ``range(n)``.
 

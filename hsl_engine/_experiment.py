@@ -21,6 +21,7 @@ from ._spectral import (
     overlaps,
 )
 from ._summary import Point, Summary, summarize, summary_rng
+from ._version import ENGINE_VERSION
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,12 @@ def iter_run(
             recovered=None if cos2 is None else int(sum(c > 0.5 for c in cos2)),
             n_train_used=int(m.n_train_used),
             seconds=float(seconds),
-            extra=dict(m.extra or {}),
+            extra={
+                **(m.extra or {}),
+                "engine_version": ENGINE_VERSION,
+                "device": backend.device,
+                "backend": backend.array_backend,
+            },
         )
 
 
