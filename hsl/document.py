@@ -7,6 +7,7 @@ function serves ``hsl run`` and the service, so both produce identical documents
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from typing import Any
@@ -26,6 +27,10 @@ POINT_FIELDS = (
     "n_train_used",
     "seconds",
 )
+
+# what computed a point: the engine puts these in every point's extras, the service also
+# stores them as columns, and the results document shows them on every point
+PROVENANCE_FIELDS = ("engine_version", "device", "backend")
 
 
 def _clean(value: Any) -> Any:
@@ -64,8 +69,17 @@ def results_document(
     experiment_id: str | None = None,
     complete: bool = True,
 ) -> dict[str, Any]:
-    """The results document for whatever points exist (partial while running)."""
+    """The results document for whatever points exist (partial while running).
+
+    ``engine_version`` is the version that computed the points (the newest, with all of
+    them in ``engine_versions``, when they differ); each point names its own.
+    """
     pts = sorted(points, key=lambda p: (_method_rank(spec, p.method), p.seed, p.n))
+    versions = engine_versions(pts)
+    if versions:
+        engine_version: str | None = versions[-1]  # the newest, when they differ
+    else:  # no point yet: this engine will compute them; points that never said: unknown
+        engine_version = None if pts else he.ENGINE_VERSION
     summary = he.summarize(spec, pts, rng=he.summary_rng(spec))
     th = he.theory(spec.model)
     pl = summary.power_law
@@ -73,12 +87,13 @@ def results_document(
         "experiment_id": experiment_id,
         "spec": spec.model_dump(mode="json"),
         "spec_hash": spec.spec_hash,
-        "engine_version": he.ENGINE_VERSION,
+        "engine_version": engine_version,
+        **({"engine_versions": versions} if len(versions) > 1 else {}),
         "complete": complete,
         "d1": spec.model.hidden_dim,
         "feature_dim": spec.model.feature_dim,
         "weights": [float(w) for w in th.weights],
-        "points": [point_to_dict(p) for p in pts],
+        "points": [_document_point(p) for p in pts],
         "curves": {m: [asdict(c) for c in rows] for m, rows in summary.curves.items()},
         "thresholds": [asdict(t) for t in summary.thresholds],
         "power_law": None if pl is None else asdict(pl),
@@ -89,6 +104,29 @@ def results_document(
         },
     }
     return _clean(doc)
+
+
+def engine_versions(points: Iterable[he.Point]) -> list[str]:
+    """The engine versions that computed ``points``, oldest first.
+
+    Points stored before the engine recorded its version count for none.
+    """
+    found = {p.extra.get("engine_version") for p in points} - {None}
+    return sorted(found, key=_version_key)
+
+
+def _version_key(version: str) -> tuple[tuple[int, ...], str]:
+    # numeric release segments compare as numbers ("0.10.0" is newer than "0.9.0")
+    release = re.match(r"\d+(?:\.\d+)*", version)
+    return (tuple(int(x) for x in release.group().split(".")) if release else (), version)
+
+
+def _document_point(p: he.Point) -> dict[str, Any]:
+    """A point of the results document: every one names what computed it (null if unknown)."""
+    out = point_to_dict(p)
+    for name in PROVENANCE_FIELDS:
+        out.setdefault(name, None)
+    return out
 
 
 def _method_rank(spec: he.ExperimentSpec, name: str) -> int:

@@ -192,7 +192,10 @@ def execute_run(
 def _store_point(
     sessions: sessionmaker[Session], run_id: int, experiment_id: str, p: he.Point, attempt: int
 ) -> None:
-    """One point, one transaction; a point that is already there is left as it is."""
+    """One point, one transaction; a point that is already there is left as it is.
+
+    What computed it (engine version, device, backend) goes into its columns as well.
+    """
     delays = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
     for i in range(len(delays) + 1):
         try:
@@ -206,6 +209,9 @@ def _store_point(
                         n=p.n,
                         seconds=p.seconds,
                         data=point_to_dict(p),
+                        engine_version=_text(p.extra.get("engine_version")),
+                        device=_text(p.extra.get("device")),
+                        backend=_text(p.extra.get("backend")),
                         attempt=attempt,
                         created_at=utcnow(),
                     )
@@ -218,3 +224,7 @@ def _store_point(
             if i == len(delays):
                 raise
             time.sleep(delays[i])
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)

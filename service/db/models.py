@@ -85,9 +85,10 @@ class ApiKey(Base):
 class Experiment(Base):
     __tablename__ = "experiments"
     __table_args__ = (
-        # the same spec from the same tenant is one experiment while it is live;
-        # dedupe_key is cleared when it fails or is cancelled, so it can be submitted again
-        UniqueConstraint("tenant_id", "dedupe_key"),
+        # the same spec from the same tenant under the same engine version is one experiment
+        # while it is live; dedupe_key is cleared when it fails or is cancelled, so it can be
+        # submitted again, and a new engine version computes it afresh
+        UniqueConstraint("tenant_id", "dedupe_key", "engine_version"),
         UniqueConstraint("tenant_id", "idempotency_key"),
         Index("ix_experiments_tenant_created", "tenant_id", "created_at", "id"),
     )
@@ -98,6 +99,8 @@ class Experiment(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     spec_hash: Mapped[str] = mapped_column(String(80))
     dedupe_key: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    # the engine version of the API process that accepted the spec
+    engine_version: Mapped[str] = mapped_column(String(40))
     idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="queued")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -141,7 +144,11 @@ class Run(Base):
 
 
 class Point(Base):
-    """One measured n of a run, stored in its own transaction; unique on (run, n)."""
+    """One measured n of a run, stored in its own transaction; unique on (run, n).
+
+    ``engine_version``, ``device`` and ``backend`` record what computed it (also in ``data``);
+    they are null for points stored before the engine recorded them.
+    """
 
     __tablename__ = "points"
     __table_args__ = (UniqueConstraint("run_id", "n"),)
@@ -156,5 +163,8 @@ class Point(Base):
     n: Mapped[int] = mapped_column(Integer)
     seconds: Mapped[float] = mapped_column(Float)
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    engine_version: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    device: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    backend: Mapped[str | None] = mapped_column(String(40), nullable=True)
     attempt: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())

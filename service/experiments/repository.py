@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 import hsl_engine as he
-from hsl.document import point_from_dict
+from hsl.document import PROVENANCE_FIELDS, point_from_dict
 
 from ..db import Experiment, Point, Run, state, utcnow
 from ..errors import BadRequest, Conflict, NotFound
@@ -26,10 +26,16 @@ def queue_for(spec: he.ExperimentSpec) -> str:
     return "gpu" if spec.device == "cuda" else "cpu"
 
 
-def find_live(session: Session, tenant_id: int, spec_hash: str) -> Experiment | None:
+def find_live(
+    session: Session, tenant_id: int, spec_hash: str, engine_version: str
+) -> Experiment | None:
+    """The tenant's live experiment of this spec under this engine version: another
+    version may compute other numbers, so it does not answer for this one."""
     return session.execute(
         select(Experiment).where(
-            Experiment.tenant_id == tenant_id, Experiment.dedupe_key == spec_hash
+            Experiment.tenant_id == tenant_id,
+            Experiment.dedupe_key == spec_hash,
+            Experiment.engine_version == engine_version,
         )
     ).scalar_one_or_none()
 
@@ -53,10 +59,12 @@ def create(
     """Store an experiment and its runs; or return the tenant's existing one.
 
     Returns ``(experiment, created)``. The same ``Idempotency-Key`` returns the experiment
-    it created (a different spec under the same key is a conflict); the same spec while the
-    earlier one is live (not failed or cancelled) returns that one. ``admit`` runs only
-    when a new experiment is about to be stored (it may refuse it by raising).
+    it created (a different spec under the same key is a conflict), whatever engine
+    computed it; the same spec while the earlier one is live (not failed or cancelled) and
+    was accepted under this engine version returns that one. ``admit`` runs only when a new
+    experiment is about to be stored (it may refuse it by raising).
     """
+    engine_version = he.ENGINE_VERSION
     if idempotency_key is not None:
         earlier = find_by_idempotency_key(session, tenant_id, idempotency_key)
         if earlier is not None:
@@ -66,7 +74,7 @@ def create(
                     errors=[{"field": "Idempotency-Key", "message": "reused with another spec"}],
                 )
             return earlier, False
-    live = find_live(session, tenant_id, spec.spec_hash)
+    live = find_live(session, tenant_id, spec.spec_hash, engine_version)
     if live is not None:
         return live, False
     if admit is not None:
@@ -78,6 +86,7 @@ def create(
         spec=spec.model_dump(mode="json"),
         spec_hash=spec.spec_hash,
         dedupe_key=spec.spec_hash,
+        engine_version=engine_version,
         idempotency_key=idempotency_key,
         status="queued",
         cancel_requested=False,
@@ -98,7 +107,7 @@ def create(
             earlier = find_by_idempotency_key(session, tenant_id, idempotency_key)
             if earlier is not None and earlier.spec_hash == spec.spec_hash:
                 return earlier, False
-        live = find_live(session, tenant_id, spec.spec_hash)
+        live = find_live(session, tenant_id, spec.spec_hash, engine_version)
         if live is not None:
             return live, False
         raise
@@ -206,10 +215,19 @@ def progress(session: Session, exp: Experiment) -> dict[str, Any]:
 
 
 def points(session: Session, experiment_id: str) -> list[he.Point]:
+    """The stored points: provenance from its own columns, everything else from the JSON."""
     rows = session.execute(
-        select(Point.data).where(Point.experiment_id == experiment_id).order_by(Point.id)
-    ).scalars()
-    return [point_from_dict(d) for d in rows]
+        select(Point.data, *(getattr(Point, name) for name in PROVENANCE_FIELDS))
+        .where(Point.experiment_id == experiment_id)
+        .order_by(Point.id)
+    ).all()
+    out = []
+    for data, *provenance in rows:
+        merged = dict(data)
+        for name, value in zip(PROVENANCE_FIELDS, provenance, strict=True):
+            merged[name] = value if value is not None else data.get(name)
+        out.append(point_from_dict(merged))
+    return out
 
 
 def points_count(session: Session, experiment_id: str) -> int:

@@ -44,6 +44,7 @@ def status_document(session, exp: Experiment) -> dict[str, Any]:
         "name": exp.name,
         "status": exp.status,
         "spec_hash": exp.spec_hash,
+        "engine_version": exp.engine_version,
         "created_at": exp.created_at,
         "started_at": exp.started_at,
         "finished_at": exp.finished_at,
@@ -270,7 +271,11 @@ def results_for(session, exp: Experiment) -> dict[str, Any]:
 
 @router.get("/{experiment_id}/results", responses=ERRORS)
 def get_results(experiment_id: str, session: SessionDep, tenant_id: TenantDep) -> JSONResponse:
-    """The results document, computed from the points stored so far (partial while running)."""
+    """The results document, computed from the points stored so far (partial while running).
+
+    ``engine_version`` is the engine that computed the points (``engine_versions`` lists them
+    when they differ); every point carries its ``engine_version``, ``device`` and ``backend``.
+    """
     exp = repo.get(session, tenant_id, experiment_id)
     return JSONResponse(results_for(session, exp))
 

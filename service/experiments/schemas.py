@@ -44,6 +44,10 @@ class StatusDocument(BaseModel):
     name: str
     status: Status
     spec_hash: str
+    engine_version: str = Field(
+        description="the engine version of the service that accepted the spec: the same spec "
+        "is deduplicated only under the same engine version"
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

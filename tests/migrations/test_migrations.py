@@ -68,16 +68,17 @@ def new_tenant(session: Session, name: str = "acme") -> Tenant:
 
 
 def new_experiment(session: Session, tenant: Tenant, **kw) -> Experiment:
-    exp = Experiment(
-        id=uuid.uuid4().hex,
-        tenant_id=tenant.id,
-        name="fig3",
-        spec={"methods": ["exact"], "seeds": [0]},
-        spec_hash="sha256:" + "0" * 64,
-        points_total=2,
-        created_at=T0,
-        **kw,
-    )
+    fields = {
+        "id": uuid.uuid4().hex,
+        "tenant_id": tenant.id,
+        "name": "fig3",
+        "spec": {"methods": ["exact"], "seeds": [0]},
+        "spec_hash": "sha256:" + "0" * 64,
+        "engine_version": "0.2.0",
+        "points_total": 2,
+        "created_at": T0,
+    }
+    exp = Experiment(**{**fields, **kw})
     session.add(exp)
     session.flush()
     return exp
@@ -99,6 +100,9 @@ def new_point(session: Session, run: Run, n: int) -> Point:
         n=n,
         seconds=0.25,
         data={"loss": 0.5, "n": n},
+        engine_version="0.2.0",
+        device="cpu",
+        backend="numpy",
         attempt=1,
         created_at=T0 + timedelta(seconds=n),
     )
@@ -170,6 +174,12 @@ def test_up_down_up_then_rows_round_trip_with_aware_datetimes(db_url, migrated):
         points = s.scalars(sa.select(Point).where(Point.run_id == run.id).order_by(Point.n)).all()
         assert [p.n for p in points] == [1, 2]
         assert points[0].data == {"loss": 0.5, "n": 1}
+        assert (points[0].engine_version, points[0].device, points[0].backend) == (
+            "0.2.0",
+            "cpu",
+            "numpy",
+        )
+        assert exp.engine_version == "0.2.0"
         tenant = s.get(Tenant, exp.tenant_id)
         for value, expected in [
             (tenant.created_at, T0),
@@ -306,3 +316,140 @@ def test_deleting_a_tenant_cascades_to_everything_it_owns(migrated):
         conn.execute(sa.delete(Tenant))
     for model in (ApiKey, Experiment, Run, Point):
         assert count(migrated, model) == 0, model.__tablename__
+
+
+def test_the_same_dedupe_key_may_repeat_under_another_engine_version(migrated):
+    with Session(migrated) as s, s.begin():
+        acme = new_tenant(s)
+        new_experiment(s, acme, dedupe_key="k", engine_version="0.1.0")
+        new_experiment(s, acme, dedupe_key="k", engine_version="0.2.0")
+        acme_id = acme.id
+
+    with Session(migrated) as s, pytest.raises(IntegrityError):
+        new_experiment(s, s.get(Tenant, acme_id), dedupe_key="k", engine_version="0.2.0")
+    assert count(migrated, Experiment) == 2
+
+
+# 6. revision 0002: provenance ----------------------------------------------------------
+
+
+def insert_at_0001(engine: sa.Engine) -> dict[str, str]:
+    """Rows written by the 0001 schema (reflected, not the models): two experiments, one
+    with a point whose JSON carries provenance and one whose JSON does not."""
+    meta = sa.MetaData()
+    meta.reflect(engine)
+    t = meta.tables
+    naive = T0.astimezone(UTC).replace(tzinfo=None)
+    ids = {"recorded": uuid.uuid4().hex, "unrecorded": uuid.uuid4().hex}
+    with engine.begin() as conn:
+        conn.execute(t["tenants"].insert().values(id=1, name="acme", created_at=naive))
+        for i, (what, exp_id) in enumerate(ids.items()):
+            conn.execute(
+                t["experiments"]
+                .insert()
+                .values(
+                    id=exp_id,
+                    tenant_id=1,
+                    name=what,
+                    spec={},
+                    spec_hash=f"sha256:{what}",
+                    dedupe_key=f"sha256:{what}",
+                    status="running",
+                    cancel_requested=False,
+                    points_total=1,
+                    created_at=naive,
+                )
+            )
+            conn.execute(
+                t["runs"]
+                .insert()
+                .values(
+                    id=i + 1,
+                    experiment_id=exp_id,
+                    method="exact",
+                    seed=0,
+                    queue="cpu",
+                    status="running",
+                    attempts=1,
+                )
+            )
+            data = {"n": 4, "mse": 0.5}
+            if what == "recorded":
+                data.update(engine_version="0.2.0", device="cuda:1", backend="torch")
+            conn.execute(
+                t["points"]
+                .insert()
+                .values(
+                    run_id=i + 1,
+                    experiment_id=exp_id,
+                    method="exact",
+                    seed=0,
+                    n=4,
+                    seconds=0.1,
+                    data=data,
+                    attempt=1,
+                    created_at=naive,
+                )
+            )
+    return ids
+
+
+def provenance(engine: sa.Engine, experiment_id: str) -> tuple[str | None, ...]:
+    with Session(engine) as s:
+        p = s.scalars(sa.select(Point).where(Point.experiment_id == experiment_id)).one()
+        return p.engine_version, p.device, p.backend
+
+
+def test_0002_fills_provenance_from_the_point_json_and_marks_old_experiments(db_url, engine):
+    migrate.upgrade(db_url, "0001")
+    ids = insert_at_0001(engine)
+
+    migrate.upgrade(db_url)
+
+    assert migrate.is_current(engine)
+    assert provenance(engine, ids["recorded"]) == ("0.2.0", "cuda:1", "torch")
+    assert provenance(engine, ids["unrecorded"]) == (None, None, None)
+    with Session(engine) as s:
+        versions = s.execute(sa.select(Experiment.name, Experiment.engine_version)).all()
+        assert dict(versions) == {"recorded": "0.1.0", "unrecorded": "0.1.0"}
+        point = s.scalars(sa.select(Point).where(Point.experiment_id == ids["unrecorded"])).one()
+        assert point.data == {"n": 4, "mse": 0.5}  # the JSON is left as it was
+        # the dedupe key now includes the engine version: the same spec under 0.2.0 is new
+        tenant = s.get(Tenant, 1)
+        new_experiment(s, tenant, dedupe_key="sha256:recorded", engine_version="0.2.0")
+        s.commit()
+        with pytest.raises(IntegrityError):
+            new_experiment(s, tenant, dedupe_key="sha256:recorded", engine_version="0.1.0")
+
+
+def test_0002_downgrade_keeps_the_newest_live_experiment_of_a_spec(db_url, migrated):
+    with Session(migrated) as s, s.begin():
+        acme, other = new_tenant(s, "acme"), new_tenant(s, "other")
+        old = new_experiment(s, acme, dedupe_key="k", engine_version="0.1.0")
+        new = new_experiment(
+            s, acme, dedupe_key="k", engine_version="0.2.0", created_at=T0 + timedelta(hours=1)
+        )
+        theirs = new_experiment(s, other, dedupe_key="k", engine_version="0.1.0")
+        new_point(s, new_run(s, new), 1)
+        ids = {"old": old.id, "new": new.id, "theirs": theirs.id}
+
+    migrate.downgrade(db_url, "0001")
+
+    columns = {
+        table: {c["name"] for c in sa.inspect(migrated).get_columns(table)}
+        for table in ("experiments", "points")
+    }
+    assert "engine_version" not in columns["experiments"]
+    assert not {"engine_version", "device", "backend"} & columns["points"]
+    keys = sa.table("experiments", sa.column("id"), sa.column("dedupe_key"))
+    with migrated.connect() as conn:
+        stored = dict(conn.execute(sa.select(keys.c.id, keys.c.dedupe_key)).all())
+    # one live experiment per (tenant, spec) again: the older one gives up its key
+    assert stored == {ids["old"]: None, ids["new"]: "k", ids["theirs"]: "k"}
+
+    migrate.upgrade(db_url)
+    assert migrate.is_current(migrated)
+    with Session(migrated) as s:
+        assert set(s.scalars(sa.select(Experiment.engine_version))) == {"0.1.0"}
+        # the point's provenance is gone with the columns (its JSON had none)
+        assert provenance(migrated, ids["new"]) == (None, None, None)

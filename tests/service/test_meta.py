@@ -100,6 +100,11 @@ def test_openapi_lists_the_contract_and_the_spec_schema(client):
     assert body["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/ExperimentSpec"
     }
+    status = components["StatusDocument"]
+    assert "engine_version" in status["required"]
+    assert status["properties"]["engine_version"]["type"] == "string"
+    results = schema["paths"]["/v1/experiments/{experiment_id}/results"]["get"]
+    assert "engine_versions" in results["description"]
     assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert schema["paths"]["/v1/experiments"]["get"]["security"] == [{"bearer": []}]
     assert "security" not in schema["paths"]["/healthz"]["get"]

@@ -1,15 +1,19 @@
 """Results, CSV and plots: empty before any point, partial while runs are missing, and,
-once the worker has executed every run, the same numbers as a local run of the engine."""
+once the worker has executed every run, the same numbers as a local run of the engine;
+each point names the engine version, device and backend that computed it."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 
 import pytest
+from sqlalchemy import select, update
 
 import hsl_engine as he
 from hsl.document import results_document
+from service.db import Point
 
 from .api import assert_problem, execute, execute_all, runs_of, tiny_spec
 from .conftest import both_databases
@@ -76,6 +80,10 @@ def test_executed_experiment_has_the_numbers_of_a_local_run(client, local_points
     for key, local in local_points.items():
         for field in EXACT:
             assert stored[key][field] == local[field], (key, field)
+        for field in ("engine_version", "device", "backend"):
+            assert stored[key][field] == local[field], (key, field)
+    assert {p["engine_version"] for p in doc["points"]} == {he.ENGINE_VERSION}
+    assert doc["engine_version"] == he.ENGINE_VERSION and "engine_versions" not in doc
     assert set(doc["curves"]) == {"layerwise_spectral", "kernel_rbf"}
 
     # finished work stays finished: cancel is a no-op, the spec is deduplicated
@@ -172,3 +180,82 @@ def test_partial_results_hold_the_points_of_the_executed_run(client, local_point
     doc = client.get(f"/v1/experiments/{exp}/results").json()
     assert doc["complete"] is True
     assert len(doc["points"]) == 8
+
+
+def set_run_points(app, run_id: int, **values) -> None:
+    with app.state.sessions.begin() as s:
+        s.execute(update(Point).where(Point.run_id == run_id).values(**values))
+
+
+@both_databases
+def test_points_of_two_engine_versions_are_listed_and_the_newest_named(client):
+    exp = submit(client)
+    first, *_ = runs_of(client.app, exp)
+    execute_all(client.app, exp)
+    # the first run was computed by an older engine (its column says so; the JSON does not)
+    set_run_points(client.app, first.id, engine_version="0.1.0")
+
+    doc = client.get(f"/v1/experiments/{exp}/results").json()
+
+    assert doc["engine_versions"] == ["0.1.0", he.ENGINE_VERSION]
+    assert doc["engine_version"] == he.ENGINE_VERSION
+    for p in doc["points"]:
+        older = (p["method"], p["seed"]) == (first.method, first.seed)
+        assert p["engine_version"] == ("0.1.0" if older else he.ENGINE_VERSION), p
+
+
+def test_provenance_is_read_from_the_columns_when_the_json_lacks_it(client):
+    exp = submit(client)
+    execute_all(client.app, exp)
+    with client.app.state.sessions.begin() as s:
+        for point in s.scalars(select(Point).where(Point.experiment_id == exp)):
+            data = {k: v for k, v in point.data.items() if k not in ("device", "backend")}
+            point.data = {**data, "engine_version": "0.0.1"}  # the column wins
+            point.device, point.backend = "cuda:3", "torch"
+
+    doc = client.get(f"/v1/experiments/{exp}/results").json()
+
+    assert len(doc["points"]) == 8
+    assert {(p["engine_version"], p["device"], p["backend"]) for p in doc["points"]} == {
+        (he.ENGINE_VERSION, "cuda:3", "torch")
+    }
+
+
+def test_points_that_recorded_no_provenance_say_so(client):
+    exp = submit(client)
+    execute_all(client.app, exp)
+    # as stored before the engine recorded what computed a point (migration 0002 leaves null)
+    with client.app.state.sessions.begin() as s:
+        for point in s.scalars(select(Point).where(Point.experiment_id == exp)):
+            keep = {k: v for k, v in point.data.items() if k not in ("engine_version", "device")}
+            point.data = {**keep, "backend": None}
+            point.engine_version = point.device = point.backend = None
+
+    doc = client.get(f"/v1/experiments/{exp}/results").json()
+
+    assert len(doc["points"]) == 8
+    for p in doc["points"]:
+        assert (p["engine_version"], p["device"], p["backend"]) == (None, None, None)
+    # no point knows its engine: the document does not claim this one computed them
+    assert doc["engine_version"] is None and "engine_versions" not in doc
+
+
+def test_engine_versions_are_ordered_by_release_number_not_as_text():
+    spec = he.parse_spec(SPEC)
+    method, seed = he.runs(spec)[0]
+    points = list(he.iter_run(spec, method, seed))
+    assert len(points) == 2
+    versions = ["0.10.0", "0.9.1"]
+    aged = [
+        dataclasses.replace(p, extra={**p.extra, "engine_version": v})
+        for p, v in zip(points, versions, strict=True)
+    ]
+
+    doc = results_document(spec, aged)
+
+    assert doc["engine_versions"] == ["0.9.1", "0.10.0"]
+    assert doc["engine_version"] == "0.10.0"
+    assert [p["engine_version"] for p in doc["points"]] == versions  # sorted by n
+    assert results_document(spec, aged[:1])["engine_version"] == "0.10.0"
+    assert "engine_versions" not in results_document(spec, aged[:1])
+    assert results_document(spec, [])["engine_version"] == he.ENGINE_VERSION

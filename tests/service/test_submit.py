@@ -1,13 +1,17 @@
 """POST /v1/experiments: the status document, publication after the commit, dedupe of the
-same spec per tenant, Idempotency-Key."""
+same spec per tenant and engine version, Idempotency-Key."""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import hsl_engine as he
+from fastapi import FastAPI
+from sqlalchemy import update
 
-from .api import assert_problem, runs_of, tiny_spec
+import hsl_engine as he
+from service.db import Experiment, Point
+
+from .api import assert_problem, execute_all, runs_of, tiny_spec
 from .conftest import both_databases
 
 STATUS_FIELDS = {
@@ -15,6 +19,7 @@ STATUS_FIELDS = {
     "name",
     "status",
     "spec_hash",
+    "engine_version",
     "created_at",
     "started_at",
     "finished_at",
@@ -38,6 +43,7 @@ def test_submit_returns_201_with_location_and_a_queued_status_document(client, p
     assert doc["status"] == "queued"
     assert doc["spec_hash"] == he.parse_spec(spec).spec_hash
     assert doc["spec_hash"].startswith("sha256:")
+    assert doc["engine_version"] == he.ENGINE_VERSION
     assert doc["created_at"] and doc["started_at"] is None and doc["finished_at"] is None
     assert doc["error"] is None
     # 2 methods x 2 seeds = 4 runs, 2 sample sizes each
@@ -91,6 +97,61 @@ def test_same_spec_from_another_tenant_is_a_new_experiment(client, bob):
     assert mine.status_code == theirs.status_code == 201
     assert theirs.json()["id"] != mine.json()["id"]
     assert theirs.json()["spec_hash"] == mine.json()["spec_hash"]
+
+
+def age(app: FastAPI, experiment_id: str, version: str = "0.1.0") -> None:
+    """Make an experiment look accepted, and its points computed, by engine ``version``."""
+    with app.state.sessions.begin() as s:
+        s.execute(
+            update(Experiment).where(Experiment.id == experiment_id).values(engine_version=version)
+        )
+        s.execute(
+            update(Point).where(Point.experiment_id == experiment_id).values(engine_version=version)
+        )
+
+
+@both_databases
+def test_same_spec_after_an_engine_version_change_is_a_new_experiment(client, publisher):
+    first = client.post("/v1/experiments", json=tiny_spec()).json()
+    assert execute_all(client.app, first["id"]) == ["succeeded"] * 2
+    age(client.app, first["id"])  # an earlier engine accepted and computed it
+    published = len(publisher.published)
+
+    again = client.post("/v1/experiments", json=tiny_spec())
+
+    assert again.status_code == 201, again.text
+    doc = again.json()
+    assert doc["id"] != first["id"]
+    assert doc["engine_version"] == he.ENGINE_VERSION
+    assert doc["status"] == "queued" and doc["progress"]["points_done"] == 0
+    assert len(publisher.published) == published + 2  # computed afresh
+    # under this engine version the new one is the spec's experiment now
+    third = client.post("/v1/experiments", json=tiny_spec())
+    assert third.status_code == 200 and third.json()["id"] == doc["id"]
+    # the earlier one stays as it was, with what computed it
+    old = client.get(f"/v1/experiments/{first['id']}").json()
+    assert old["status"] == "succeeded" and old["engine_version"] == "0.1.0"
+    assert client.get(f"/v1/experiments/{first['id']}/results").json()["engine_version"] == (
+        "0.1.0"
+    )
+
+    assert execute_all(client.app, doc["id"]) == ["succeeded"] * 2
+    results = client.get(f"/v1/experiments/{doc['id']}/results").json()
+    assert results["engine_version"] == he.ENGINE_VERSION and "engine_versions" not in results
+    assert {p["engine_version"] for p in results["points"]} == {he.ENGINE_VERSION}
+
+
+def test_idempotency_key_replay_after_an_engine_version_change_names_the_original(client):
+    headers = {"Idempotency-Key": "k2"}
+    first = client.post("/v1/experiments", json=tiny_spec(), headers=headers).json()
+    age(client.app, first["id"])
+
+    replay = client.post("/v1/experiments", json=tiny_spec(), headers=headers)
+
+    # a retry of the request that created it, not a new submission
+    assert replay.status_code == 200
+    assert replay.json()["id"] == first["id"]
+    assert replay.json()["engine_version"] == "0.1.0"
 
 
 @both_databases

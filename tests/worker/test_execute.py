@@ -65,6 +65,21 @@ def test_points_equal_the_engine_run(sessions, settings):
             assert got[key] == want[key], key
 
 
+def test_points_record_what_computed_them_in_columns_and_json(sessions, settings):
+    spec = he.parse_spec(TINY_SPEC)
+    _, run_ids = store_experiment(sessions, spec)
+    backend = he.get_backend(spec.device, threads=settings.threads)
+
+    assert execute_run(run_ids[0], sessions=sessions, settings=settings) == execute.DONE
+
+    points = _points(sessions, run_ids[0])
+    assert len(points) == len(N_VALUES)
+    expected = (he.ENGINE_VERSION, backend.device, backend.array_backend)
+    for p in points:
+        assert (p.engine_version, p.device, p.backend) == expected
+        assert (p.data["engine_version"], p.data["device"], p.data["backend"]) == expected
+
+
 def test_resumes_after_a_lost_worker_without_recomputing_stored_points(sessions, settings):
     spec = he.parse_spec(TINY_SPEC)
     exp_id, run_ids = store_experiment(sessions, spec)
