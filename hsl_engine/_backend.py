@@ -5,15 +5,16 @@ The numerical core is written against the array API (``array_api_compat``), so a
 shipped today; asking for ``cuda`` fails with a clear `DeviceError`.
 
 On the CPU the hot loop is a sum over chunks of samples. BLAS alone parallelises each GEMM, but
-the elementwise work between GEMMs is single-threaded in NumPy; running chunks in threads
-(NumPy releases the GIL) with single-threaded BLAS keeps every core busy (measured on 2 cores:
-80 % of the GEMM peak against 60 % with threaded BLAS only).
+the elementwise work between GEMMs (and the regeneration of streamed samples) is
+single-threaded in NumPy; running chunks in threads (NumPy releases the GIL) with
+single-threaded BLAS keeps every core busy. The partial sums are added in chunk order, so
+results do not depend on the thread count.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -53,11 +54,15 @@ class Backend:
         The array namespace.
     threads : int
         Worker threads for chunk-parallel reductions.
+    sample_budget_bytes : float or None
+        Memory for training samples kept between passes, per seed; None: the engine default
+        (`hsl_engine._data.SAMPLE_BUDGET_BYTES`). Beyond it samples are regenerated.
     """
 
     name: str
     xp: Any
     threads: int
+    sample_budget_bytes: float | None = None
 
     @property
     def device(self) -> str:
@@ -69,29 +74,36 @@ class Backend:
         """The array library of the hot loop, as recorded with every point (``"numpy"``)."""
         return "numpy"
 
-    def map_reduce(self, func: Callable[[int, int], Any], n: int, chunk: int) -> list[Any]:
-        """Apply ``func(start, stop)`` to consecutive chunks of ``range(n)``.
+    def ordered_sum(self, func: Callable[[int], tuple[Any, ...]], count: int) -> tuple[Any, ...]:
+        """``sum(func(i) for i in range(count))`` elementwise over tuples of arrays.
 
-        ``func`` returns a tuple of arrays. Chunks are split into ``threads`` contiguous
-        groups; each thread sums its group's tuples elementwise, and one partial sum per group
-        is returned for the caller to add. The grouping is fixed by ``n``, ``chunk`` and
-        ``threads``, so results are deterministic for a given thread count.
+        The items run in ``threads`` threads with single-threaded BLAS, but their results are
+        added strictly in index order, so the sum is the same bit for bit whatever the thread
+        count. At most ``2 * threads`` items are in flight (results wait for their turn).
         """
-        starts = list(range(0, n, chunk))
-        groups = [g for g in _split(starts, self.threads) if g]
-
-        def work(group: Sequence[int]) -> Any:
-            total = None
-            for s in group:
-                part = func(s, min(s + chunk, n))
-                total = part if total is None else tuple(a + b for a, b in zip(total, part))
+        if count == 0:
+            raise ValueError("ordered_sum needs at least one item")
+        if self.threads <= 1 or count == 1:
+            total = func(0)
+            for i in range(1, count):
+                total = _add(total, func(i))
             return total
-
-        if len(groups) <= 1:
-            return [work(groups[0])] if groups else []
-        pool = _pool(len(groups))
+        pool = _pool(self.threads)
+        window = 2 * self.threads
         with _controller().limit(limits=1, user_api="blas"):
-            return list(pool.map(work, groups))
+            pending = [pool.submit(func, i) for i in range(min(window, count))]
+            total = None
+            for i in range(count):
+                part = pending[i].result()
+                pending[i] = None  # free the result once added
+                if i + window < count:
+                    pending.append(pool.submit(func, i + window))
+                total = part if total is None else _add(total, part)
+        return total
+
+
+def _add(a: tuple[Any, ...], b: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(x + y for x, y in zip(a, b))
 
 
 def _pool(size: int) -> ThreadPoolExecutor:
@@ -102,17 +114,9 @@ def _pool(size: int) -> ThreadPoolExecutor:
     return pool
 
 
-def _split(items: list[int], parts: int) -> list[list[int]]:
-    k, r = divmod(len(items), parts)
-    out, i = [], 0
-    for p in range(parts):
-        j = i + k + (1 if p < r else 0)
-        out.append(items[i:j])
-        i = j
-    return out
-
-
-def get_backend(device: str, *, threads: int | None = None) -> Backend:
+def get_backend(
+    device: str, *, threads: int | None = None, sample_budget_bytes: float | None = None
+) -> Backend:
     """Resolve a spec's ``device`` to a backend.
 
     Raises
@@ -121,7 +125,7 @@ def get_backend(device: str, *, threads: int | None = None) -> Backend:
         For ``"cuda"``: this release has no GPU backend.
     """
     if device in ("auto", "cpu"):
-        return Backend("cpu", np_xp, threads or available_cores())
+        return Backend("cpu", np_xp, threads or available_cores(), sample_budget_bytes)
     if device == "cuda":
         raise DeviceError(
             "device 'cuda' is not available: this hsl_engine release ships the NumPy (CPU) "

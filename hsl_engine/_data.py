@@ -1,13 +1,15 @@
 """Teacher and data: the hierarchical target of MODEL.md section 1.
 
-All randomness comes from an explicit ``numpy.random.Generator``. Training samples are drawn
-from a stream so that, for one seed, the first n samples are the same whatever n is (NumPy's
-generators fill arrays sequentially, so drawing ``m`` more rows continues the same sequence).
+All randomness comes from an explicit ``numpy.random.Generator``. Training samples come from
+chunk-keyed streams: chunk c of a stream is drawn from its own generator, so the first n
+samples of a seed are the same whatever n is, and a pass over the data can regenerate them
+instead of storing them (memory no longer grows with n).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,39 +123,193 @@ def make_teacher(model: ModelSpec, *, rng: np.random.Generator) -> Teacher:
     return Teacher(model=model, directions=directions, weights=weights, matrices=matrices)
 
 
-class SampleStream:
-    """An endless i.i.d. sample stream whose prefixes are nested.
+class LabelView:
+    """The labels of a `SampleView`, read by slices."""
 
-    ``take(n)`` returns the first n inputs and labels; asking for more continues the same
-    random sequences, so ``take(m)`` for m < n is a prefix of ``take(n)``.
+    def __init__(self, view: SampleView):
+        self.view = view
+        self.shape = (view.n,)
+
+    def __len__(self) -> int:
+        return self.view.n
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            a, b, step = key.indices(self.view.n)
+            if step != 1:
+                raise IndexError("LabelView supports contiguous slices only")
+            return self.view.read(a, b)[1]
+        i = int(key)
+        i = i + self.view.n if i < 0 else i
+        if not 0 <= i < self.view.n:
+            raise IndexError(i)
+        return float(self.view.read(i, i + 1)[1][0])
+
+
+def chunk_rows(width: int) -> int:
+    """Samples per stream chunk for inputs of ``width`` floats: a power of two, about 2 MB.
+
+    The chunk is the unit of generation: a chunk's samples are a function of (stream, chunk
+    index) alone, so every consumer sees the same numbers whatever n, storage or thread count.
+    """
+    rows = 2 ** int(math.floor(math.log2(max(1.0, 2**18 / width))))
+    return int(min(4096, max(64, rows)))
+
+
+class SampleStream:
+    """An endless i.i.d. sample stream of chunk-keyed blocks whose prefixes are nested.
+
+    Chunk ``c`` holds samples ``c * rows .. (c + 1) * rows - 1`` and is drawn from its own
+    generator, ``SeedSequence(entropy, spawn_key=(*key, c))``: inputs first, then label noise.
+    Labels are computed on the whole chunk, so a sample's inputs and label are a function of
+    (stream, index) alone, bit for bit, whatever n, chunking, storage or thread count.
+
+    Parameters
+    ----------
+    teacher : Teacher
+    rng : numpy.random.Generator
+        Only its seed sequence is used (the stream's key).
+    dtype : numpy dtype, optional
+        Inputs are handed out in this type (labels are always float64, computed from the
+        float64 inputs before rounding), stored or regenerated alike.
+    store_rows : int, optional
+        Keep up to this many samples in memory once drawn; samples past it are regenerated at
+        every pass (streaming). 0 streams everything.
     """
 
-    def __init__(self, teacher: Teacher, *, rng: np.random.Generator):
+    def __init__(
+        self,
+        teacher: Teacher,
+        *,
+        rng: np.random.Generator,
+        dtype: np.dtype | type = np.float64,
+        store_rows: int = 1 << 62,
+    ):
         self.teacher = teacher
-        self._input_rng, self._noise_rng = rng.spawn(2)
+        seq = rng.bit_generator.seed_seq
+        self._entropy, self._key = seq.entropy, tuple(seq.spawn_key)
         model = teacher.model
-        self._width = feature_dim(model.d, model.q) if model.features == "gaussian" else model.d
-        self._inputs = np.empty((0, self._width))
-        self._labels = np.empty(0)
+        self.width = feature_dim(model.d, model.q) if model.features == "gaussian" else model.d
+        self.rows = chunk_rows(self.width)
+        self.dtype = np.dtype(dtype)
+        self.store_rows = int(store_rows)
+        self._stored: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # chunks within store_rows
+        self._lock = threading.Lock()
+        self.generated = 0  # chunks drawn so far (regenerations included)
 
-    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The first n samples: inputs, shape (n, d) (or (n, D) in gaussian mode), labels (n,)."""
-        have = self._inputs.shape[0]
-        if n > have:
-            # grow to exactly n: a sweep's few dozen concatenations cost less than
-            # over-allocation would in memory (the resource estimate counts n rows)
-            more = self._draw(n - have)
-            self._inputs = np.concatenate([self._inputs, more[0]])
-            self._labels = np.concatenate([self._labels, more[1]])
-        return self._inputs[:n], self._labels[:n]
+    def n_chunks(self, n: int) -> int:
+        return -(-n // self.rows)
 
-    def _draw(self, m: int) -> tuple[np.ndarray, np.ndarray]:
-        inputs = self._input_rng.standard_normal((m, self._width))
+    def chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """Chunk ``c``: inputs, shape (rows, width) in ``dtype``, and labels, shape (rows,)."""
+        hit = self._stored.get(c)
+        if hit is not None:
+            return hit
+        x, y = self._draw(c)
+        if (c + 1) * self.rows <= self.store_rows:
+            with self._lock:
+                self._stored.setdefault(c, (x, y))
+        return x, y
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(x.nbytes + y.nbytes for x, y in self._stored.values())
+
+    def _draw(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        seq = np.random.SeedSequence(self._entropy, spawn_key=(*self._key, c))
+        gen = np.random.default_rng(seq)
+        inputs = gen.standard_normal((self.rows, self.width))
         labels = self.teacher.clean_labels(inputs)
         noise = self.teacher.model.noise_std
         if noise > 0:
-            labels = labels + noise * self._noise_rng.standard_normal(m)
-        return inputs, labels
+            labels = labels + noise * gen.standard_normal(self.rows)
+        with self._lock:
+            self.generated += 1
+        x = inputs if self.dtype == np.float64 else inputs.astype(self.dtype)
+        for a in (x, labels):
+            a.setflags(write=False)
+        return x, labels
+
+    def blocks(self, n: int, start: int = 0):
+        """``(s, e, x, y)`` for consecutive chunk-aligned blocks covering samples start..n-1."""
+        for c in range(start // self.rows, self.n_chunks(n)):
+            s = c * self.rows
+            e = min(s + self.rows, n)
+            x, y = self.chunk(c)
+            lo = max(start, s) - s
+            yield s + lo, e, x[lo : e - s], y[lo : e - s]
+
+    def view(self, n: int) -> SampleView:
+        return SampleView(self, n)
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first n samples materialised: inputs, shape (n, width), labels, shape (n,)."""
+        return self.view(n).materialise()
+
+
+class SampleView:
+    """The first ``n`` samples of a stream, read block by block (never materialised unless
+    asked). Supports ``len``, ``shape`` and slicing ``view[a:b]`` / ``view[i]`` of the
+    inputs (as float64), which is what the kernel baselines need."""
+
+    def __init__(self, stream: SampleStream, n: int):
+        self.stream = stream
+        self.n = int(n)
+        self.shape = (self.n, stream.width)
+        self.dtype = stream.dtype
+        self.rows = stream.rows
+
+    def __len__(self) -> int:
+        return self.n
+
+    def n_chunks(self) -> int:
+        return self.stream.n_chunks(self.n)
+
+    def block(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """Chunk c truncated to the view: inputs (in the stream's dtype) and labels."""
+        x, y = self.stream.chunk(c)
+        stop = self.n - c * self.rows
+        return (x, y) if stop >= self.rows else (x[:stop], y[:stop])
+
+    def blocks(self, start: int = 0):
+        return self.stream.blocks(self.n, start)
+
+    @property
+    def y(self) -> LabelView:
+        """The labels as a lazily read (n,) array (slices ``y[a:b]`` and ``y[i]``)."""
+        return LabelView(self)
+
+    def materialise(self) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for _, _, x, y in self.blocks():
+            xs.append(x)
+            ys.append(y)
+        if not xs:
+            return np.empty((0, self.stream.width), self.stream.dtype), np.empty(0)
+        return np.concatenate(xs), np.concatenate(ys)
+
+    def read(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs (float64) and labels of samples a..b-1."""
+        a, b = max(0, a), min(b, self.n)
+        xs, ys = [], []
+        for _, _, x, y in self.stream.blocks(b, a):
+            xs.append(x)
+            ys.append(y)
+        if not xs:
+            return np.empty((0, self.stream.width)), np.empty(0)
+        return np.asarray(np.concatenate(xs), np.float64), np.concatenate(ys)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            a, b, step = key.indices(self.n)
+            if step != 1:
+                raise IndexError("SampleView supports contiguous slices only")
+            return self.read(a, b)[0]
+        i = int(key)
+        i = i + self.n if i < 0 else i
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.read(i, i + 1)[0][0]
 
 
 @dataclass
@@ -187,18 +343,43 @@ def seed_rng(spec: ExperimentSpec, seed_index: int) -> np.random.Generator:
     return np.random.default_rng(seq)
 
 
-def make_seed_data(spec: ExperimentSpec, seed_index: int) -> SeedData:
-    """Teacher, training streams and test set of one seed (same for every method)."""
+# Memory for samples kept in memory per seed (train and second batch together) when the
+# caller gives no budget: past it, samples are regenerated at every pass.
+SAMPLE_BUDGET_BYTES = 2 * 2**30
+
+
+def store_rows(spec: ExperimentSpec, budget_bytes: float) -> int:
+    """Samples per stream kept in memory under ``budget_bytes`` (train and second batch
+    share it when some method splits samples)."""
+    m = spec.model
+    width = feature_dim(m.d, m.q) if m.features == "gaussian" else m.d
+    per_sample = width * np.dtype(spec.solver.dtype).itemsize + 8
+    split = any(getattr(meth, "sample_split", False) for meth in spec.methods)
+    rows = budget_bytes / (per_sample * (2 if split else 1))
+    return int(min(rows, 1 << 62))
+
+
+def make_seed_data(
+    spec: ExperimentSpec, seed_index: int, *, sample_budget_bytes: float | None = None
+) -> SeedData:
+    """Teacher, training streams and test set of one seed (same for every method).
+
+    Training samples are kept in memory up to ``sample_budget_bytes`` (default
+    `SAMPLE_BUDGET_BYTES`) and regenerated beyond; the numbers do not depend on it.
+    """
     rng = seed_rng(spec, seed_index)
     teacher_rng, train_rng, second_rng, test_rng, method_rng = rng.spawn(5)
     teacher = make_teacher(spec.model, rng=teacher_rng)
     test = SampleStream(teacher, rng=test_rng)
     test_inputs, test_labels = test.take(spec.sweep.n_test)
+    budget = SAMPLE_BUDGET_BYTES if sample_budget_bytes is None else sample_budget_bytes
+    keep = store_rows(spec, budget)
+    dtype = np.dtype(spec.solver.dtype)
     return SeedData(
         seed_index=seed_index,
         teacher=teacher,
-        train=SampleStream(teacher, rng=train_rng),
-        second=SampleStream(teacher, rng=second_rng),
+        train=SampleStream(teacher, rng=train_rng, dtype=dtype, store_rows=keep),
+        second=SampleStream(teacher, rng=second_rng, dtype=dtype, store_rows=keep),
         test_inputs=test_inputs,
         test_labels=test_labels,
         method_seq=method_rng.bit_generator.seed_seq,

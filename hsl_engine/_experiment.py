@@ -15,6 +15,7 @@ from ._kernels import KernelRidgeSweep
 from ._spec import ExperimentSpec, parse_spec
 from ._spectral import (
     FirstLayerSolver,
+    HiddenView,
     LayerwiseSpectral,
     hidden_features,
     normalised_mse,
@@ -75,8 +76,8 @@ class _KernelOnInputs:
         )
 
     def measure(self, n: int) -> Measurement:
-        x, y = self.data.train.take(n)
-        fit = self.krr.fit_predict(x, y, self.data.test_inputs)
+        view = self.data.train.view(n)
+        fit = self.krr.fit_predict(view, view.y, self.data.test_inputs)
         return Measurement(
             normalised_mse(fit.predictions, self.data.test_labels),
             fit.n_train_used,
@@ -105,13 +106,12 @@ class _LatentRBF:
         )
 
     def measure(self, n: int) -> Measurement:
-        x, y = self.data.train.take(n)
-        first = self.first.fit(x, y)
+        first = self.first.fit(self.data.train.view(n))
         stream = self.data.second if self.method.sample_split else self.data.train
-        x2, y2 = stream.take(n)
-        h = hidden_features(self.spec, x2, first.directions)
+        second = stream.view(n)
+        h = HiddenView(self.spec, second, first.directions)
         h_test = hidden_features(self.spec, self.data.test_inputs, first.directions)
-        fit = self.krr.fit_predict(h, y2, h_test)
+        fit = self.krr.fit_predict(h, second.y, h_test)
         used = (n if self.method.sample_split else 0) + fit.n_train_used
         return Measurement(
             normalised_mse(fit.predictions, self.data.test_labels),
@@ -163,9 +163,9 @@ def iter_run(
     The numbers depend only on (spec, method, seed, n), never on ``skip`` or on which
     other runs exist, except that the Krylov warm start follows the previous n measured.
     """
-    if data is None:
-        data = make_seed_data(spec, seed)
     backend = backend or get_backend(spec.device)
+    if data is None:
+        data = make_seed_data(spec, seed, sample_budget_bytes=backend.sample_budget_bytes)
     method_spec = spec.method(method)
     # each method gets its own stream, fixed by its name, so adding methods changes nothing
     rng = data.method_rng(_METHOD_STREAM[method])
@@ -230,7 +230,7 @@ def run_experiment(
     backend = get_backend(spec.device, threads=threads)
     points: list[Point] = []
     for seed in range(spec.sweep.seeds):
-        data = make_seed_data(spec, seed)
+        data = make_seed_data(spec, seed, sample_budget_bytes=backend.sample_budget_bytes)
         for m in spec.methods:
             for p in iter_run(spec, m.name, seed, data=data, backend=backend):
                 points.append(p)

@@ -262,15 +262,13 @@ class KernelRidgeSweep:
         self._rng = rng
         self._state: _NystroemState | None = None
 
-    def fit_predict(
-        self, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray
-    ) -> KernelFit:
+    def fit_predict(self, x_train, y_train, x_test: np.ndarray) -> KernelFit:
         """Fit on all of ``(x_train, y_train)`` and predict at ``x_test``.
 
         Parameters
         ----------
-        x_train : ndarray, shape (n, d)
-        y_train : ndarray, shape (n,)
+        x_train : ndarray, shape (n, d), or a lazy view of that shape with row slicing
+        y_train : ndarray, shape (n,), or a lazy view with slicing
         x_test : ndarray, shape (n_test, d)
 
         Returns
@@ -284,8 +282,15 @@ class KernelRidgeSweep:
         EngineError
             If a Cholesky factorisation or the kernel eigendecomposition fails.
         """
-        x_train, y_train, x_test = _check_data(x_train, y_train, x_test)
         n = x_train.shape[0]
+        if not isinstance(x_train, np.ndarray) and n <= self.n_landmarks:
+            x_train, y_train = x_train[0:n], y_train[0:n]  # a lazy view: small, materialise
+        if isinstance(x_train, np.ndarray):
+            x_train, y_train, x_test = _check_data(x_train, y_train, x_test)
+        else:
+            # a lazy view of generated samples (`hsl_engine._data.SampleView`): rows are read
+            # block by block below and never materialised together
+            x_test = _check_data(x_train[0:1], y_train[0:1], x_test)[2]
         bandwidth = self._bandwidth_for(x_train)
         kernel_fn = self._kernel_fn(bandwidth)
 
@@ -311,7 +316,7 @@ class KernelRidgeSweep:
             return self.bandwidth
         # Recomputed every call (cheap: at most 1000 rows) so the result depends only on the
         # data passed, never on the call history; the incremental check compares it exactly.
-        return median_bandwidth(x_train, max_samples=_BANDWIDTH_SAMPLES)
+        return median_bandwidth(x_train[:_BANDWIDTH_SAMPLES], max_samples=_BANDWIDTH_SAMPLES)
 
     def _kernel_fn(self, bandwidth: float | None) -> KernelFn:
         if self.kernel == "rbf":
@@ -416,9 +421,10 @@ class _NystroemState:
         n = x.shape[0]
         for start in range(self.n_done, n, _CHUNK_ROWS):
             stop = min(start + _CHUNK_ROWS, n)
-            phi = self.kernel_fn(x[start:stop], self.landmarks) @ self.proj
+            xb, yb = x[start:stop], y[start:stop]  # one read of a lazy view per block
+            phi = self.kernel_fn(xb, self.landmarks) @ self.proj
             phi -= self.mu0
-            y_c = y[start:stop] - self.y0
+            y_c = yb - self.y0
             # A full GEMM rather than SYRK: SciPy's bundled SYRK measured slower than NumPy's
             # GEMM here, and the full matrix avoids triangle bookkeeping.
             self.gram += phi.T @ phi
@@ -429,8 +435,8 @@ class _NystroemState:
             # 0..n_done-1) even if a later block raises, e.g. on memory exhaustion.
             self.rows_processed += stop - start
             self.n_done = stop
-            self.last_row = x[stop - 1].copy()
-            self.last_y = float(y[stop - 1])
+            self.last_row = np.array(xb[-1], dtype=np.float64)
+            self.last_y = float(yb[-1])
 
     def solve(self, ridge: float) -> tuple[np.ndarray, float]:
         """Ridge solution in feature space, mapped back to kernel coefficients.

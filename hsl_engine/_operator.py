@@ -1,12 +1,17 @@
 """The moment operator ``C_hat = (1/n) sum_mu y_mu (F_mu F_mu^T - I_D)`` (MODEL.md section 2).
 
-Applied to blocks of vectors without ever forming the D x D matrix:
+Applied to blocks of vectors without ever forming the D x D matrix, one chunk of samples at a
+time (stored, or regenerated from the chunk-keyed stream: see `hsl_engine._data`):
 
 * q = 2, Hermite inputs: on symmetric d x d matrices,
   ``C_hat[V] = (1/n) sum y (x^T V x - tr V)/sqrt 2 * (x x^T - I)/sqrt 2``, two GEMMs per chunk
   with inner dimensions d and n, never building F.
 * q = 3 (Hermite) and Gaussian-equivalent inputs: ``C_hat v = (1/n) F^T (y * F v)``, with F
-  lifted chunk by chunk (q = 3) or the stored Gaussian features.
+  lifted chunk by chunk (q = 3) or the Gaussian features themselves.
+
+The GEMMs run in the solver's dtype (float32 halves the time and the stored bytes); every
+partial sum over at most ~1000 samples is accumulated in float64, and chunks are added in
+chunk order, so the result is the same whatever the thread count or the storage.
 
 Labels must be centred (``sum y = 0``), which makes the ``-I`` term vanish in the second form;
 the first form keeps its trace correction, which does not vanish.
@@ -14,18 +19,49 @@ the first form keeps its trace correction, which does not vanish.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ._backend import Backend
 from ._features import feature_dim, lift, sym_to_vec, vec_to_sym
 
-# Samples per chunk: small enough that the per-chunk intermediates (chunk x k x d) stay in
+# Rows per GEMM inside a chunk: small enough that the intermediates (rows x k x d) stay in
 # cache (~2 MB), large enough that GEMMs run near peak (measured on 2 cores, d = 60: 256
-# samples best for k = 18 vectors, 512-1024 for k = 4).
+# rows best for k = 18 vectors, 512-1024 for k = 4).
 CHUNK_BYTES = 2 * 2**20
 CHUNK_LIFT = 512
+ARRAY_ROWS = 4096  # chunk rows when the operator is given plain arrays
 
 
 def q2_chunk(k: int, d: int) -> int:
     return int(min(1024, max(256, CHUNK_BYTES // (8 * k * d))))
+
+
+class ArraySamples:
+    """Plain arrays behind the chunk interface of `hsl_engine._data.SampleView`."""
+
+    def __init__(self, inputs, labels, rows: int = ARRAY_ROWS):
+        self.inputs, self._labels = inputs, labels
+        self.n = inputs.shape[0]
+        self.shape = inputs.shape
+        self.dtype = inputs.dtype
+        self.rows = rows
+
+    def n_chunks(self) -> int:
+        return -(-self.n // self.rows)
+
+    def block(self, c: int):
+        s = c * self.rows
+        return self.inputs[s : s + self.rows], self._labels[s : s + self.rows]
+
+    def labels(self):
+        return self._labels
+
+
+def as_samples(inputs, labels=None):
+    """A chunked sample source: a `SampleView` as it is, or arrays wrapped."""
+    if hasattr(inputs, "block"):
+        return inputs
+    return ArraySamples(inputs, labels)
 
 
 class MomentOperator:
@@ -33,25 +69,42 @@ class MomentOperator:
 
     Parameters
     ----------
-    inputs : ndarray, shape (n, d) for Hermite features or (n, D) for Gaussian ones
-    labels : ndarray, shape (n,)
-        Centred labels.
+    inputs : ndarray, shape (n, d) (Hermite) or (n, D) (Gaussian), or a `SampleView`
+    labels : ndarray, shape (n,), optional
+        With arrays: the labels. A view brings its own.
     q : {2, 3}
     features : {"hermite", "gaussian"}
     backend : Backend
+    dtype : numpy dtype, optional
+        Type of the GEMMs (default: the inputs' type). Sums are float64.
+    shift, scale : float
+        The operator uses ``(y - shift) * scale``: centred (and standardised) labels.
     """
 
-    def __init__(self, inputs, labels, *, q: int, features: str, backend: Backend):
+    def __init__(
+        self,
+        inputs,
+        labels=None,
+        *,
+        q: int,
+        features: str,
+        backend: Backend,
+        dtype=None,
+        shift: float = 0.0,
+        scale: float = 1.0,
+    ):
         self.backend = backend
-        self.inputs = inputs
-        self.labels = labels
+        self.samples = as_samples(inputs, labels)
         self.q = q
         self.features = features
-        self.n = inputs.shape[0]
-        self.d = inputs.shape[1] if features == "hermite" else None
-        self.dim = feature_dim(self.d, q) if features == "hermite" else inputs.shape[1]
-        self.dtype = inputs.dtype
+        self.n = self.samples.n
+        width = self.samples.shape[1]
+        self.d = width if features == "hermite" else None
+        self.dim = feature_dim(width, q) if features == "hermite" else width
+        self.dtype = np.dtype(dtype if dtype is not None else self.samples.dtype)
+        self.shift, self.scale = float(shift), float(scale)
         self.passes = 0  # block applications so far
+        self.vectors = 0  # vectors applied so far (sum of block widths)
         self.flops = 0.0  # floating-point operations of those applications
 
     @property
@@ -60,94 +113,148 @@ class MomentOperator:
 
     def flops_per_vector(self) -> float:
         """Multiply-adds x 2 per applied vector: two GEMMs over all samples."""
-        if self.features == "hermite" and self.q == 2:
-            return 4.0 * self.n * self.d * self.d
-        return 4.0 * self.n * self.dim
+        return flops_per_vector(self.n, self.d or 0, self.dim, self.q, self.features)
+
+    def _chunk(self, c: int):
+        x, y = self.samples.block(c)
+        x = x if x.dtype == self.dtype else x.astype(self.dtype)
+        return x, ((y - self.shift) * self.scale).astype(self.dtype)
 
     def matmat(self, v):
-        """``C_hat @ v`` for v of shape (D, k); returns shape (D, k)."""
+        """``C_hat @ v`` for v of shape (D, k); returns float64, shape (D, k)."""
         k = v.shape[1]
         self.passes += 1
+        self.vectors += k
         self.flops += self.flops_per_vector() * k
         if self.features == "hermite" and self.q == 2:
-            return self._matmat_q2(v)
-        return self._matmat_explicit(v)
+            return self._matmat_q2(np.asarray(v, np.float64))
+        return self._matmat_explicit(np.asarray(v, np.float64))
 
     # -- q = 2 on matrices --------------------------------------------------------------------
     def _matmat_q2(self, v):
-        xp = self.backend.xp
         d, k = self.d, v.shape[1]
-        g = vec_to_sym(xp.asarray(v.T, dtype=self.dtype), d)  # (k, d, d)
-        gcat = xp.reshape(xp.permute_dims(g, (1, 0, 2)), (d, k * d))
-        trace = xp.linalg.trace(g)
-        x, y = self.inputs, self.labels
+        g = vec_to_sym(np.ascontiguousarray(v.T), d)  # (k, d, d)
+        gcat = np.ascontiguousarray(g.transpose(1, 0, 2).reshape(d, k * d), dtype=self.dtype)
+        trace = np.trace(g, axis1=1, axis2=2).astype(self.dtype)
+        rows = q2_chunk(k, d)
 
-        def chunk(s: int, e: int):
-            xb = x[s:e, :]
-            m = e - s
-            xg = xp.reshape(xb @ gcat, (m, k, d))
-            quad = (xg @ xb[:, :, None])[:, :, 0]  # x^T G_j x, (m, k)
-            w = (y[s:e, None] * 0.5) * (quad - trace[None, :])
-            weighted = xp.reshape(xb[:, None, :] * w[:, :, None], (m, k * d))
-            return (xp.matrix_transpose(xb) @ weighted, xp.sum(w, axis=0))
+        def chunk(c: int):
+            x, y = self._chunk(c)
+            acc = np.zeros((d, k * d))
+            wsum = np.zeros(k)
+            for s in range(0, x.shape[0], rows):
+                xb, yb = x[s : s + rows], y[s : s + rows]
+                m = xb.shape[0]
+                xg = (xb @ gcat).reshape(m, k, d)
+                quad = np.matmul(xg, xb[:, :, None])[:, :, 0]  # x^T G_j x, (m, k)
+                w = (yb[:, None] * 0.5) * (quad - trace[None, :])
+                weighted = (xb[:, None, :] * w[:, :, None]).reshape(m, k * d)
+                acc += xb.T @ weighted
+                wsum += w.sum(axis=0, dtype=np.float64)
+            return acc, wsum
 
-        parts = self.backend.map_reduce(chunk, self.n, q2_chunk(k, d))
-        acc = sum(p[0] for p in parts)
-        wsum = sum(p[1] for p in parts)
-        out = xp.permute_dims(xp.reshape(acc, (d, k, d)), (1, 0, 2))
-        out = out - wsum[:, None, None] * xp.eye(d, dtype=self.dtype)[None, :, :]
-        return xp.matrix_transpose(sym_to_vec(out)) / self.n
+        acc, wsum = self.backend.ordered_sum(chunk, self.samples.n_chunks())
+        out = acc.reshape(d, k, d).transpose(1, 0, 2)
+        out = out - wsum[:, None, None] * np.eye(d)[None, :, :]
+        out = (out + out.transpose(0, 2, 1)) / 2  # symmetric up to rounding
+        return sym_to_vec(out).T / self.n
 
     # -- explicit features, chunk by chunk ------------------------------------------------------
-    def _features(self, s: int, e: int):
-        block = self.inputs[s:e, :]
-        return block if self.features == "gaussian" else lift(block, self.q)
+    def _features(self, x):
+        return x if self.features == "gaussian" else lift(x, self.q)
 
     def _matmat_explicit(self, v):
-        xp = self.backend.xp
-        v = xp.asarray(v, dtype=self.dtype)
-        y = self.labels
+        vv = v.astype(self.dtype)
 
-        def chunk(s: int, e: int):
-            f = self._features(s, e)
-            return (xp.matrix_transpose(f) @ ((f @ v) * y[s:e, None]),)
+        def chunk(c: int):
+            x, y = self._chunk(c)
+            acc = np.zeros(v.shape)
+            for s in range(0, x.shape[0], CHUNK_LIFT):
+                f = self._features(x[s : s + CHUNK_LIFT])
+                acc += f.T @ ((f @ vv) * y[s : s + CHUNK_LIFT, None])
+            return (acc,)
 
-        parts = self.backend.map_reduce(chunk, self.n, CHUNK_LIFT)
-        return sum(p[0] for p in parts) / self.n
+        return self.backend.ordered_sum(chunk, self.samples.n_chunks())[0] / self.n
 
     # -- dense ----------------------------------------------------------------------------------
+    def chunk_moment(self, c: int, stop: int | None = None) -> np.ndarray:
+        """``sum y (F F^T)`` over chunk c (its first ``stop`` rows), float64, shape (D, D)."""
+        x, y = self._chunk(c)
+        if stop is not None:
+            x, y = x[:stop], y[:stop]
+        acc = np.zeros((self.dim, self.dim))
+        for s in range(0, x.shape[0], CHUNK_LIFT):
+            f = self._features(x[s : s + CHUNK_LIFT])
+            acc += f.T @ (f * y[s : s + CHUNK_LIFT, None])
+        return acc
+
     def dense(self):
-        """The D x D matrix, built from explicit features (small D only)."""
-        xp = self.backend.xp
-        y = self.labels
-
-        def chunk(s: int, e: int):
-            f = self._features(s, e)
-            return (xp.matrix_transpose(f) @ (f * y[s:e, None]),)
-
-        parts = self.backend.map_reduce(chunk, self.n, CHUNK_LIFT)
+        """The D x D matrix, built from explicit features chunk by chunk (small D only)."""
         self.flops += 2.0 * self.n * self.dim * self.dim
-        c = sum(p[0] for p in parts) / self.n
-        # the -I term: (1/n) sum y * I vanishes for centred labels; keep it for exactness
-        c = c - xp.mean(y) * xp.eye(self.dim, dtype=c.dtype)
-        return (c + xp.matrix_transpose(c)) / 2
+        total = self.backend.ordered_sum(
+            lambda c: (self.chunk_moment(c),), self.samples.n_chunks()
+        )[0]
+        # the -I term: (1/n) sum y * I vanishes for centred labels
+        c = total / self.n
+        return (c + c.T) / 2
 
 
-def dense_cost(n: int, dim: int) -> float:
-    """Flops of building C_hat densely and diagonalising it."""
-    return 2.0 * n * dim * dim + 10.0 * dim**3
+class DenseAccumulator:
+    """``C_hat`` over the nested prefixes of one stream, for a sweep of growing n.
+
+    Centring (and standardising) the labels depends on n, so the raw sums ``S_y = sum y F F^T``
+    and ``S_1 = sum F F^T`` are kept, and ``C_hat = scale (S_y - shift S_1) / n`` (the ``-I``
+    term vanishes for centred labels). That is two GEMMs per sample, once per sample for the
+    whole sweep. Complete chunks are added once, in chunk order; a partial last chunk is added
+    to a copy, so the matrix at n does not depend on which smaller n came before.
+    """
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.s_y = np.zeros((dim, dim))
+        self.s_1 = np.zeros((dim, dim))
+        self.chunks_done = 0
+
+    def _moments(self, op: MomentOperator, c: int, stop: int | None = None):
+        x, y = op.samples.block(c)
+        if stop is not None:
+            x, y = x[:stop], y[:stop]
+        x = x if x.dtype == op.dtype else x.astype(op.dtype)
+        y = y.astype(op.dtype)
+        s_y = np.zeros((self.dim, self.dim))
+        s_1 = np.zeros((self.dim, self.dim))
+        for s in range(0, x.shape[0], CHUNK_LIFT):
+            f = op._features(x[s : s + CHUNK_LIFT])
+            s_y += f.T @ (f * y[s : s + CHUNK_LIFT, None])
+            s_1 += f.T @ f
+        return s_y, s_1
+
+    def moment(self, op: MomentOperator) -> np.ndarray:
+        rows = op.samples.rows
+        complete = op.n // rows
+        if complete < self.chunks_done:
+            raise ValueError("DenseAccumulator needs non-decreasing n")
+        if complete > self.chunks_done:
+            first = self.chunks_done
+            s_y, s_1 = op.backend.ordered_sum(
+                lambda i: self._moments(op, first + i), complete - first
+            )
+            self.s_y += s_y
+            self.s_1 += s_1
+            op.flops += 4.0 * (complete - first) * rows * self.dim**2
+            self.chunks_done = complete
+        s_y, s_1 = self.s_y, self.s_1
+        tail = op.n - complete * rows
+        if tail:
+            t_y, t_1 = self._moments(op, complete, tail)
+            s_y, s_1 = s_y + t_y, s_1 + t_1
+            op.flops += 4.0 * tail * self.dim**2
+        c = (s_y - op.shift * s_1) * (op.scale / op.n)
+        return (c + c.T) / 2
 
 
-def krylov_cost(
-    n: int, d: int, dim: int, q: int, features: str, block: int, passes: float = 12.0
-) -> float:
-    """Flops of a warm-started block Krylov solve (``passes`` block applications)."""
-    per_vector = 4.0 * n * d * d if (features == "hermite" and q == 2) else 4.0 * n * dim
-    return passes * block * per_vector
-
-
-def prefer_dense(n: int, d: int, dim: int, q: int, features: str, block: int) -> bool:
-    """The ``auto`` rule: dense when it is cheaper and its D x D matrix is small (<= 0.5 GB)."""
-    if dim * dim * 8 > 0.5 * 2**30:
-        return False
-    return dense_cost(n, dim) < krylov_cost(n, d, dim, q, features, block)
+def flops_per_vector(n: float, d: float, dim: float, q: int, features: str) -> float:
+    """Flops of applying C_hat to one vector: two GEMMs over all n samples."""
+    if features == "hermite" and q == 2:
+        return 4.0 * n * d * d
+    return 4.0 * n * dim

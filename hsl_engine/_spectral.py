@@ -12,10 +12,17 @@ from ._backend import Backend
 from ._data import SeedData, project, standardise
 from ._eigen import EigResult, block_krylov_top, dense_top
 from ._errors import ConvergenceError, ConvergenceWarning
-from ._operator import MomentOperator, prefer_dense
+from ._operator import DenseAccumulator, MomentOperator, flops_per_vector
 from ._spec import ExperimentSpec
 
 EXTRA_EIGENVALUES = 10
+# Ritz vectors kept beyond the reported ones, so the reported top d1 + 10 are the true ones
+GUARD_VECTORS = 4
+# Vectors per n of a warm-started Krylov solve, for the auto rule and the estimate
+# (measured at fig2-cpu sizes: see README, Performance).
+KRYLOV_VECTORS = 120.0
+# h_hat of the second batch is kept between the passes of steps 3-4 up to this size
+HIDDEN_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,8 @@ class FirstLayer:
         ``"dense"`` or ``"krylov"``.
     flops : float
         Floating-point operations spent on the moment operator.
+    vectors : int
+        Vectors the operator was applied to (0 for the dense solver).
     """
 
     directions: np.ndarray
@@ -43,6 +52,32 @@ class FirstLayer:
     converged: bool
     solver: str
     flops: float
+    vectors: int = 0
+
+
+def label_stats(samples) -> tuple[float, float]:
+    """Mean and standard deviation of a sample source's labels in one pass over its chunks
+    (per-chunk moments merged in chunk order, Chan et al.), std floored as in `standardise`."""
+    count, mean, m2 = 0, 0.0, 0.0
+    for c in range(samples.n_chunks()):
+        y = np.asarray(samples.block(c)[1], np.float64)
+        k = y.shape[0]
+        mu = float(np.mean(y))
+        ss = float(np.sum((y - mu) ** 2))
+        delta = mu - mean
+        total = count + k
+        mean += delta * k / total
+        m2 += ss + delta * delta * count * k / total
+        count = total
+    std = math.sqrt(m2 / count) if count else 0.0
+    return mean, std if std > 0 and math.isfinite(std) else 1.0
+
+
+def label_transform(samples, activation: str) -> tuple[float, float]:
+    """``(shift, scale)`` with ``(y - shift) * scale`` the centred (id) or standardised
+    (nonlinear g) labels of these samples, from their own statistics."""
+    mean, std = label_stats(samples)
+    return mean, (1.0 if activation == "id" else 1.0 / std)
 
 
 def transformed_labels(y: np.ndarray, activation: str) -> np.ndarray:
@@ -54,7 +89,17 @@ def transformed_labels(y: np.ndarray, activation: str) -> np.ndarray:
 
 
 class FirstLayerSolver:
-    """Step 1-2 for one seed, warm-started across increasing sample sizes."""
+    """Step 1-2 for one seed, warm-started across increasing sample sizes.
+
+    Solvers (``solver.eigensolver``):
+
+    * ``krylov``: the matrix-free block Krylov iteration of `hsl_engine._eigen`, warm-started
+      from the previous n.
+    * ``dense``: ``C_hat`` accumulated densely over the nested samples of the sweep (each
+      sample enters once, for all n; see `DenseAccumulator`), then its top eigenpairs.
+    * ``auto``: dense when its D x D matrices are small and the whole sweep costs less so
+      (``4 n_max D^2`` flops against the Krylov estimate), else krylov. See `choose_solver`.
+    """
 
     def __init__(self, spec: ExperimentSpec, backend: Backend, *, rng: np.random.Generator):
         self.spec = spec
@@ -63,36 +108,34 @@ class FirstLayerSolver:
         self.d1 = spec.model.hidden_dim
         self.dim = spec.model.feature_dim
         self.k_values = min(self.d1 + EXTRA_EIGENVALUES, self.dim)
-        self.block = self.k_values
+        self.block = min(self.k_values + GUARD_VECTORS, self.dim)
+        self.solver = choose_solver(spec)
         self._warm: np.ndarray | None = None
+        self._dense: DenseAccumulator | None = None
 
-    def solver_for(self, n: int) -> str:
-        choice = self.spec.solver.eigensolver
-        if choice != "auto":
-            return choice
+    def fit(self, samples) -> FirstLayer:
+        """Top-d1 directions of C_hat for the samples of a `SampleView` (or `ArraySamples`)."""
         m = self.spec.model
-        small = self.dim <= 4 * self.block
-        return (
-            "dense"
-            if small or prefer_dense(n, m.d, self.dim, m.q, m.features, self.block)
-            else "krylov"
-        )
-
-    def fit(self, inputs: np.ndarray, labels: np.ndarray) -> FirstLayer:
-        m = self.spec.model
-        dtype = np.dtype(self.spec.solver.dtype)
-        y = transformed_labels(labels, m.activation)
-        y = y - y.mean()
+        shift, scale = label_transform(samples, m.activation)
         op = MomentOperator(
-            np.ascontiguousarray(inputs, dtype=dtype),
-            np.ascontiguousarray(y, dtype=dtype),
+            samples,
             q=m.q,
             features=m.features,
             backend=self.backend,
+            dtype=np.dtype(self.spec.solver.dtype),
+            shift=shift,
+            scale=scale,
         )
-        solver = self.solver_for(inputs.shape[0])
-        if solver == "dense":
-            res = dense_top(np.asarray(op.dense(), np.float64), self.k_values, self.block)
+        if self.solver == "dense":
+            if self._dense is None:
+                self._dense = DenseAccumulator(self.dim)
+            res = dense_top(
+                self._dense.moment(op),
+                self.k_values,
+                self.block,
+                v0=self._warm,
+                rng=self.rng,
+            )
         else:
             res = self._krylov(op)
         self._warm = res.vectors
@@ -101,8 +144,9 @@ class FirstLayerSolver:
             eigenvalues=res.values,
             passes=res.passes,
             converged=res.converged,
-            solver=solver,
+            solver=self.solver,
             flops=op.flops,
+            vectors=op.vectors,
         )
 
     def _krylov(self, op: MomentOperator) -> EigResult:
@@ -124,6 +168,24 @@ class FirstLayerSolver:
                 stacklevel=3,
             )
             return exc.result
+
+
+def choose_solver(spec: ExperimentSpec) -> str:
+    """The ``auto`` rule, fixed per experiment (a sweep keeps one solver, so warm starts and
+    the dense accumulation carry over): dense when its two D x D float64 sums fit in 1 GiB
+    and accumulating every sample once (4 n_max D^2 flops) costs less than the Krylov solves
+    (`KRYLOV_VECTORS` vectors per n); krylov otherwise."""
+    choice = spec.solver.eigensolver
+    if choice != "auto":
+        return choice
+    m = spec.model
+    dim = m.feature_dim
+    if 2 * 8 * dim * dim > 2**30:
+        return "krylov"
+    ns = [n for n, _ in spec.sample_sizes()]
+    dense = 4.0 * max(ns) * dim * dim
+    krylov = sum(KRYLOV_VECTORS * flops_per_vector(n, m.d, dim, m.q, m.features) for n in ns)
+    return "dense" if dense < krylov else "krylov"
 
 
 @dataclass(frozen=True)
@@ -155,33 +217,113 @@ def quadratic_form(h: np.ndarray, a2: np.ndarray) -> np.ndarray:
     return np.einsum("ni,ij,nj->n", h, a2, h, optimize=True) - np.trace(a2)
 
 
+class HiddenChunks:
+    """``h_hat = A_hat F(x)`` and labels of a sample source, chunk by chunk: kept in memory
+    when they fit ``cache_bytes`` (8 d1 bytes a sample), recomputed at each pass otherwise."""
+
+    def __init__(self, spec: ExperimentSpec, samples, directions, cache_bytes=HIDDEN_CACHE_BYTES):
+        self.spec, self.samples, self.directions = spec, samples, directions
+        self.n = samples.n
+        keep = self.n * directions.shape[1] * 8 <= cache_bytes
+        self._cache = [self._compute(c) for c in range(samples.n_chunks())] if keep else None
+
+    def _compute(self, c: int):
+        x, y = self.samples.block(c)
+        return hidden_features(self.spec, np.asarray(x, np.float64), self.directions), y
+
+    def __iter__(self):
+        if self._cache is not None:
+            yield from self._cache
+        else:
+            for c in range(self.samples.n_chunks()):
+                yield self._compute(c)
+
+
+class HiddenView:
+    """``h_hat`` of a `SampleView` as a lazily computed (n, d1) array for the kernel
+    baselines: slices ``view[a:b]`` compute only those rows."""
+
+    def __init__(self, spec: ExperimentSpec, samples, directions):
+        self.spec, self.samples, self.directions = spec, samples, directions
+        self.shape = (samples.n, directions.shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice):
+            i = int(key) % self.shape[0]
+            return self[i : i + 1][0]
+        a, b, _ = key.indices(self.shape[0])
+        x, _ = self.samples.read(a, b)
+        return hidden_features(self.spec, x, self.directions)
+
+
+def second_layer_stream(chunks: HiddenChunks) -> np.ndarray:
+    """`second_layer` over chunks: ``(S_yhh - ybar S_hh) / n`` from per-chunk sums."""
+    k = chunks.directions.shape[1]
+    s_yhh, s_hh, s_y = np.zeros((k, k)), np.zeros((k, k)), 0.0
+    for h, y in chunks:
+        s_yhh += (h.T * y) @ h
+        s_hh += h.T @ h
+        s_y += float(np.sum(y))
+    n = chunks.n
+    a2 = (s_yhh - (s_y / n) * s_hh) / n
+    return (a2 + a2.T) / 2
+
+
 class Readout:
     """Ridge polynomial fit of y on the standardised h2_hat (affine when degree is 1).
 
-    For degree > 1 the standardised input is winsorised at the training 0.5 % and 99.5 %
-    quantiles, in the fit and in prediction: h2_hat is heavy-tailed (Hermite features), and a
-    degree-5 polynomial pulled through a few extreme points, or evaluated past them, diverges.
+    For degree > 1 the standardised input is winsorised at the 0.5 % and 99.5 % quantiles of
+    the first `QUANTILE_SAMPLES` training samples, in the fit and in prediction: h2_hat is
+    heavy-tailed (Hermite features), and a degree-5 polynomial pulled through a few extreme
+    points, or evaluated past them, diverges. The fit streams: moments of t in one pass, the
+    normal equations in a second, so its memory does not grow with n.
     """
 
     WINSOR = (0.005, 0.995)
+    QUANTILE_SAMPLES = 1 << 17
 
     def __init__(self, degree: int, ridge: float):
         self.degree = degree
         self.ridge = ridge
 
     def fit(self, t: np.ndarray, y: np.ndarray) -> Readout:
-        self.t_mean, self.t_std = standardise(t)
-        z = (t - self.t_mean) / self.t_std
+        return self.fit_chunks(lambda: iter([(t, y)]))
+
+    def fit_chunks(self, chunks) -> Readout:
+        """Fit from ``chunks()``, a callable returning an iterator of ``(t, y)`` arrays (it is
+        called twice: one pass for the moments of t, one for the normal equations)."""
+        count, mean, m2, head = 0, 0.0, 0.0, []
+        for t, _ in chunks():
+            k = t.shape[0]
+            mu = float(np.mean(t))
+            ss = float(np.sum((t - mu) ** 2))
+            delta = mu - mean
+            total = count + k
+            mean += delta * k / total
+            m2 += ss + delta * delta * count * k / total
+            if count < self.QUANTILE_SAMPLES:
+                head.append(t[: self.QUANTILE_SAMPLES - count])
+            count = total
+        std = math.sqrt(m2 / count) if count else 0.0
+        self.t_mean, self.t_std = mean, (std if std > 0 and math.isfinite(std) else 1.0)
         if self.degree > 1:
+            z = (np.concatenate(head) - self.t_mean) / self.t_std
             lo, hi = np.quantile(z, self.WINSOR)
             self.z_range = (float(lo), float(hi))
         else:
             self.z_range = (-np.inf, np.inf)
-        phi = self._design(t)
-        gram = phi.T @ phi
-        penalty = self.ridge * t.shape[0] * np.eye(self.degree + 1)
+        p = self.degree + 1
+        gram, rhs = np.zeros((p, p)), np.zeros(p)
+        for t, y in chunks():
+            phi = self._design(t)
+            gram += phi.T @ phi
+            rhs += phi.T @ y
+        penalty = self.ridge * count * np.eye(p)
         penalty[0, 0] = 0.0  # the intercept is not penalised
-        self.coef = np.linalg.lstsq(gram + penalty, phi.T @ y, rcond=None)[0]
+        self.coef = np.linalg.lstsq(gram + penalty, rhs, rcond=None)[0]
         return self
 
     def predict(self, t: np.ndarray) -> np.ndarray:
@@ -225,17 +367,18 @@ class LayerwiseSpectral:
             degree = 1 if spec.model.activation == "id" else 5
         self.degree = degree
 
-    def second_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def second_batch(self, n: int):
+        """The samples of steps 3-4: a fresh batch with sample_split, else the training ones."""
         stream = self.data.second if self.method.sample_split else self.data.train
-        return stream.take(n)
+        return stream.view(n)
 
     def fit(self, n: int) -> SpectralFit:
-        x, y = self.data.train.take(n)
-        first = self.first.fit(x, y)
-        x2, y2 = self.second_batch(n)
-        h = hidden_features(self.spec, x2, first.directions)
-        a2 = second_layer(h, y2)
-        readout = Readout(self.degree, self.method.readout_ridge).fit(quadratic_form(h, a2), y2)
+        first = self.first.fit(self.data.train.view(n))
+        chunks = HiddenChunks(self.spec, self.second_batch(n), first.directions)
+        a2 = second_layer_stream(chunks)
+        readout = Readout(self.degree, self.method.readout_ridge).fit_chunks(
+            lambda: ((quadratic_form(h, a2), y) for h, y in chunks)
+        )
         h_test = hidden_features(self.spec, self.data.test_inputs, first.directions)
         pred = readout.predict(quadratic_form(h_test, a2))
         used = 2 * n if self.method.sample_split else n
