@@ -132,14 +132,36 @@ def summary_text(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# Sustained rates of the engine's operator, for quoting what hardware a spec needs:
+# measured 2-core CPU (float32 ~125, float64 ~65 GFLOP/s; see README, Performance) and a
+# nominal data-centre GPU (float32 ~30 TFLOP/s sustained; not measured here).
+CPU_FLOPS = {"float32": 1.2e11, "float64": 6e10}
+GPU_FLOPS = 3e13
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.2g} s"
+
+
+def hardware_quote(spec: he.ExperimentSpec, est: he.ResourceEstimate) -> str:
+    """Estimated peak memory and work, and the time that work takes on 2 CPU cores and on
+    one GPU, so a user sees which hardware a spec needs before it starts."""
+    cpu = est.flops / CPU_FLOPS[spec.solver.dtype]
+    gpu = est.flops / GPU_FLOPS
+    streamed = ", samples streamed" if est.streamed else ""
+    return (
+        f"estimated peak memory {est.peak_bytes / 2**30:.2f} GiB{streamed}, "
+        f"{est.flops:.2e} flops: ~{_duration(cpu)} on 2 CPU cores, ~{_duration(gpu)} on one GPU"
+    )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     est = he.estimate_resources(spec)
-    print(
-        f"hsl run {spec.name}: {est.points} points, estimated peak memory "
-        f"{est.peak_bytes / 2**30:.2f} GiB, {est.flops:.2e} flops",
-        file=sys.stderr,
-    )
+    print(f"hsl run {spec.name}: {est.points} points, {hardware_quote(spec, est)}", file=sys.stderr)
     progress = Progress(spec, sys.stderr, enabled=not args.quiet)
     try:
         result = he.run_experiment(spec, on_point=progress, threads=args.threads)
@@ -167,8 +189,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
     for name in he.preset_names():
         spec = he.preset(name)
         est = he.estimate_resources(spec)
+        cpu = _duration(est.flops / CPU_FLOPS[spec.solver.dtype])
         print(
             f"{name:<16} {est.points:>4} points  ~{est.flops:8.1e} flops  "
+            f"{est.peak_bytes / 2**30:6.2f} GiB  ~{cpu:>10} on 2 cores  "
             f"{he.preset_description(name)}"
         )
     return 0

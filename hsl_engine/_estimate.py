@@ -3,6 +3,10 @@
 The figures are upper-bound style estimates of one run's peak memory (a worker executes one
 (method, seed) run at a time) and of the whole experiment's floating-point work. They use
 only logarithms and floats, so ``d = 10**6`` or ``n = 10**9`` never form a huge integer.
+
+Memory no longer grows with n beyond the sample budget: training samples are kept in memory
+up to ``sample_budget_bytes`` and regenerated at every pass beyond it (`hsl_engine._data`),
+which the work estimate counts as extra passes of sample generation.
 """
 
 from __future__ import annotations
@@ -10,12 +14,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ._data import SAMPLE_BUDGET_BYTES
+from ._eigen import DEFAULT_EXPAND, DEFAULT_MAX_BASIS
+from ._operator import flops_per_vector
 from ._spec import ExperimentSpec
 
 BASELINE_BYTES = 150e6  # interpreter, NumPy/SciPy and their buffers
-# operator applications per n, in full blocks of d1 + 10 vectors: measured 7-9 blocks' worth
-# (120-160 vectors) at fig2-cpu sizes with warm starts; 12 keeps the estimate an upper bound
-KRYLOV_PASSES = 12.0
+# Operator vectors per n of a warm-started Krylov solve, in blocks of d1 + 14 (reported +
+# guard) vectors: measured 4.2-6.4 blocks' worth on the fig2-cpu sweep (expansion 8);
+# 8 keeps the estimate an upper bound there (see README, Performance).
+KRYLOV_BLOCKS = 8.0
+WORKING_BYTES = 64e6  # chunks in flight and their GEMM intermediates
+HIDDEN_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,8 @@ class ResourceEstimate:
         Floating-point operations of the whole experiment.
     points : int
         Number of (method, seed, n) points.
+    streamed : bool
+        Whether some training samples are regenerated per pass (beyond the sample budget).
     """
 
     feature_dim: float
@@ -41,6 +53,7 @@ class ResourceEstimate:
     peak_bytes: float
     flops: float
     points: int
+    streamed: bool = False
 
     @property
     def log10_peak_bytes(self) -> float:
@@ -55,13 +68,44 @@ def _exp(x: float) -> float:
     return math.exp(x) if x < 700 else math.inf
 
 
-def estimate_resources(spec: ExperimentSpec) -> ResourceEstimate:
+def krylov_vectors(d1: float) -> float:
+    """Estimated operator vectors per n of a warm-started solve (`KRYLOV_BLOCKS` blocks)."""
+    return KRYLOV_BLOCKS * (d1 + 14.0)
+
+
+# The dense solver's two D x D float64 sums must fit in this
+DENSE_SUM_BYTES = 2**30
+
+
+def choose_solver(spec: ExperimentSpec) -> str:
+    """The ``auto`` rule, fixed per experiment (a sweep keeps one solver, so warm starts and
+    the dense accumulation carry over): dense when its two D x D float64 sums fit in
+    `DENSE_SUM_BYTES` and accumulating every sample once (4 n_max D^2 flops for the sweep)
+    costs less than the Krylov solves (`krylov_vectors` vectors per n); krylov otherwise."""
+    choice = spec.solver.eigensolver
+    if choice != "auto":
+        return choice
     m = spec.model
+    dim = m.feature_dim
+    if 2 * 8 * dim * dim > DENSE_SUM_BYTES:
+        return "krylov"
+    ns = [n for n, _ in spec.sample_sizes()]
+    dense = 4.0 * max(ns) * dim * dim
+    per_n = krylov_vectors(m.hidden_dim)
+    krylov = sum(per_n * flops_per_vector(n, m.d, dim, m.q, m.features) for n in ns)
+    return "dense" if dense < krylov else "krylov"
+
+
+def estimate_resources(
+    spec: ExperimentSpec, *, sample_budget_bytes: float | None = None
+) -> ResourceEstimate:
+    m = spec.model
+    budget = SAMPLE_BUDGET_BYTES if sample_budget_bytes is None else sample_budget_bytes
     log_dim = m.log_feature_dim
     dim = _exp(log_dim)
     d = float(m.d)
     d1 = float(m.hidden_dim)
-    k = d1 + 10
+    k = d1 + 14.0
     itemsize = 4.0 if spec.solver.dtype == "float32" else 8.0
     log_d = math.log(d)
     if spec.sweep.alphas is not None:
@@ -69,30 +113,47 @@ def estimate_resources(spec: ExperimentSpec) -> ResourceEstimate:
     else:
         ns = [float(n) for n in spec.sweep.n_values or []]
     n_max = max(ns)
-    width = dim if m.features == "gaussian" else d  # stored floats per sample
+    n_test = float(spec.sweep.n_test)
+    width = dim if m.features == "gaussian" else d  # floats per sample
     q2 = m.features == "hermite" and m.q == 2
     per_vector_per_sample = 4.0 * d * d if q2 else 4.0 * dim
+    # regenerating one sample: its Gaussian inputs (~20 flops each) and its label (d1
+    # projections of 2 d^2 flops for q = 2, a lift and d1 dot products otherwise)
+    gen_per_sample = 20.0 * width + (2.0 * d1 * d * d if q2 else 2.0 * d1 * dim + 3.0 * dim)
+    split = any(getattr(meth, "sample_split", False) for meth in spec.methods)
+    streams = 2.0 if split else 1.0
+    per_sample_bytes = width * itemsize + 8.0
+    stored_rows = budget / (per_sample_bytes * streams)
+    streamed = n_max > stored_rows
+    stored = streams * min(n_max, stored_rows) * per_sample_bytes
+    test = 8.0 * width * n_test + 8.0 * d1 * n_test
 
     peak = 0.0
     flops = 0.0
     for method in spec.methods:
-        split = getattr(method, "sample_split", False)
-        # samples: train (+ second batch) + test, 8-byte floats, x2 while a stream grows
-        data = 8.0 * width * (2.0 * n_max * (2.0 if split else 1.0) + spec.sweep.n_test)
-        run_peak = data
+        run_peak = stored + test + WORKING_BYTES
         if method.name in ("layerwise_spectral", "latent_rbf"):
-            dense_mem = 3.0 * 8.0 * dim * dim
-            basis = 2.0 * 8.0 * dim * min(360.0, max(2 * k, 256 * 2**20 / (8 * dim)))
-            run_peak += min(dense_mem, basis) + 8.0 * dim * k * 4 + itemsize * n_max
-            if itemsize != 8.0:  # the operator keeps a float32 copy of the inputs
-                run_peak += itemsize * width * n_max
+            dense_bytes = 6.0 * 8.0 * dim * dim  # two sums, the matrix, eigensolver copies
+            # (choose_solver needs the exact D, which is only formed when it is modest)
+            solver = spec.solver.eigensolver
+            if solver == "auto":
+                solver = choose_solver(spec) if log_dim < math.log(1e6) else "krylov"
+            dense = solver == "dense"
+            max_basis = min(DEFAULT_MAX_BASIS, max(2 * k, 256 * 2**20 / (8 * dim)))
+            basis = 2.0 * 8.0 * dim * (max_basis + DEFAULT_EXPAND) + 8.0 * dim * k * 4
+            run_peak += max(dense_bytes if dense else 0.0, basis)
+            run_peak += min(HIDDEN_CACHE_BYTES, 8.0 * d1 * n_max)
+            vectors = krylov_vectors(d1)
+            passes = vectors / DEFAULT_EXPAND + 1.0
+            krylov = 0.0
             for n in ns:
-                solve = min(
-                    2.0 * n * dim * dim + 10.0 * dim**3,
-                    KRYLOV_PASSES * k * n * per_vector_per_sample,
-                )
-                project = 2.0 * (2.0 * n + spec.sweep.n_test) * d1 * (d * d if q2 else dim)
-                flops += solve + project
+                regen = max(0.0, n - stored_rows) * gen_per_sample
+                krylov += vectors * n * per_vector_per_sample + passes * regen
+                # label statistics and the passes of steps 3-4 over the second batch
+                flops += 3.0 * 2.0 * n * d1 * (d * d if q2 else dim) + 4.0 * regen
+                flops += 2.0 * n_test * d1 * (d * d if q2 else dim)
+            dense_flops = 4.0 * n_max * dim * dim + len(ns) * 10.0 * dim**3
+            flops += dense_flops if dense else krylov
         if method.name in ("kernel_rbf", "kernel_poly", "latent_rbf"):
             lm = float(method.n_landmarks)
             kernel_width = d1 if method.name == "latent_rbf" else width
@@ -100,8 +161,9 @@ def estimate_resources(spec: ExperimentSpec) -> ResourceEstimate:
             nested = method.name != "latent_rbf"
             total_rows = n_max if nested else sum(ns)
             flops += 2.0 * total_rows * lm * (kernel_width + lm)
-            flops += 2.0 * len(ns) * spec.sweep.n_test * lm * (kernel_width + 1)
+            flops += 2.0 * len(ns) * n_test * lm * (kernel_width + 1)
+            flops += max(0.0, total_rows - stored_rows) * gen_per_sample
         peak = max(peak, run_peak)
     flops *= spec.sweep.seeds
     points = len(spec.methods) * spec.sweep.seeds * len(ns)
-    return ResourceEstimate(dim, n_max, BASELINE_BYTES + peak, flops, points)
+    return ResourceEstimate(dim, n_max, BASELINE_BYTES + peak, flops, points, streamed)

@@ -12,15 +12,13 @@ from ._backend import Backend
 from ._data import SeedData, project, standardise
 from ._eigen import EigResult, block_krylov_top, dense_top
 from ._errors import ConvergenceError, ConvergenceWarning
-from ._operator import DenseAccumulator, MomentOperator, flops_per_vector
+from ._estimate import choose_solver
+from ._operator import DenseAccumulator, MomentOperator
 from ._spec import ExperimentSpec
 
 EXTRA_EIGENVALUES = 10
 # Ritz vectors kept beyond the reported ones, so the reported top d1 + 10 are the true ones
 GUARD_VECTORS = 4
-# Vectors per n of a warm-started Krylov solve, for the auto rule and the estimate
-# (measured at fig2-cpu sizes: see README, Performance).
-KRYLOV_VECTORS = 120.0
 # h_hat of the second batch is kept between the passes of steps 3-4 up to this size
 HIDDEN_CACHE_BYTES = 256 * 2**20
 
@@ -168,24 +166,6 @@ class FirstLayerSolver:
                 stacklevel=3,
             )
             return exc.result
-
-
-def choose_solver(spec: ExperimentSpec) -> str:
-    """The ``auto`` rule, fixed per experiment (a sweep keeps one solver, so warm starts and
-    the dense accumulation carry over): dense when its two D x D float64 sums fit in 1 GiB
-    and accumulating every sample once (4 n_max D^2 flops) costs less than the Krylov solves
-    (`KRYLOV_VECTORS` vectors per n); krylov otherwise."""
-    choice = spec.solver.eigensolver
-    if choice != "auto":
-        return choice
-    m = spec.model
-    dim = m.feature_dim
-    if 2 * 8 * dim * dim > 2**30:
-        return "krylov"
-    ns = [n for n, _ in spec.sample_sizes()]
-    dense = 4.0 * max(ns) * dim * dim
-    krylov = sum(KRYLOV_VECTORS * flops_per_vector(n, m.d, dim, m.q, m.features) for n in ns)
-    return "dense" if dense < krylov else "krylov"
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,10 @@ def test_float32_operator_is_close_to_float64(seed):
     r32 = MomentOperator(
         x.astype(np.float32), y.astype(np.float32), q=2, features="hermite", backend=be
     ).matmat(v.astype(np.float32))
-    assert r32.dtype == np.float32
-    assert_allclose(r32, r64, rtol=0, atol=1e-4 * np.abs(r64).max())
+    # float32 GEMMs, float64 sums: the result is float64 and carries only the float32
+    # rounding of inputs and products (~1e-7 relative), not of a float32 sum over n samples
+    assert r32.dtype == np.float64
+    assert_allclose(r32, r64, rtol=0, atol=2e-6 * np.abs(r64).max())
 
 
 def test_cuda_is_a_clear_error():
