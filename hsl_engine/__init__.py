@@ -28,7 +28,6 @@ from ._summary import (
     summary_rng,
 )
 from ._theory import Theory, exponent_theory, nu1, theory
-
 from ._version import ENGINE_VERSION
 
 __version__ = ENGINE_VERSION

@@ -14,7 +14,9 @@ results do not depend on the thread count.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -84,13 +86,15 @@ class Backend:
         if count == 0:
             raise ValueError("ordered_sum needs at least one item")
         if self.threads <= 1 or count == 1:
-            total = func(0)
-            for i in range(1, count):
-                total = _add(total, func(i))
+            # single-threaded BLAS here too: a GEMM's rounding can depend on BLAS threading
+            with single_threaded_blas():
+                total = func(0)
+                for i in range(1, count):
+                    total = _add(total, func(i))
             return total
         pool = _pool(self.threads)
         window = 2 * self.threads
-        with _controller().limit(limits=1, user_api="blas"):
+        with single_threaded_blas():
             pending = [pool.submit(func, i) for i in range(min(window, count))]
             total = None
             for i in range(count):
@@ -100,6 +104,33 @@ class Backend:
                     pending.append(pool.submit(func, i + window))
                 total = part if total is None else _add(total, part)
         return total
+
+
+_BLAS_LOCK = threading.Lock()
+_BLAS_DEPTH = 0
+_BLAS_LIMIT: Any = None
+
+
+@contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """BLAS limited to one thread while any caller is inside (re-entrant, thread-safe).
+
+    Every per-chunk computation runs under it, so its rounding never depends on how many
+    threads BLAS would have used; the parallelism comes from the chunk threads instead.
+    """
+    global _BLAS_DEPTH, _BLAS_LIMIT
+    with _BLAS_LOCK:
+        if _BLAS_DEPTH == 0:
+            _BLAS_LIMIT = _controller().limit(limits=1, user_api="blas")
+        _BLAS_DEPTH += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_DEPTH -= 1
+            if _BLAS_DEPTH == 0:
+                _BLAS_LIMIT.restore_original_limits()
+                _BLAS_LIMIT = None
 
 
 def _add(a: tuple[Any, ...], b: tuple[Any, ...]) -> tuple[Any, ...]:

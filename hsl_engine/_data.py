@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._backend import single_threaded_blas
 from ._features import SQRT2, feature_dim, lift, vec_to_sym
 from ._spec import ExperimentSpec, ModelSpec
 
@@ -219,7 +220,8 @@ class SampleStream:
         seq = np.random.SeedSequence(self._entropy, spawn_key=(*self._key, c))
         gen = np.random.default_rng(seq)
         inputs = gen.standard_normal((self.rows, self.width))
-        labels = self.teacher.clean_labels(inputs)
+        with single_threaded_blas():  # labels bit for bit, whatever thread reads the chunk
+            labels = self.teacher.clean_labels(inputs)
         noise = self.teacher.model.noise_std
         if noise > 0:
             labels = labels + noise * gen.standard_normal(self.rows)

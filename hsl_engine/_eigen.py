@@ -185,7 +185,6 @@ def block_krylov_top(
         After ``max_passes`` applications; ``.result`` holds the best `EigResult`.
     """
     dim = op.shape[0]
-    dtype = np.dtype(op.dtype)
     block = min(max(block, k_values), dim)
     if max_basis is None:
         # keep basis and images within ~256 MB each
