@@ -4,7 +4,15 @@ Pure NumPy/SciPy; no I/O, no environment variables, no global random state.
 """
 
 from ._backend import Backend, get_backend
-from ._data import SampleStream, SeedData, Teacher, make_seed_data, make_teacher, seed_rng
+from ._data import (
+    SampleStream,
+    SampleView,
+    SeedData,
+    Teacher,
+    make_seed_data,
+    make_teacher,
+    seed_rng,
+)
 from ._errors import ConvergenceError, ConvergenceWarning, DeviceError, EngineError, SpecError
 from ._estimate import ResourceEstimate, estimate_resources
 from ._experiment import (
@@ -47,6 +55,7 @@ __all__ = [
     "PowerLaw",
     "ResourceEstimate",
     "SampleStream",
+    "SampleView",
     "SeedData",
     "SpecError",
     "Summary",

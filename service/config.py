@@ -66,6 +66,12 @@ class Settings(BaseSettings):
 
     # compute
     threads: int | None = Field(None, ge=1, le=1024, description="Engine threads per run")
+    sample_budget_bytes: float = Field(
+        2 * 2.0**30,
+        ge=0,
+        description="Training samples a run keeps in memory; beyond, they are regenerated "
+        "at every pass (the estimate and the workers use the same figure)",
+    )
     embedded_workers: int = Field(1, ge=0, le=64, description="In-process worker threads")
 
     # what a submission may ask for (checked on the engine's estimate before storing)

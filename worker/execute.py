@@ -150,7 +150,11 @@ def execute_run(
     outcome, error = DONE, None
     try:
         spec = he.parse_spec(spec_data)
-        backend = backend or he.get_backend(spec.device, threads=settings.threads)
+        backend = backend or he.get_backend(
+            spec.device,
+            threads=settings.threads,
+            sample_budget_bytes=settings.sample_budget_bytes,
+        )
         for p in he.iter_run(
             spec, method, seed, skip=skip, backend=backend, should_stop=should_stop
         ):

@@ -86,7 +86,7 @@ def _too_large(limit: int) -> PayloadTooLarge:
 def check_limits(spec: he.ExperimentSpec, settings) -> None:
     """Refuse specs beyond the deployment's limits, from the engine's log-space estimate
     (nothing is allocated)."""
-    est = he.estimate_resources(spec)
+    est = he.estimate_resources(spec, sample_budget_bytes=settings.sample_budget_bytes)
     problems = []
     if est.peak_bytes > settings.max_memory_bytes:
         problems.append(
