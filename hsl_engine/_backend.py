@@ -76,6 +76,14 @@ class Backend:
         """The array library of the hot loop, as recorded with every point (``"numpy"``)."""
         return "numpy"
 
+    def map_ordered(self, func: Callable[[int], Any], count: int) -> list[Any]:
+        """``[func(i) for i in range(count)]``, computed in ``threads`` threads with
+        single-threaded BLAS (each result is the same whatever the thread count)."""
+        with single_threaded_blas():
+            if self.threads <= 1 or count <= 1:
+                return [func(i) for i in range(count)]
+            return list(_pool(self.threads).map(func, range(count)))
+
     def ordered_sum(self, func: Callable[[int], tuple[Any, ...]], count: int) -> tuple[Any, ...]:
         """``sum(func(i) for i in range(count))`` elementwise over tuples of arrays.
 

@@ -53,15 +53,20 @@ class FirstLayer:
     vectors: int = 0
 
 
-def label_stats(samples) -> tuple[float, float]:
+def label_stats(samples, backend: Backend | None = None) -> tuple[float, float]:
     """Mean and standard deviation of a sample source's labels in one pass over its chunks
-    (per-chunk moments merged in chunk order, Chan et al.), std floored as in `standardise`."""
-    count, mean, m2 = 0, 0.0, 0.0
-    for c in range(samples.n_chunks()):
+    (per-chunk moments merged in chunk order, Chan et al.), std floored as in `standardise`.
+    With a backend, the chunks (regenerated ones included) are read in its threads."""
+
+    def moments(c: int) -> tuple[int, float, float]:
         y = np.asarray(samples.block(c)[1], np.float64)
-        k = y.shape[0]
         mu = float(np.mean(y))
-        ss = float(np.sum((y - mu) ** 2))
+        return y.shape[0], mu, float(np.sum((y - mu) ** 2))
+
+    count_ = samples.n_chunks()
+    parts = backend.map_ordered(moments, count_) if backend else map(moments, range(count_))
+    count, mean, m2 = 0, 0.0, 0.0
+    for k, mu, ss in parts:
         delta = mu - mean
         total = count + k
         mean += delta * k / total
@@ -71,10 +76,10 @@ def label_stats(samples) -> tuple[float, float]:
     return mean, std if std > 0 and math.isfinite(std) else 1.0
 
 
-def label_transform(samples, activation: str) -> tuple[float, float]:
+def label_transform(samples, activation: str, backend: Backend | None = None):
     """``(shift, scale)`` with ``(y - shift) * scale`` the centred (id) or standardised
     (nonlinear g) labels of these samples, from their own statistics."""
-    mean, std = label_stats(samples)
+    mean, std = label_stats(samples, backend)
     return mean, (1.0 if activation == "id" else 1.0 / std)
 
 
@@ -114,7 +119,7 @@ class FirstLayerSolver:
     def fit(self, samples) -> FirstLayer:
         """Top-d1 directions of C_hat for the samples of a `SampleView` (or `ArraySamples`)."""
         m = self.spec.model
-        shift, scale = label_transform(samples, m.activation)
+        shift, scale = label_transform(samples, m.activation, self.backend)
         op = MomentOperator(
             samples,
             q=m.q,
@@ -201,11 +206,24 @@ class HiddenChunks:
     """``h_hat = A_hat F(x)`` and labels of a sample source, chunk by chunk: kept in memory
     when they fit ``cache_bytes`` (8 d1 bytes a sample), recomputed at each pass otherwise."""
 
-    def __init__(self, spec: ExperimentSpec, samples, directions, cache_bytes=HIDDEN_CACHE_BYTES):
+    def __init__(
+        self,
+        spec: ExperimentSpec,
+        samples,
+        directions,
+        backend: Backend | None = None,
+        cache_bytes: float = HIDDEN_CACHE_BYTES,
+    ):
         self.spec, self.samples, self.directions = spec, samples, directions
         self.n = samples.n
-        keep = self.n * directions.shape[1] * 8 <= cache_bytes
-        self._cache = [self._compute(c) for c in range(samples.n_chunks())] if keep else None
+        self._cache = None
+        if self.n * directions.shape[1] * 8 <= cache_bytes:
+            count = samples.n_chunks()
+            self._cache = (
+                backend.map_ordered(self._compute, count)
+                if backend is not None
+                else [self._compute(c) for c in range(count)]
+            )
 
     def _compute(self, c: int):
         x, y = self.samples.block(c)
@@ -354,7 +372,9 @@ class LayerwiseSpectral:
 
     def fit(self, n: int) -> SpectralFit:
         first = self.first.fit(self.data.train.view(n))
-        chunks = HiddenChunks(self.spec, self.second_batch(n), first.directions)
+        chunks = HiddenChunks(
+            self.spec, self.second_batch(n), first.directions, self.first.backend
+        )
         a2 = second_layer_stream(chunks)
         readout = Readout(self.degree, self.method.readout_ridge).fit_chunks(
             lambda: ((quadratic_form(h, a2), y) for h, y in chunks)
