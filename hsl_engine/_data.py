@@ -267,6 +267,11 @@ class SampleView:
     def n_chunks(self) -> int:
         return self.stream.n_chunks(self.n)
 
+    @property
+    def stored(self) -> bool:
+        """Whether all of the view's samples are kept in memory once drawn."""
+        return self.stream.n_chunks(self.n) * self.rows <= self.stream.store_rows
+
     def block(self, c: int) -> tuple[np.ndarray, np.ndarray]:
         """Chunk c truncated to the view: inputs (in the stream's dtype) and labels."""
         x, y = self.stream.chunk(c)

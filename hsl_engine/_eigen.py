@@ -32,8 +32,10 @@ from ._errors import ConvergenceError
 # Relative accuracy of the reported eigenvalues that stand apart from the rest
 VALUE_TOL = 1e-5
 # Relative residual of reported eigenvalues inside the noise bulk (what the spectrum plot
-# needs), and the gap, relative to |theta_1|, below which an eigenvalue counts as in the bulk
+# needs), and the gap to the nearest other Ritz value, relative to |theta_1|, below which an
+# eigenvalue counts as in the bulk
 BULK_TOL = 1e-2
+SEPARATION = 1e-2
 DEFAULT_EXPAND = 8
 DEFAULT_MAX_BASIS = 360
 
@@ -150,7 +152,7 @@ def block_krylov_top(
     ``theta_i`` to the nearest other Ritz value of the block:
 
     * the ``k_vectors`` wanted vectors: ``r_i <= tol |theta_1|``;
-    * the reported eigenvalues (``k_values``): separated ones (``gap_i > bulk_tol
+    * the reported eigenvalues (``k_values``): separated ones (``gap_i > SEPARATION
       |theta_1|``) to relative accuracy ``value_tol`` through the bound
       ``|theta_i - lambda_i| <= r_i^2 / gap_i``; the others, inside the noise bulk where only
       the spectrum plot uses them, to ``r_i <= bulk_tol |theta_1|``;
@@ -248,7 +250,7 @@ def _pending(theta, rnorm, scale, k_vectors, k_values, tol, value_tol, bulk_tol)
         diff = np.abs(theta[:, None] - theta[None, :])
         np.fill_diagonal(diff, np.inf)
         gap = diff.min(axis=1)
-    separated = gap > bulk_tol * scale
+    separated = gap > SEPARATION * scale
     value_ok = np.where(
         separated,
         np.minimum(rnorm, rnorm**2 / np.maximum(gap, 1e-300)) <= value_tol * np.abs(theta),

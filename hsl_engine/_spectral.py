@@ -19,8 +19,11 @@ from ._spec import ExperimentSpec
 EXTRA_EIGENVALUES = 10
 # Ritz vectors kept beyond the reported ones, so the reported top d1 + 10 are the true ones
 GUARD_VECTORS = 4
-# h_hat of the second batch is kept between the passes of steps 3-4 up to this size
+# h_hat of the second batch is kept between the passes of steps 3-4 up to this size while
+# the samples themselves are stored, and up to the smaller one while they stream (then the
+# passes regenerate the samples and project them again, so memory stays flat in n)
 HIDDEN_CACHE_BYTES = 256 * 2**20
+HIDDEN_CACHE_STREAMED_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -212,12 +215,15 @@ class HiddenChunks:
         samples,
         directions,
         backend: Backend | None = None,
-        cache_bytes: float = HIDDEN_CACHE_BYTES,
+        cache_bytes: float | None = None,
     ):
         self.spec, self.samples, self.directions = spec, samples, directions
         self.n = samples.n
         self._cache = None
-        if self.n * directions.shape[1] * 8 <= cache_bytes:
+        if cache_bytes is None:
+            stored = getattr(samples, "stored", True)
+            cache_bytes = HIDDEN_CACHE_BYTES if stored else HIDDEN_CACHE_STREAMED_BYTES
+        if self.n * (directions.shape[1] + 1) * 8 <= cache_bytes:
             count = samples.n_chunks()
             self._cache = (
                 backend.map_ordered(self._compute, count)
