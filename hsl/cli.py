@@ -139,7 +139,8 @@ CPU_FLOPS = {"float32": 1.2e11, "float64": 6e10}
 GPU_FLOPS = 3e13
 
 
-def _duration(seconds: float) -> str:
+def _work_time(seconds: float) -> str:
+    """A long duration in its largest unit: ``19.5 h``, ``663 days``."""
     for unit, size in (("days", 86400.0), ("h", 3600.0), ("min", 60.0)):
         if seconds >= size:
             return f"{seconds / size:.3g} {unit}"
@@ -154,7 +155,7 @@ def hardware_quote(spec: he.ExperimentSpec, est: he.ResourceEstimate) -> str:
     streamed = ", samples streamed" if est.streamed else ""
     return (
         f"estimated peak memory {est.peak_bytes / 2**30:.2f} GiB{streamed}, "
-        f"{est.flops:.2e} flops: ~{_duration(cpu)} on 2 CPU cores, ~{_duration(gpu)} on one GPU"
+        f"{est.flops:.2e} flops: ~{_work_time(cpu)} on 2 CPU cores, ~{_work_time(gpu)} on one GPU"
     )
 
 
@@ -189,7 +190,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     for name in he.preset_names():
         spec = he.preset(name)
         est = he.estimate_resources(spec)
-        cpu = _duration(est.flops / CPU_FLOPS[spec.solver.dtype])
+        cpu = _work_time(est.flops / CPU_FLOPS[spec.solver.dtype])
         print(
             f"{name:<16} {est.points:>4} points  ~{est.flops:8.1e} flops  "
             f"{est.peak_bytes / 2**30:6.2f} GiB  ~{cpu:>10} on 2 cores  "

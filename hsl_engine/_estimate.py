@@ -21,8 +21,8 @@ from ._spec import ExperimentSpec
 
 BASELINE_BYTES = 150e6  # interpreter, NumPy/SciPy and their buffers
 # Operator vectors per n of a warm-started Krylov solve, in blocks of d1 + 14 (reported +
-# guard) vectors: measured 4.2-6.4 blocks' worth on the fig2-cpu sweep (expansion 8);
-# 8 keeps the estimate an upper bound there (see README, Performance).
+# guard) vectors: measured 4.3-6.4 blocks' worth on the fig2-cpu sweep (d = 60) and 4.0-8.4
+# (6.3 on average, 5.5-6.5 at the largest n) on fig2-d120-cpu; 8 bounds the sweeps' totals.
 KRYLOV_BLOCKS = 8.0
 # chunks in flight, their GEMM intermediates and the allocator's per-thread arenas
 # (measured: a streamed d = 40 run at n = 4e6 peaks at ~125 MiB in all)

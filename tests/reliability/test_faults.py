@@ -264,11 +264,15 @@ def test_07_worker_killed_after_storing_a_point_before_acknowledging(stack, scen
 def test_08_memory_and_time_limits_fail_the_run_not_the_worker(stack, scenario):
     scenario("08-resource-limits")
     st = stack(HSL_MEMORY_LIMIT_BYTES=3 * 2**30, HSL_RUN_TIME_LIMIT=4).start(workers=1)
+    # Samples stream beyond a budget now, so a large n no longer hogs memory. The dense
+    # solver's two D x D sums at d = 200 (D = 20100) take 6.5 GB at once: within the
+    # service's 64 GiB estimate limit, beyond the worker's 3 GiB address space.
     hog = {
         **SLOW_SPEC,
         "name": "hog",
-        "model": {**SLOW_SPEC["model"], "d": 80},
-        "sweep": {**SLOW_SPEC["sweep"], "n_values": [400000]},
+        "model": {"d": 200, "q": 2, "features": "hermite"},
+        "sweep": {**SLOW_SPEC["sweep"], "n_values": [500]},
+        "solver": {"eigensolver": "dense"},
     }
     slow = variant(SLOW_SPEC, 3, n_values=[60000, 90000, 120000, 150000])
     small = variant(TINY_SPEC, 1)
