@@ -156,8 +156,10 @@ def block_krylov_top(
       |theta_1|``) to relative accuracy ``value_tol`` through the bound
       ``|theta_i - lambda_i| <= r_i^2 / gap_i``; the others, inside the noise bulk where only
       the spectrum plot uses them, to ``r_i <= bulk_tol |theta_1|``;
-    * the ``block - k_values`` guard vectors are not tested: they keep the reported ones from
-      being displaced by an eigenvalue the basis has not found yet.
+    * ``block - k_values`` guard vectors on each side of the spectrum (the next Ritz values
+      of each sign): one is refined while ``|theta_g| + r_g`` reaches the smallest reported
+      magnitude, so an eigenvalue the basis has not resolved yet cannot hide behind the
+      reported ones (Ritz values under-estimate the magnitudes at both ends).
 
     Parameters
     ----------
@@ -167,7 +169,8 @@ def block_krylov_top(
     k_values : int
         Eigenvalues reported (>= k_vectors).
     block : int
-        Ritz vectors kept and refined (>= k_values).
+        ``k_values`` plus the guard vectors per side (the Ritz block has up to
+        ``2 block - k_values`` vectors).
     tol : float
         Relative residual tolerance of the wanted vectors.
     max_passes : int
@@ -187,7 +190,9 @@ def block_krylov_top(
         After ``max_passes`` applications; ``.result`` holds the best `EigResult`.
     """
     dim = op.shape[0]
-    block = min(max(block, k_values), dim)
+    k_values = min(k_values, dim)
+    guard = max(0, block - k_values)  # guard vectors on each side of the spectrum
+    block = min(k_values + 2 * guard, dim)
     if max_basis is None:
         # keep basis and images within ~256 MB each
         max_basis = min(DEFAULT_MAX_BASIS, max(2 * block, (256 * 2**20) // (8 * dim)))
@@ -212,7 +217,7 @@ def block_krylov_top(
         h = np.block([[h, cross], [cross.T, (corner + corner.T) / 2]])
         images = np.concatenate([images, w_new], axis=1)
         theta, y = np.linalg.eigh(h)
-        order = _by_magnitude(theta)[:block]
+        order = _select(theta, k_values, guard)
         theta, y = theta[order], y[:, order]
         ritz = basis @ y
         cu = images @ y
@@ -220,6 +225,10 @@ def block_krylov_top(
         rnorm = np.linalg.norm(resid, axis=0)
         scale = max(abs(float(theta[0])), np.finfo(np.float64).tiny)
         pending = _pending(theta, rnorm, scale, k_vectors, k_values, tol, value_tol, bulk_tol)
+        # a guard whose Ritz value could still grow past the smallest reported one (Ritz
+        # values under-estimate the magnitudes at each end of the spectrum) is refined too
+        cutoff = abs(float(theta[k_values - 1])) if theta.shape[0] >= k_values else 0.0
+        pending[k_values:] = np.abs(theta[k_values:]) + rnorm[k_values:] >= cutoff
         converged = not pending.any()
         result = EigResult(theta[:k_values], ritz, rnorm[:k_values], passes, converged)
         if converged:
@@ -240,6 +249,19 @@ def block_krylov_top(
         if new.shape[1] == 0:  # the residuals lie in the basis: numerically exact already
             return EigResult(theta[:k_values], ritz, rnorm[:k_values], passes, True)
         basis = np.concatenate([basis, new], axis=1)
+
+
+def _select(theta: np.ndarray, k_values: int, guard: int) -> np.ndarray:
+    """Indices of the Ritz block: the top ``k_values`` by |theta|, then the ``guard``
+    largest-magnitude ones of each sign among the rest (the reported eigenvalues' nearest
+    competitors sit at either end of the spectrum)."""
+    order = _by_magnitude(theta)
+    top, rest = order[:k_values], order[k_values:]
+    positive = rest[theta[rest] > 0][:guard]
+    negative = rest[theta[rest] <= 0][:guard]
+    guards = np.concatenate([positive, negative])
+    guards = guards[np.argsort(-np.abs(theta[guards]), kind="stable")]
+    return np.concatenate([top, guards]).astype(np.intp)
 
 
 def _pending(theta, rnorm, scale, k_vectors, k_values, tol, value_tol, bulk_tol) -> np.ndarray:

@@ -199,7 +199,8 @@ class SolverSpec(_Strict):
             0.0,
             0.1,
             lo_open=True,
-            description="relative residual tolerance; default 1e-6 (float64) or 1e-3 (float32)",
+            description="relative residual tolerance of the wanted eigenvectors; default 1e-6 "
+            "(float64) or 1e-4 (float32)",
         )
         | None
     ) = None
@@ -289,7 +290,7 @@ class ExperimentSpec(_Strict):
     def tol(self) -> float:
         if self.solver.tol is not None:
             return self.solver.tol
-        return 1e-6 if self.solver.dtype == "float64" else 1e-3
+        return 1e-6 if self.solver.dtype == "float64" else 1e-4
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

@@ -34,7 +34,7 @@ COS2_TOL = 1e-3
 MSE_TOL = 1e-3
 SEPARATED_REL = 1e-4
 SEPARATED_GAP = 1e-2
-ALL_ABS = 1e-2
+ALL_ABS = 2e-2  # twice the in-bulk tolerance: order swaps within it; a sign error is ~2
 
 SPECS = {
     "q2-hermite-gamma0.4": {"d": 24, "gamma": 0.4},
@@ -47,10 +47,12 @@ SPECS = {
 
 
 def make_spec(model, seed, solver):
+    # n from about D to 20-30 D: the regime of the presets (below D the fit is noise, MSE > 1)
+    alphas = [2.6, 3.0, 3.4, 3.8] if model.get("q") == 3 else [1.6, 2.0, 2.4, 2.8]
     return he.parse_spec(
         {
             "model": model,
-            "sweep": {"alphas": [1.6, 2.0, 2.4, 2.8], "seeds": 1, "seed": seed, "n_test": 3000},
+            "sweep": {"alphas": alphas, "seeds": 1, "seed": seed, "n_test": 3000},
             "methods": [{"name": "layerwise_spectral", "sample_split": True}],
             "solver": solver,
         }
