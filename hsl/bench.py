@@ -216,14 +216,17 @@ def accuracy(rows, reference) -> dict[str, float]:
 def _child_peak(spec: he.ExperimentSpec, budget: float, threads: int | None) -> dict[str, Any]:
     """Run one method of a spec in a fresh interpreter; its points' seconds and peak RSS."""
     code = (
-        "import json, resource, sys, time\n"
+        "import json, sys, time\n"
         "import hsl_engine as he\n"
         "spec = he.parse_spec(json.loads(sys.argv[1]))\n"
         "threads = None if sys.argv[3] == 'None' else int(sys.argv[3])\n"
         "be = he.get_backend('cpu', threads=threads, sample_budget_bytes=float(sys.argv[2]))\n"
         "t0 = time.perf_counter()\n"
         "pts = list(he.iter_run(spec, 'layerwise_spectral', 0, backend=be))\n"
-        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        # VmHWM is this process's own high-water mark: ru_maxrss would also count the
+        # parent's pages, which the child shares until its exec (vfork)
+        "peak = [int(line.split()[1]) * 1024 for line in open('/proc/self/status')\n"
+        "        if line.startswith('VmHWM')][0]\n"
         "print(json.dumps({'seconds': time.perf_counter() - t0, 'peak_bytes': peak,\n"
         "                  'mse': pts[-1].mse, 'vectors': pts[-1].extra.get('passes')}))\n"
     )
