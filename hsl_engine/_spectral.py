@@ -68,6 +68,12 @@ def label_stats(samples, backend: Backend | None = None) -> tuple[float, float]:
 
     count_ = samples.n_chunks()
     parts = backend.map_ordered(moments, count_) if backend else map(moments, range(count_))
+    return merged_mean_std(parts)
+
+
+def merged_mean_std(parts) -> tuple[float, float]:
+    """Mean and std from per-chunk ``(count, mean, sum of squared deviations)``, merged in
+    order (Chan, Golub and LeVeque); the std is floored to 1 as in `standardise`."""
     count, mean, m2 = 0, 0.0, 0.0
     for k, mu, ss in parts:
         delta = mu - mean
@@ -299,20 +305,14 @@ class Readout:
     def fit_chunks(self, chunks) -> Readout:
         """Fit from ``chunks()``, a callable returning an iterator of ``(t, y)`` arrays (it is
         called twice: one pass for the moments of t, one for the normal equations)."""
-        count, mean, m2, head = 0, 0.0, 0.0, []
+        parts, head, count = [], [], 0
         for t, _ in chunks():
-            k = t.shape[0]
             mu = float(np.mean(t))
-            ss = float(np.sum((t - mu) ** 2))
-            delta = mu - mean
-            total = count + k
-            mean += delta * k / total
-            m2 += ss + delta * delta * count * k / total
+            parts.append((t.shape[0], mu, float(np.sum((t - mu) ** 2))))
             if count < self.QUANTILE_SAMPLES:
                 head.append(t[: self.QUANTILE_SAMPLES - count])
-            count = total
-        std = math.sqrt(m2 / count) if count else 0.0
-        self.t_mean, self.t_std = mean, (std if std > 0 and math.isfinite(std) else 1.0)
+            count += t.shape[0]
+        self.t_mean, self.t_std = merged_mean_std(parts)
         if self.degree > 1:
             z = (np.concatenate(head) - self.t_mean) / self.t_std
             lo, hi = np.quantile(z, self.WINSOR)
