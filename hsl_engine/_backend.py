@@ -1,8 +1,9 @@
 """Array backend and the parallel chunk reducer of the hot loop.
 
-The numerical core is written against the array API (``array_api_compat``), so a GPU backend
-(CuPy or PyTorch) is an addition here, not a rewrite of the operators. NumPy is the only backend
-shipped today; asking for ``cuda`` fails with a clear `DeviceError`.
+NumPy is the only backend shipped today; asking for ``cuda`` fails with a clear `DeviceError`.
+The chunk kernels (`hsl_engine._operator`, the sample streams) call NumPy directly since
+engine 0.2; ``xp`` is kept for the feature maps, and a GPU backend would route those kernels
+and the chunk loop below through it.
 
 On the CPU the hot loop is a sum over chunks of samples. BLAS alone parallelises each GEMM, but
 the elementwise work between GEMMs (and the regeneration of streamed samples) is
