@@ -187,7 +187,6 @@ def run_paper(sw: Sweep, dtype, points: list[int] | None = None) -> list[dict[st
         t0 = time.perf_counter()
         op = sw.operator(n, dtype)
         q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((op.dim, k)))
-        quotients = np.zeros(k)
         for _ in range(PAPER_STEPS):
             w = op.matmat(q)
             quotients = np.einsum("ij,ij->j", q, w)

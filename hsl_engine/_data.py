@@ -391,10 +391,3 @@ def make_seed_data(
         test_labels=test_labels,
         method_seq=method_rng.bit_generator.seed_seq,
     )
-
-
-def standardise(y: np.ndarray) -> tuple[float, float]:
-    """Mean and standard deviation used to standardise labels (std floored to avoid 0)."""
-    mean = float(np.mean(y))
-    std = float(np.std(y))
-    return mean, std if std > 0 and math.isfinite(std) else 1.0

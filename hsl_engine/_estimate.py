@@ -27,6 +27,9 @@ KRYLOV_BLOCKS = 8.0
 # chunks in flight, their GEMM intermediates and the allocator's per-thread arenas
 # (measured: a streamed d = 40 run at n = 4e6 peaks at ~125 MiB in all)
 WORKING_BYTES = 64e6
+# h_hat of the second batch is kept between the passes of steps 3-4 up to the first size
+# while the samples are stored, and up to the second while they stream (then the passes
+# regenerate the samples and project them again, so memory stays flat in n)
 HIDDEN_CACHE_BYTES = 256 * 2**20
 HIDDEN_CACHE_STREAMED_BYTES = 32 * 2**20
 

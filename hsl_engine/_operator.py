@@ -53,9 +53,6 @@ class ArraySamples:
         s = c * self.rows
         return self.inputs[s : s + self.rows], self._labels[s : s + self.rows]
 
-    def labels(self):
-        return self._labels
-
 
 def as_samples(inputs, labels=None):
     """A chunked sample source: a `SampleView` as it is, or arrays wrapped."""
@@ -177,23 +174,30 @@ class MomentOperator:
         return self.backend.ordered_sum(chunk, self.samples.n_chunks())[0] / self.n
 
     # -- dense ----------------------------------------------------------------------------------
-    def chunk_moment(self, c: int, stop: int | None = None) -> np.ndarray:
-        """``sum y (F F^T)`` over chunk c (its first ``stop`` rows), float64, shape (D, D)."""
-        x, y = self._chunk(c)
+    def chunk_moments(self, c: int, stop: int | None = None, *, raw: bool = False):
+        """``(sum y F F^T,)`` over chunk c (its first ``stop`` rows), float64, shape (D, D).
+
+        With ``raw``, ``y`` are the untransformed labels and ``sum F F^T`` comes second:
+        the sums `DenseAccumulator` keeps so that any later centring can be applied.
+        """
+        x, y = self.samples.block(c)
         if stop is not None:
             x, y = x[:stop], y[:stop]
-        acc = np.zeros((self.dim, self.dim))
+        x = x if x.dtype == self.dtype else x.astype(self.dtype)
+        y = (y if raw else (y - self.shift) * self.scale).astype(self.dtype)
+        s_y = np.zeros((self.dim, self.dim))
+        s_1 = np.zeros((self.dim, self.dim)) if raw else None
         for s in range(0, x.shape[0], CHUNK_LIFT):
             f = self._features(x[s : s + CHUNK_LIFT])
-            acc += f.T @ (f * y[s : s + CHUNK_LIFT, None])
-        return acc
+            s_y += f.T @ (f * y[s : s + CHUNK_LIFT, None])
+            if raw:
+                s_1 += f.T @ f
+        return (s_y, s_1) if raw else (s_y,)
 
     def dense(self):
         """The D x D matrix, built from explicit features chunk by chunk (small D only)."""
         self.flops += 2.0 * self.n * self.dim * self.dim
-        total = self.backend.ordered_sum(
-            lambda c: (self.chunk_moment(c),), self.samples.n_chunks()
-        )[0]
+        total = self.backend.ordered_sum(self.chunk_moments, self.samples.n_chunks())[0]
         # the -I term: (1/n) sum y * I vanishes for centred labels
         c = total / self.n
         return (c + c.T) / 2
@@ -215,20 +219,6 @@ class DenseAccumulator:
         self.s_1 = np.zeros((dim, dim))
         self.chunks_done = 0
 
-    def _moments(self, op: MomentOperator, c: int, stop: int | None = None):
-        x, y = op.samples.block(c)
-        if stop is not None:
-            x, y = x[:stop], y[:stop]
-        x = x if x.dtype == op.dtype else x.astype(op.dtype)
-        y = y.astype(op.dtype)
-        s_y = np.zeros((self.dim, self.dim))
-        s_1 = np.zeros((self.dim, self.dim))
-        for s in range(0, x.shape[0], CHUNK_LIFT):
-            f = op._features(x[s : s + CHUNK_LIFT])
-            s_y += f.T @ (f * y[s : s + CHUNK_LIFT, None])
-            s_1 += f.T @ f
-        return s_y, s_1
-
     def moment(self, op: MomentOperator) -> np.ndarray:
         rows = op.samples.rows
         complete = op.n // rows
@@ -237,7 +227,7 @@ class DenseAccumulator:
         if complete > self.chunks_done:
             first = self.chunks_done
             s_y, s_1 = op.backend.ordered_sum(
-                lambda i: self._moments(op, first + i), complete - first
+                lambda i: op.chunk_moments(first + i, raw=True), complete - first
             )
             self.s_y += s_y
             self.s_1 += s_1
@@ -246,7 +236,7 @@ class DenseAccumulator:
         s_y, s_1 = self.s_y, self.s_1
         tail = op.n - complete * rows
         if tail:
-            t_y, t_1 = self._moments(op, complete, tail)
+            t_y, t_1 = op.chunk_moments(complete, tail, raw=True)
             s_y, s_1 = s_y + t_y, s_1 + t_1
             op.flops += 4.0 * tail * self.dim**2
         c = (s_y - op.shift * s_1) * (op.scale / op.n)

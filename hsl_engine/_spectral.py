@@ -9,21 +9,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._backend import Backend
-from ._data import SeedData, project, standardise
+from ._data import SeedData, project
 from ._eigen import EigResult, block_krylov_top, dense_top
 from ._errors import ConvergenceError, ConvergenceWarning
-from ._estimate import choose_solver
+from ._estimate import HIDDEN_CACHE_BYTES, HIDDEN_CACHE_STREAMED_BYTES, choose_solver
 from ._operator import DenseAccumulator, MomentOperator
 from ._spec import ExperimentSpec
 
 EXTRA_EIGENVALUES = 10
 # Ritz vectors kept beyond the reported ones, so the reported top d1 + 10 are the true ones
 GUARD_VECTORS = 4
-# h_hat of the second batch is kept between the passes of steps 3-4 up to this size while
-# the samples themselves are stored, and up to the smaller one while they stream (then the
-# passes regenerate the samples and project them again, so memory stays flat in n)
-HIDDEN_CACHE_BYTES = 256 * 2**20
-HIDDEN_CACHE_STREAMED_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -58,7 +53,7 @@ class FirstLayer:
 
 def label_stats(samples, backend: Backend | None = None) -> tuple[float, float]:
     """Mean and standard deviation of a sample source's labels in one pass over its chunks
-    (per-chunk moments merged in chunk order, Chan et al.), std floored as in `standardise`.
+    (per-chunk moments merged in chunk order), std floored to 1 when it is 0.
     With a backend, the chunks (regenerated ones included) are read in its threads."""
 
     def moments(c: int) -> tuple[int, float, float]:
@@ -73,7 +68,7 @@ def label_stats(samples, backend: Backend | None = None) -> tuple[float, float]:
 
 def merged_mean_std(parts) -> tuple[float, float]:
     """Mean and std from per-chunk ``(count, mean, sum of squared deviations)``, merged in
-    order (Chan, Golub and LeVeque); the std is floored to 1 as in `standardise`."""
+    order (Chan, Golub and LeVeque); a std of 0 (or non-finite) is floored to 1."""
     count, mean, m2 = 0, 0.0, 0.0
     for k, mu, ss in parts:
         delta = mu - mean
@@ -90,14 +85,6 @@ def label_transform(samples, activation: str, backend: Backend | None = None):
     (nonlinear g) labels of these samples, from their own statistics."""
     mean, std = label_stats(samples, backend)
     return mean, (1.0 if activation == "id" else 1.0 / std)
-
-
-def transformed_labels(y: np.ndarray, activation: str) -> np.ndarray:
-    """Centred labels (id) or standardised labels (nonlinear g), from these samples' own stats."""
-    mean, std = standardise(y)
-    if activation == "id":
-        return y - mean
-    return (y - mean) / std
 
 
 class FirstLayerSolver:
@@ -199,13 +186,6 @@ def hidden_features(spec: ExperimentSpec, inputs: np.ndarray, directions: np.nda
     return project(inputs, directions.T, spec.model.q)
 
 
-def second_layer(h: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``A2_hat = (1/n) sum y_c (h h^T - I)``, shape (d1, d1), with centred y."""
-    yc = y - y.mean()
-    a2 = (h.T * yc) @ h / h.shape[0]
-    return (a2 + a2.T) / 2  # the -I term vanishes for centred y
-
-
 def quadratic_form(h: np.ndarray, a2: np.ndarray) -> np.ndarray:
     """``h^T A2 h - tr A2`` per row, shape (n,)."""
     return np.einsum("ni,ij,nj->n", h, a2, h, optimize=True) - np.trace(a2)
@@ -270,7 +250,8 @@ class HiddenView:
 
 
 def second_layer_stream(chunks: HiddenChunks) -> np.ndarray:
-    """`second_layer` over chunks: ``(S_yhh - ybar S_hh) / n`` from per-chunk sums."""
+    """``A2_hat = (1/n) sum y_c (h h^T - I)``, shape (d1, d1), with centred y, from per-chunk
+    sums: ``(S_yhh - ybar S_hh) / n`` (the ``-I`` term vanishes for centred y)."""
     k = chunks.directions.shape[1]
     s_yhh, s_hh, s_y = np.zeros((k, k)), np.zeros((k, k)), 0.0
     for h, y in chunks:
@@ -378,9 +359,7 @@ class LayerwiseSpectral:
 
     def fit(self, n: int) -> SpectralFit:
         first = self.first.fit(self.data.train.view(n))
-        chunks = HiddenChunks(
-            self.spec, self.second_batch(n), first.directions, self.first.backend
-        )
+        chunks = HiddenChunks(self.spec, self.second_batch(n), first.directions, self.first.backend)
         a2 = second_layer_stream(chunks)
         readout = Readout(self.degree, self.method.readout_ridge).fit_chunks(
             lambda: ((quadratic_form(h, a2), y) for h, y in chunks)
