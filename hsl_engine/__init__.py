@@ -1,9 +1,18 @@
 """hsl_engine: the simulator of the hierarchical scaling-law model (see shared/MODEL.md).
 
-Pure NumPy/SciPy; no I/O, no environment variables, no global random state.
+NumPy/SciPy, plus PyTorch for the optional torch backend (CPU or CUDA); no I/O, no
+environment variables, no global random state.
 """
 
-from ._backend import Backend, get_backend
+from ._backend import (
+    Backend,
+    cuda_devices,
+    cuda_memory_bytes,
+    get_backend,
+    resolve_device,
+    spec_backend,
+    torch_available,
+)
 from ._data import (
     SampleStream,
     SampleView,
@@ -67,6 +76,11 @@ __all__ = [
     "exponent_theory",
     "feature_dim",
     "get_backend",
+    "cuda_devices",
+    "cuda_memory_bytes",
+    "resolve_device",
+    "spec_backend",
+    "torch_available",
     "iter_run",
     "lift",
     "make_seed_data",

@@ -1,9 +1,9 @@
-"""Array backend and the parallel chunk reducer of the hot loop.
+"""Array backends (NumPy on the CPU; PyTorch on the CPU or CUDA) and the chunk reducer.
 
-NumPy is the only backend shipped today; asking for ``cuda`` fails with a clear `DeviceError`.
-The chunk kernels (`hsl_engine._operator`, the sample streams) call NumPy directly since
-engine 0.2; ``xp`` is kept for the feature maps, and a GPU backend would route those kernels
-and the chunk loop below through it.
+One code path: the hot loops (sample streams, moment operator, eigensolver basis algebra,
+projections, second layer, readout, kernel baselines) are written against the array namespace
+``backend.xp`` (array-api-compat) plus the few helpers of `Backend` (device placement, host
+copies, keyed device generators). NumPy and PyTorch run the same lines.
 
 On the CPU the hot loop is a sum over chunks of samples. BLAS alone parallelises each GEMM, but
 the elementwise work between GEMMs (and the regeneration of streamed samples) is
@@ -19,10 +19,11 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import array_api_compat.numpy as np_xp
+import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from ._errors import DeviceError
@@ -47,39 +48,130 @@ def available_cores() -> int:
 
 @dataclass(frozen=True)
 class Backend:
-    """Where and how the hot loop runs.
+    """Where and how the hot loop runs: the device, the array library and its threads.
 
     Attributes
     ----------
     name : str
-        ``"cpu"`` (NumPy).
+        The device: ``"cpu"`` or ``"cuda:N"``.
     xp : module
-        The array namespace.
+        The array namespace (array-api-compat's NumPy or PyTorch namespace).
     threads : int
-        Worker threads for chunk-parallel reductions.
+        Worker threads for chunk-parallel reductions (NumPy); PyTorch uses its own.
     sample_budget_bytes : float or None
         Memory for training samples kept between passes, per seed; None: the engine default
         (`hsl_engine._data.SAMPLE_BUDGET_BYTES`). Beyond it samples are regenerated.
+    library : str
+        ``"numpy"`` or ``"torch"``.
+    device_streams : bool
+        Draw training samples with the device's own generator (PyTorch, chunk-keyed like the
+        NumPy streams) instead of NumPy's. On by default on CUDA, where nothing but results
+        should cross the bus; on the CPU the NumPy streams are used, so the PyTorch backend
+        sees the very samples NumPy sees.
+    tf32 : bool
+        Allow TensorFloat-32 in float32 matrix products on CUDA.
     """
 
     name: str
     xp: Any
     threads: int
     sample_budget_bytes: float | None = None
+    library: str = "numpy"
+    device_streams: bool = False
+    tf32: bool = False
 
     @property
     def device(self) -> str:
-        """The device that computes, as recorded with every point (``"cpu"``)."""
+        """The device that computes, as recorded with every point (``"cpu"``, ``"cuda:0"``)."""
         return self.name
 
     @property
     def array_backend(self) -> str:
-        """The array library of the hot loop, as recorded with every point (``"numpy"``)."""
-        return "numpy"
+        """The array library of the hot loop, as recorded with every point."""
+        return self.library
 
+    @property
+    def is_torch(self) -> bool:
+        return self.library == "torch"
+
+    @property
+    def torch_device(self):
+        import torch
+
+        return torch.device(self.name)
+
+    # -- arrays -------------------------------------------------------------------------------
+    def dtype(self, name) -> Any:
+        """The backend's dtype for a NumPy dtype or its name (``"float32"``, ``np.float64``)."""
+        key = np.dtype(name).name
+        if not self.is_torch:
+            return np.dtype(key)
+        import torch
+
+        return {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64}[key]
+
+    def asarray(self, a, dtype=None):
+        """``a`` (NumPy, PyTorch or a scalar/list) as a backend array on its device."""
+        if not self.is_torch:
+            return np.asarray(a, dtype=None if dtype is None else np.dtype(dtype))
+        import torch
+
+        want = None if dtype is None else self.dtype(dtype)
+        if isinstance(a, torch.Tensor):
+            return a.to(device=self.torch_device, dtype=want or a.dtype)
+        host = np.asarray(a)
+        if not host.flags.writeable:  # PyTorch wants writable memory to share
+            host = host.copy()
+        return torch.as_tensor(host, device=self.torch_device, dtype=want)
+
+    def to_numpy(self, a) -> np.ndarray:
+        """A host NumPy copy (or view) of a backend array."""
+        if self.is_torch and not isinstance(a, np.ndarray):
+            return a.detach().to("cpu").numpy()
+        return np.asarray(a)
+
+    def zeros(self, shape, dtype=np.float64):
+        return self.xp.zeros(shape, dtype=self.dtype(dtype), **self._on())
+
+    def eye(self, n: int, dtype=np.float64):
+        return self.xp.eye(n, dtype=self.dtype(dtype), **self._on())
+
+    def _on(self) -> dict[str, Any]:
+        return {"device": self.torch_device} if self.is_torch else {}
+
+    def generator(self, seq: np.random.SeedSequence):
+        """The device's generator keyed by ``seq`` (NumPy: PCG64; PyTorch: the device's own
+        generator, seeded with 63 bits of ``seq``'s state)."""
+        if not self.is_torch:
+            return np.random.default_rng(seq)
+        import torch
+
+        gen = torch.Generator(device=self.torch_device)
+        gen.manual_seed(int(seq.generate_state(1, np.uint64)[0] >> np.uint64(1)))
+        return gen
+
+    def standard_normal(self, gen, shape: tuple[int, ...]):
+        """Standard normal float64 draws of ``shape`` from a `generator`."""
+        if not self.is_torch:
+            return gen.standard_normal(shape)
+        import torch
+
+        return torch.randn(shape, generator=gen, dtype=torch.float64, device=self.torch_device)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (timings on CUDA)."""
+        if self.is_torch and self.name.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize(self.torch_device)
+
+    # -- parallel reductions --------------------------------------------------------------------
     def map_ordered(self, func: Callable[[int], Any], count: int) -> list[Any]:
         """``[func(i) for i in range(count)]``, computed in ``threads`` threads with
-        single-threaded BLAS (each result is the same whatever the thread count)."""
+        single-threaded BLAS (each result is the same whatever the thread count). PyTorch
+        runs the items in order: its kernels are parallel (CPU threads or the GPU) already."""
+        if self.is_torch:
+            return [func(i) for i in range(count)]
         with single_threaded_blas():
             if self.threads <= 1 or count <= 1:
                 return [func(i) for i in range(count)]
@@ -91,9 +183,15 @@ class Backend:
         The items run in ``threads`` threads with single-threaded BLAS, but their results are
         added strictly in index order, so the sum is the same bit for bit whatever the thread
         count. At most ``2 * threads`` items are in flight (results wait for their turn).
+        PyTorch adds them in order in this thread.
         """
         if count == 0:
             raise ValueError("ordered_sum needs at least one item")
+        if self.is_torch:
+            total = func(0)
+            for i in range(1, count):
+                total = _add(total, func(i))
+            return total
         if self.threads <= 1 or count == 1:
             # single-threaded BLAS here too: a GEMM's rounding can depend on BLAS threading
             with single_threaded_blas():
@@ -154,21 +252,130 @@ def _pool(size: int) -> ThreadPoolExecutor:
     return pool
 
 
+def to_host(a) -> np.ndarray:
+    """A NumPy copy (or view) of a NumPy or PyTorch array, wherever it lives."""
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "detach"):
+        return a.detach().to("cpu").numpy()
+    return np.asarray(a)
+
+
+def numpy_backend(threads: int | None = None) -> Backend:
+    """The NumPy (CPU) backend."""
+    return Backend("cpu", np_xp, threads or available_cores())
+
+
+def torch_available() -> bool:
+    """Whether PyTorch can be imported here (the ``gpu`` extra)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cuda_devices() -> int:
+    """CUDA devices PyTorch sees here (0 without PyTorch or without a GPU)."""
+    if not torch_available():
+        return 0
+    import torch
+
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def cuda_memory_bytes(index: int = 0) -> int | None:
+    """Total memory of CUDA device ``index``, or None where there is none."""
+    if cuda_devices() <= index:
+        return None
+    import torch
+
+    return int(torch.cuda.get_device_properties(index).total_memory)
+
+
+def resolve_device(device: str) -> str:
+    """A spec's ``device`` made concrete: ``auto`` is ``cuda:0`` where CUDA is available,
+    else ``cpu``; ``cuda`` is ``cuda:0``. Raises `DeviceError` for a CUDA device this
+    machine does not have."""
+    if device == "auto":
+        return "cuda:0" if cuda_devices() > 0 else "cpu"
+    if device == "cpu":
+        return "cpu"
+    if device == "cuda" or device.startswith("cuda:"):
+        index = int(device.partition(":")[2] or 0)
+        if not torch_available():
+            raise DeviceError(
+                f"device {device!r} needs PyTorch with CUDA, which is not installed here "
+                "(install the 'gpu' extra on a machine with an NVIDIA GPU), or use device "
+                "'cpu' or 'auto'"
+            )
+        count = cuda_devices()
+        if count == 0:
+            raise DeviceError(
+                f"device {device!r} is not available: PyTorch sees no CUDA device on this "
+                "machine; use device 'cpu' or 'auto'"
+            )
+        if index >= count:
+            raise DeviceError(
+                f"device {device!r} is not available: this machine has {count} CUDA "
+                f"device(s), cuda:0..cuda:{count - 1}"
+            )
+        return f"cuda:{index}"
+    raise DeviceError(f"unknown device {device!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
 def get_backend(
-    device: str, *, threads: int | None = None, sample_budget_bytes: float | None = None
+    device: str = "auto",
+    *,
+    backend: str = "auto",
+    threads: int | None = None,
+    sample_budget_bytes: float | None = None,
+    device_streams: bool | None = None,
+    tf32: bool = False,
 ) -> Backend:
-    """Resolve a spec's ``device`` to a backend.
+    """Resolve a spec's ``device`` and ``solver.backend`` to a backend.
+
+    ``backend="auto"`` is NumPy on the CPU and PyTorch on CUDA. ``device_streams`` (default:
+    on for CUDA only) draws training samples with the device's generator.
 
     Raises
     ------
     DeviceError
-        For ``"cuda"``: this release has no GPU backend.
+        For a CUDA device this machine lacks, NumPy asked to run on CUDA, or PyTorch asked
+        for where it is not installed.
     """
-    if device in ("auto", "cpu"):
-        return Backend("cpu", np_xp, threads or available_cores(), sample_budget_bytes)
-    if device == "cuda":
+    name = resolve_device(device)
+    library = backend if backend != "auto" else ("torch" if name.startswith("cuda") else "numpy")
+    if library == "numpy":
+        if name != "cpu":
+            raise DeviceError(f"backend 'numpy' runs on the CPU only, not on {name!r}")
+        return replace(numpy_backend(threads), sample_budget_bytes=sample_budget_bytes)
+    if library != "torch":
+        raise DeviceError(f"unknown backend {backend!r}; expected 'auto', 'numpy' or 'torch'")
+    if not torch_available():
         raise DeviceError(
-            "device 'cuda' is not available: this hsl_engine release ships the NumPy (CPU) "
-            "backend only; use device 'cpu' or 'auto'"
+            "backend 'torch' needs PyTorch, which is not installed here: "
+            "pip install 'hsl[gpu]' (or torch==2.13.0 for the CPU build)"
         )
-    raise DeviceError(f"unknown device {device!r}; expected 'auto', 'cpu' or 'cuda'")
+    import array_api_compat.torch as torch_xp
+    import torch
+
+    if name.startswith("cuda"):
+        # TF32 only when a spec asks for it: it rounds float32 products to ~1e-3
+        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+        torch.backends.cudnn.allow_tf32 = bool(tf32)
+    streams = name.startswith("cuda") if device_streams is None else bool(device_streams)
+    return Backend(
+        name,
+        torch_xp,
+        threads or available_cores(),
+        sample_budget_bytes,
+        library="torch",
+        device_streams=streams,
+        tf32=bool(tf32) and name.startswith("cuda"),
+    )
+
+
+def spec_backend(spec, **kwargs) -> Backend:
+    """The backend a spec asks for (``device``, ``solver.backend``, ``solver.tf32``)."""
+    return get_backend(spec.device, backend=spec.solver.backend, tf32=spec.solver.tf32, **kwargs)

@@ -14,12 +14,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._backend import single_threaded_blas
+from array_api_compat import array_namespace, device
+
+from ._backend import Backend, numpy_backend, single_threaded_blas
 from ._features import SQRT2, feature_dim, lift, vec_to_sym
 from ._spec import ExperimentSpec, ModelSpec
 
 # Samples per chunk when projecting inputs on directions.
 _CHUNK = 2048
+NUMPY = numpy_backend()
+
+
+def _nbytes(a) -> int:
+    return int(a.nbytes) if hasattr(a, "nbytes") else int(a.numel() * a.element_size())
 
 
 def power_law_weights(d1: int, gamma: float) -> np.ndarray:
@@ -28,12 +35,12 @@ def power_law_weights(d1: int, gamma: float) -> np.ndarray:
     return w / np.sqrt(np.sum(w * w))
 
 
-def activation(name: str, t: np.ndarray) -> np.ndarray:
+def activation(name: str, t):
     """The output function g: ``id``, ``tanh`` or ``quadratic`` (x^2 + x - 1)."""
     if name == "id":
         return t
     if name == "tanh":
-        return np.tanh(t)
+        return array_namespace(t).tanh(t)
     if name == "quadratic":
         return t * t + t - 1.0
     raise ValueError(f"unknown activation {name!r}")
@@ -61,6 +68,18 @@ class Teacher:
     def d1(self) -> int:
         return self.weights.shape[0]
 
+    def to(self, backend: Backend) -> Teacher:
+        """This teacher with its arrays on ``backend``'s device (itself for NumPy)."""
+        if not backend.is_torch:
+            return self
+        conv = backend.asarray
+        return Teacher(
+            model=self.model,
+            directions=conv(self.directions),
+            weights=conv(self.weights),
+            matrices=None if self.matrices is None else conv(self.matrices),
+        )
+
     def hidden(self, inputs: np.ndarray) -> np.ndarray:
         """First-layer features ``h = A F(x)`` (or ``A z``), shape (n, d1)."""
         if self.model.features == "gaussian":
@@ -75,7 +94,7 @@ class Teacher:
         return activation(self.model.activation, self.h2(self.hidden(inputs)))
 
 
-def project(x: np.ndarray, directions: np.ndarray, q: int, *, matrices=None) -> np.ndarray:
+def project(x, directions, q: int, *, matrices=None):
     """``<A_i, F(x)>`` for every row of x without forming F when q = 2.
 
     Parameters
@@ -87,24 +106,30 @@ def project(x: np.ndarray, directions: np.ndarray, q: int, *, matrices=None) -> 
 
     Returns
     -------
-    ndarray, shape (n, k)
+    array, shape (n, k), in the namespace and type of x
     """
+    xp = array_namespace(x)
     n, d = x.shape
     k = directions.shape[0]
-    out = np.empty((n, k), dtype=x.dtype)
+    if n == 0:
+        return xp.zeros((0, k), dtype=x.dtype, device=device(x))
+    parts = []
     if q == 2:
         g = vec_to_sym(directions, d) if matrices is None else matrices
-        gcat = g.transpose(1, 0, 2).reshape(d, k * d)
-        trace = np.trace(g, axis1=1, axis2=2)
+        g = xp.astype(g, x.dtype)
+        gcat = xp.reshape(xp.permute_dims(g, (1, 0, 2)), (d, k * d))
+        trace = xp.sum(xp.linalg.diagonal(g), axis=-1)
         # chunked so the (chunk, k, d) intermediate stays small whatever n is
         for s in range(0, n, _CHUNK):
             xb = x[s : s + _CHUNK]
-            xg = (xb @ gcat).reshape(xb.shape[0], k, d)
-            out[s : s + _CHUNK] = (np.matmul(xg, xb[:, :, None])[:, :, 0] - trace) / SQRT2
-        return out
-    for s in range(0, n, _CHUNK):
-        out[s : s + _CHUNK] = lift(x[s : s + _CHUNK], q) @ directions.T
-    return out
+            xg = xp.reshape(xb @ gcat, (xb.shape[0], k, d))
+            quad = xp.matmul(xg, xb[:, :, None])[:, :, 0]
+            parts.append((quad - trace) / SQRT2)
+    else:
+        dirs_t = xp.astype(directions, x.dtype).T
+        for s in range(0, n, _CHUNK):
+            parts.append(lift(x[s : s + _CHUNK], q) @ dirs_t)
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
 def make_teacher(model: ModelSpec, *, rng: np.random.Generator) -> Teacher:
@@ -176,6 +201,11 @@ class SampleStream:
     store_rows : int, optional
         Keep up to this many samples in memory once drawn; samples past it are regenerated at
         every pass (streaming). 0 streams everything.
+    backend : Backend, optional
+        Where chunks live (default: NumPy). With PyTorch, chunks are tensors on its device:
+        drawn by NumPy and moved there (the same samples as NumPy's), or, with
+        ``backend.device_streams``, drawn on the device by its own generator keyed by the
+        same ``(stream, chunk)`` seed sequence (other numbers, the same law).
     """
 
     def __init__(
@@ -185,8 +215,11 @@ class SampleStream:
         rng: np.random.Generator,
         dtype: np.dtype | type = np.float64,
         store_rows: int = 1 << 62,
+        backend: Backend | None = None,
     ):
         self.teacher = teacher
+        self.backend = backend or NUMPY
+        self._device_teacher = teacher.to(self.backend) if self.backend.device_streams else None
         seq = rng.bit_generator.seed_seq
         self._entropy, self._key = seq.entropy, tuple(seq.spawn_key)
         model = teacher.model
@@ -214,20 +247,30 @@ class SampleStream:
 
     @property
     def stored_bytes(self) -> int:
-        return sum(x.nbytes + y.nbytes for x, y in self._stored.values())
+        return sum(_nbytes(x) + _nbytes(y) for x, y in self._stored.values())
 
-    def _draw(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+    def _draw(self, c: int):
         seq = np.random.SeedSequence(self._entropy, spawn_key=(*self._key, c))
+        with self._lock:
+            self.generated += 1
+        noise = self.teacher.model.noise_std
+        be = self.backend
+        if be.device_streams:
+            gen = be.generator(seq)
+            inputs = be.standard_normal(gen, (self.rows, self.width))
+            labels = self._device_teacher.clean_labels(inputs)
+            if noise > 0:
+                labels = labels + noise * be.standard_normal(gen, (self.rows,))
+            return be.xp.astype(inputs, be.dtype(self.dtype)), labels
         gen = np.random.default_rng(seq)
         inputs = gen.standard_normal((self.rows, self.width))
         with single_threaded_blas():  # labels bit for bit, whatever thread reads the chunk
             labels = self.teacher.clean_labels(inputs)
-        noise = self.teacher.model.noise_std
         if noise > 0:
             labels = labels + noise * gen.standard_normal(self.rows)
-        with self._lock:
-            self.generated += 1
         x = inputs if self.dtype == np.float64 else inputs.astype(self.dtype)
+        if be.is_torch:
+            return be.asarray(x), be.asarray(labels)
         for a in (x, labels):
             a.setflags(write=False)
         return x, labels
@@ -286,25 +329,25 @@ class SampleView:
         """The labels as a lazily read (n,) array (slices ``y[a:b]`` and ``y[i]``)."""
         return LabelView(self)
 
-    def materialise(self) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys = [], []
-        for _, _, x, y in self.blocks():
-            xs.append(x)
-            ys.append(y)
-        if not xs:
-            return np.empty((0, self.stream.width), self.stream.dtype), np.empty(0)
-        return np.concatenate(xs), np.concatenate(ys)
+    def materialise(self):
+        """All n samples as two arrays of the stream's backend (inputs in its dtype)."""
+        return self._gather(0, self.n, self.stream.dtype)
 
-    def read(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
-        """Inputs (float64) and labels of samples a..b-1."""
-        a, b = max(0, a), min(b, self.n)
+    def read(self, a: int, b: int):
+        """Inputs (float64) and labels of samples a..b-1, arrays of the stream's backend."""
+        return self._gather(max(0, a), min(b, self.n), np.float64)
+
+    def _gather(self, a: int, b: int, dtype):
+        be = self.stream.backend
         xs, ys = [], []
         for _, _, x, y in self.stream.blocks(b, a):
             xs.append(x)
             ys.append(y)
         if not xs:
-            return np.empty((0, self.stream.width)), np.empty(0)
-        return np.asarray(np.concatenate(xs), np.float64), np.concatenate(ys)
+            return be.zeros((0, self.stream.width), dtype), be.zeros((0,))
+        x = xs[0] if len(xs) == 1 else be.xp.concat(xs, axis=0)
+        y = ys[0] if len(ys) == 1 else be.xp.concat(ys, axis=0)
+        return be.xp.astype(x, be.dtype(dtype)), y
 
     def __getitem__(self, key):
         if isinstance(key, slice):
@@ -367,13 +410,20 @@ def store_rows(spec: ExperimentSpec, budget_bytes: float) -> int:
 
 
 def make_seed_data(
-    spec: ExperimentSpec, seed_index: int, *, sample_budget_bytes: float | None = None
+    spec: ExperimentSpec,
+    seed_index: int,
+    *,
+    sample_budget_bytes: float | None = None,
+    backend: Backend | None = None,
 ) -> SeedData:
     """Teacher, training streams and test set of one seed (same for every method).
 
     Training samples are kept in memory up to ``sample_budget_bytes`` (default
-    `SAMPLE_BUDGET_BYTES`) and regenerated beyond; the numbers do not depend on it.
+    `SAMPLE_BUDGET_BYTES`) and regenerated beyond; the numbers do not depend on it. With a
+    PyTorch ``backend`` the streams and the test set live on its device; the teacher and the
+    test set are drawn by NumPy on every backend (the same for all devices).
     """
+    backend = backend or NUMPY
     rng = seed_rng(spec, seed_index)
     teacher_rng, train_rng, second_rng, test_rng, method_rng = rng.spawn(5)
     teacher = make_teacher(spec.model, rng=teacher_rng)
@@ -385,9 +435,13 @@ def make_seed_data(
     return SeedData(
         seed_index=seed_index,
         teacher=teacher,
-        train=SampleStream(teacher, rng=train_rng, dtype=dtype, store_rows=keep),
-        second=SampleStream(teacher, rng=second_rng, dtype=dtype, store_rows=keep),
-        test_inputs=test_inputs,
-        test_labels=test_labels,
+        train=SampleStream(
+            teacher, rng=train_rng, dtype=dtype, store_rows=keep, backend=backend
+        ),
+        second=SampleStream(
+            teacher, rng=second_rng, dtype=dtype, store_rows=keep, backend=backend
+        ),
+        test_inputs=backend.asarray(test_inputs),
+        test_labels=backend.asarray(test_labels),
         method_seq=method_rng.bit_generator.seed_seq,
     )

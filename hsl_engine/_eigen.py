@@ -22,12 +22,16 @@ ones rather than a Ritz value that stands in for an eigenvalue not yet found.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.linalg
 import scipy.sparse.linalg
 
+from ._backend import Backend, numpy_backend
 from ._errors import ConvergenceError
+
+NUMPY = numpy_backend()
 
 # Relative accuracy of the reported eigenvalues that stand apart from the rest
 VALUE_TOL = 1e-5
@@ -48,8 +52,9 @@ class EigResult:
     ----------
     values : ndarray, shape (k_values,)
         Signed eigenvalues, ordered by decreasing absolute value.
-    vectors : ndarray, shape (D, k_block)
-        Orthonormal Ritz vectors, same order (at least ``k_vectors`` columns).
+    vectors : array, shape (D, k_block)
+        Orthonormal Ritz vectors, same order (at least ``k_vectors`` columns), an array of
+        the backend that computed them.
     residuals : ndarray, shape (k_values,)
         Residual norms ``||C u - theta u||``.
     passes : int
@@ -58,7 +63,7 @@ class EigResult:
     """
 
     values: np.ndarray
-    vectors: np.ndarray
+    vectors: Any
     residuals: np.ndarray
     passes: int
     converged: bool
@@ -75,25 +80,32 @@ FULL_EIGH_DIM = 800
 
 
 def dense_top(
-    c: np.ndarray,
+    c,
     k_values: int,
     k_block: int,
     *,
-    v0: np.ndarray | None = None,
+    v0=None,
     rng: np.random.Generator | None = None,
+    backend: Backend | None = None,
 ) -> EigResult:
     """Top ``max(k_values, k_block)`` eigenpairs by |theta| of a dense symmetric matrix.
 
-    A full ``eigh`` when D <= `FULL_EIGH_DIM`, else ARPACK (``eigsh``, largest magnitude) to
-    machine precision, started from the warm vectors ``v0`` (summed) or from ``rng``; it
-    falls back to ``eigh`` if ARPACK does not converge.
+    NumPy: a full ``eigh`` when D <= `FULL_EIGH_DIM`, else ARPACK (``eigsh``, largest
+    magnitude) to machine precision, started from the warm vectors ``v0`` (summed) or from
+    ``rng``; it falls back to ``eigh`` if ARPACK does not converge. PyTorch: a full ``eigh``
+    on the device. The vectors come back as arrays of the backend.
     """
+    be = backend or NUMPY
+    xp = be.xp
     dim = c.shape[0]
     k = min(max(k_values, k_block), dim)
     theta = u = None
-    if dim > FULL_EIGH_DIM and k < dim // 4:
+    if be.is_torch:
+        theta_d, u = xp.linalg.eigh(c)
+        theta = be.to_numpy(theta_d)
+    elif dim > FULL_EIGH_DIM and k < dim // 4:
         if v0 is not None and v0.shape[1]:
-            start = v0.sum(axis=1)
+            start = np.asarray(v0).sum(axis=1)
         else:
             start = (rng or np.random.default_rng(0)).standard_normal(dim)
         try:
@@ -104,30 +116,32 @@ def dense_top(
             theta = None
     if theta is None:
         theta, u = scipy.linalg.eigh(c)
-    order = _by_magnitude(theta)
-    vals = theta[order[:k]]
-    vecs = u[:, order[:k]]
-    res = np.linalg.norm(c @ vecs - vecs * vals, axis=0)
+    order = _by_magnitude(theta)[:k]
+    vals = theta[order]
+    vecs = xp.take(u, be.asarray(order), axis=1)
+    res = be.to_numpy(xp.linalg.vector_norm(c @ vecs - vecs * be.asarray(vals)[None, :], axis=0))
     return EigResult(vals[:k_values], vecs[:, :k_block], res[:k_values], 1, True)
 
 
-def _orthonormalise(z: np.ndarray, basis: np.ndarray | None, drop: float) -> np.ndarray:
+def _orthonormalise(z, basis, drop: float, xp):
     """Columns of z made orthonormal and orthogonal to ``basis`` (two passes of CGS)."""
     for _ in range(2):
         if basis is not None and basis.shape[1]:
             z = z - basis @ (basis.T @ z)
-    norms = np.linalg.norm(z, axis=0)
-    keep = norms > drop * max(1.0, float(norms.max(initial=0.0)))
+    if z.shape[1] == 0:
+        return z
+    norms = xp.linalg.vector_norm(z, axis=0)
+    keep = norms > drop * max(1.0, float(xp.max(norms)))
     z = z[:, keep]
     if z.shape[1] == 0:
         return z
-    qmat, r = np.linalg.qr(z)
+    qmat, r = xp.linalg.qr(z)
     # drop directions that QR finds (numerically) dependent
-    good = np.abs(np.diag(r)) > drop * np.abs(np.diag(r)).max(initial=1.0)
-    qmat = qmat[:, good]
+    dr = xp.abs(xp.linalg.diagonal(r))
+    qmat = qmat[:, dr > drop * max(1.0, float(xp.max(dr)))]
     if basis is not None and basis.shape[1]:
         qmat = qmat - basis @ (basis.T @ qmat)
-        qmat, _ = np.linalg.qr(qmat)
+        qmat, _ = xp.linalg.qr(qmat)
     return qmat
 
 
@@ -140,11 +154,12 @@ def block_krylov_top(
     tol: float,
     max_passes: int,
     rng: np.random.Generator,
-    v0: np.ndarray | None = None,
+    v0=None,
     max_basis: int | None = None,
     expand: int | None = None,
     value_tol: float = VALUE_TOL,
     bulk_tol: float = BULK_TOL,
+    backend: Backend | None = None,
 ) -> EigResult:
     """Top eigenpairs by |theta| of a symmetric operator given by ``op.matmat``.
 
@@ -161,9 +176,14 @@ def block_krylov_top(
       magnitude, so an eigenvalue the basis has not resolved yet cannot hide behind the
       reported ones (Ritz values under-estimate the magnitudes at both ends).
 
+    The basis, its images, Ritz vectors and residuals are arrays of the backend (on its
+    device); only the small projected matrix ``H = Q^T C Q`` and its eigendecomposition live
+    on the host, in float64.
+
     Parameters
     ----------
-    op : object with ``shape`` (D, D), ``dtype`` and ``matmat(v: (D, k)) -> (D, k)``
+    op : object with ``shape`` (D, D) and ``matmat(v: (D, k)) -> (D, k)``, and optionally
+        ``backend`` (the array backend of its vectors; NumPy otherwise)
     k_vectors : int
         Eigenvectors wanted to tolerance ``tol``.
     k_values : int
@@ -177,18 +197,22 @@ def block_krylov_top(
         Most operator applications.
     rng : numpy.random.Generator
         Fills the start block where ``v0`` has fewer than ``block`` columns.
-    v0 : ndarray, shape (D, j), optional
+    v0 : array, shape (D, j), optional
         Warm start (e.g. the Ritz vectors of the previous sample size).
     max_basis : int, optional
         Basis size that triggers a thick restart.
     expand : int, optional
         Residuals added to the basis per pass: those of the strongest unconverged pairs.
+    backend : Backend, optional
+        Overrides ``op.backend``.
 
     Raises
     ------
     ConvergenceError
         After ``max_passes`` applications; ``.result`` holds the best `EigResult`.
     """
+    be = backend or getattr(op, "backend", None) or NUMPY
+    xp = be.xp
     dim = op.shape[0]
     k_values = min(k_values, dim)
     guard = max(0, block - k_values)  # guard vectors on each side of the spectrum
@@ -202,27 +226,28 @@ def block_krylov_top(
     start = rng.standard_normal((dim, block))
     if v0 is not None and v0.shape[1]:
         j = min(v0.shape[1], block)
-        start[:, :j] = v0[:, :j]
-    basis = _orthonormalise(start, None, eps)
-    images = np.empty((dim, 0))
+        start[:, :j] = be.to_numpy(v0[:, :j])
+    basis = _orthonormalise(be.asarray(start), None, eps, xp)
+    images = be.zeros((dim, 0))
     h = np.empty((0, 0))
     new = basis
     passes = 0
     while True:
-        w_new = np.asarray(op.matmat(new), np.float64)
+        w_new = be.asarray(op.matmat(new), np.float64)
         passes += 1
         # grow the projected matrix H = Q^T C Q by the new block's row and column only
-        cross = basis[:, : images.shape[1]].T @ w_new
-        corner = new.T @ w_new
+        cross = be.to_numpy(basis[:, : images.shape[1]].T @ w_new)
+        corner = be.to_numpy(new.T @ w_new)
         h = np.block([[h, cross], [cross.T, (corner + corner.T) / 2]])
-        images = np.concatenate([images, w_new], axis=1)
+        images = xp.concat([images, w_new], axis=1)
         theta, y = np.linalg.eigh(h)
         order = _select(theta, k_values, guard)
-        theta, y = theta[order], y[:, order]
-        ritz = basis @ y
-        cu = images @ y
-        resid = cu - ritz * theta
-        rnorm = np.linalg.norm(resid, axis=0)
+        theta, y = theta[order], np.ascontiguousarray(y[:, order])
+        y_d = be.asarray(y)
+        ritz = basis @ y_d
+        cu = images @ y_d
+        resid = cu - ritz * be.asarray(theta)[None, :]
+        rnorm = be.to_numpy(xp.linalg.vector_norm(resid, axis=0))
         scale = max(abs(float(theta[0])), np.finfo(np.float64).tiny)
         pending = _pending(theta, rnorm, scale, k_vectors, k_values, tol, value_tol, bulk_tol)
         # a guard whose Ritz value could still grow past the smallest reported one (Ritz
@@ -241,14 +266,14 @@ def block_krylov_top(
             )
         # Expand with the residuals of the strongest few unconverged pairs: per applied
         # vector, a narrow expansion raises the Krylov degree faster than a wide block.
-        grow = resid[:, np.flatnonzero(pending)[:expand]]
+        grow = xp.take(resid, be.asarray(np.flatnonzero(pending)[:expand]), axis=1)
         if basis.shape[1] + grow.shape[1] > max_basis:
             # thick restart on the current Ritz block; C u is known, so no pass is spent
             basis, images, h = ritz, cu, np.diag(theta)
-        new = _orthonormalise(grow, basis, 100 * eps)
+        new = _orthonormalise(grow, basis, 100 * eps, xp)
         if new.shape[1] == 0:  # the residuals lie in the basis: numerically exact already
             return EigResult(theta[:k_values], ritz, rnorm[:k_values], passes, True)
-        basis = np.concatenate([basis, new], axis=1)
+        basis = xp.concat([basis, new], axis=1)
 
 
 def _select(theta: np.ndarray, k_values: int, guard: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import Backend, get_backend
+from ._backend import Backend, spec_backend
 from ._data import SeedData, make_seed_data
 from ._kernels import KernelRidgeSweep
 from ._spec import ExperimentSpec, parse_spec
@@ -163,9 +163,11 @@ def iter_run(
     The numbers depend only on (spec, method, seed, n), never on ``skip`` or on which
     other runs exist, except that the Krylov warm start follows the previous n measured.
     """
-    backend = backend or get_backend(spec.device)
+    backend = backend or spec_backend(spec)
     if data is None:
-        data = make_seed_data(spec, seed, sample_budget_bytes=backend.sample_budget_bytes)
+        data = make_seed_data(
+            spec, seed, sample_budget_bytes=backend.sample_budget_bytes, backend=backend
+        )
     method_spec = spec.method(method)
     # each method gets its own stream, fixed by its name, so adding methods changes nothing
     rng = data.method_rng(_METHOD_STREAM[method])
@@ -227,10 +229,12 @@ def run_experiment(
     Seeds run one after another; the methods of a seed share its teacher and samples.
     """
     spec = parse_spec(spec)
-    backend = get_backend(spec.device, threads=threads)
+    backend = spec_backend(spec, threads=threads)
     points: list[Point] = []
     for seed in range(spec.sweep.seeds):
-        data = make_seed_data(spec, seed, sample_budget_bytes=backend.sample_budget_bytes)
+        data = make_seed_data(
+            spec, seed, sample_budget_bytes=backend.sample_budget_bytes, backend=backend
+        )
         for m in spec.methods:
             for p in iter_run(spec, m.name, seed, data=data, backend=backend):
                 points.append(p)

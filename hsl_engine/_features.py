@@ -13,7 +13,7 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, device
 
 SQRT2 = math.sqrt(2.0)
 
@@ -69,10 +69,15 @@ def lift(x, q: int):
     d = x.shape[1]
     table = _hermite_table(x)[:, : (q + 1) * d]
     idx = _factor_index(d, q)
-    out = xp.take(table, xp.asarray(idx[:, 0]), axis=1)
+    out = xp.take(table, _index(xp, x, idx[:, 0]), axis=1)
     for j in range(1, q):
-        out = out * xp.take(table, xp.asarray(idx[:, j]), axis=1)
+        out = out * xp.take(table, _index(xp, x, idx[:, j]), axis=1)
     return out
+
+
+def _index(xp, like, idx: np.ndarray):
+    """An integer index array on the device of ``like``."""
+    return xp.asarray(np.array(idx), device=device(like))  # a copy: tensors must be writable
 
 
 @lru_cache(maxsize=16)
@@ -94,25 +99,25 @@ def sym_to_vec(g):
     d = g.shape[-1]
     rows, cols, scale = _triu(d)
     flat = xp.reshape(g, (*g.shape[:-2], d * d))
-    out = xp.take(flat, xp.asarray(rows * d + cols), axis=-1)
-    return out * xp.asarray(scale, dtype=g.dtype)
+    out = xp.take(flat, _index(xp, g, rows * d + cols), axis=-1)
+    return out * xp.asarray(np.array(scale), dtype=g.dtype, device=device(g))
 
 
 def vec_to_sym(v, d: int):
     """Inverse of `sym_to_vec`: ``(..., D)`` to symmetric ``(..., d, d)``."""
     xp = array_namespace(v)
     rows, cols, scale = _triu(d)
-    half = v / xp.asarray(scale, dtype=v.dtype)
+    half = v / xp.asarray(np.array(scale), dtype=v.dtype, device=device(v))
     lead = v.shape[:-1]
-    flat = xp.zeros((*lead, d * d), dtype=v.dtype)
+    flat = xp.zeros((*lead, d * d), dtype=v.dtype, device=device(v))
     # scatter the upper triangle, then mirror it
-    flat = _scatter(flat, rows * d + cols, half)
+    flat = _scatter(flat, _index(xp, v, rows * d + cols), half)
     g = xp.reshape(flat, (*lead, d, d))
-    diag = xp.reshape(xp.eye(d, dtype=v.dtype), (1,) * len(lead) + (d, d))
+    diag = xp.reshape(xp.eye(d, dtype=v.dtype, device=device(v)), (1,) * len(lead) + (d, d))
     return g + xp.matrix_transpose(g) - g * diag
 
 
 def _scatter(flat, index: np.ndarray, values):
-    # The array API has no scatter yet; NumPy and CuPy support index assignment.
+    # The array API has no scatter yet; NumPy and PyTorch support index assignment.
     flat[..., index] = values
     return flat

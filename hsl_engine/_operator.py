@@ -37,13 +37,14 @@ def q2_chunk(k: int, d: int) -> int:
 
 
 class ArraySamples:
-    """Plain arrays behind the chunk interface of `hsl_engine._data.SampleView`."""
+    """Plain arrays (NumPy or PyTorch) behind the chunk interface of
+    `hsl_engine._data.SampleView`."""
 
     def __init__(self, inputs, labels, rows: int = ARRAY_ROWS):
         self.inputs, self._labels = inputs, labels
         self.n = inputs.shape[0]
-        self.shape = inputs.shape
-        self.dtype = inputs.dtype
+        self.shape = tuple(inputs.shape)
+        self.dtype = np.dtype(str(inputs.dtype).removeprefix("torch."))
         self.rows = rows
 
     def n_chunks(self) -> int:
@@ -91,6 +92,8 @@ class MomentOperator:
         scale: float = 1.0,
     ):
         self.backend = backend
+        if labels is not None and not hasattr(inputs, "block"):
+            inputs, labels = backend.asarray(inputs), backend.asarray(labels)
         self.samples = as_samples(inputs, labels)
         self.q = q
         self.features = features
@@ -99,6 +102,8 @@ class MomentOperator:
         self.d = width if features == "hermite" else None
         self.dim = feature_dim(width, q) if features == "hermite" else width
         self.dtype = np.dtype(dtype if dtype is not None else self.samples.dtype)
+        self._dt = backend.dtype(self.dtype)  # the GEMMs' type in the backend's terms
+        self._f64 = backend.dtype(np.float64)
         self.shift, self.scale = float(shift), float(scale)
         self.passes = 0  # block applications so far
         self.vectors = 0  # vectors applied so far (sum of block widths)
@@ -113,62 +118,74 @@ class MomentOperator:
         return flops_per_vector(self.n, self.d or 0, self.dim, self.q, self.features)
 
     def _chunk(self, c: int):
+        xp = self.backend.xp
         x, y = self.samples.block(c)
-        x = x if x.dtype == self.dtype else x.astype(self.dtype)
-        return x, ((y - self.shift) * self.scale).astype(self.dtype)
+        return xp.astype(x, self._dt), xp.astype((y - self.shift) * self.scale, self._dt)
 
     def matmat(self, v):
-        """``C_hat @ v`` for v of shape (D, k); returns float64, shape (D, k)."""
+        """``C_hat @ v`` for v of shape (D, k) (a backend array, or NumPy); returns a float64
+        backend array of shape (D, k)."""
         k = v.shape[1]
         self.passes += 1
         self.vectors += k
         self.flops += self.flops_per_vector() * k
+        v = self.backend.asarray(v, np.float64)
         if self.features == "hermite" and self.q == 2:
-            return self._matmat_q2(np.asarray(v, np.float64))
-        return self._matmat_explicit(np.asarray(v, np.float64))
+            return self._matmat_q2(v)
+        return self._matmat_explicit(v)
 
     # -- q = 2 on matrices --------------------------------------------------------------------
     def _matmat_q2(self, v):
+        xp, f64 = self.backend.xp, self._f64
         d, k = self.d, v.shape[1]
-        g = vec_to_sym(np.ascontiguousarray(v.T), d)  # (k, d, d)
-        gcat = np.ascontiguousarray(g.transpose(1, 0, 2).reshape(d, k * d), dtype=self.dtype)
-        trace = np.trace(g, axis1=1, axis2=2).astype(self.dtype)
-        rows = q2_chunk(k, d)
+        g = vec_to_sym(v.T, d)  # (k, d, d)
+        gcat = xp.astype(xp.reshape(xp.permute_dims(g, (1, 0, 2)), (d, k * d)), self._dt)
+        trace = xp.astype(xp.sum(xp.linalg.diagonal(g), axis=-1), self._dt)
+        rows = self._rows(q2_chunk(k, d), k * d)
 
         def chunk(c: int):
             x, y = self._chunk(c)
-            acc = np.zeros((d, k * d))
-            wsum = np.zeros(k)
+            acc = self.backend.zeros((d, k * d))
+            wsum = self.backend.zeros((k,))
             for s in range(0, x.shape[0], rows):
                 xb, yb = x[s : s + rows], y[s : s + rows]
                 m = xb.shape[0]
-                xg = (xb @ gcat).reshape(m, k, d)
-                quad = np.matmul(xg, xb[:, :, None])[:, :, 0]  # x^T G_j x, (m, k)
+                xg = xp.reshape(xb @ gcat, (m, k, d))
+                quad = xp.matmul(xg, xb[:, :, None])[:, :, 0]  # x^T G_j x, (m, k)
                 w = (yb[:, None] * 0.5) * (quad - trace[None, :])
-                weighted = (xb[:, None, :] * w[:, :, None]).reshape(m, k * d)
-                acc += xb.T @ weighted
-                wsum += w.sum(axis=0, dtype=np.float64)
+                weighted = xp.reshape(xb[:, None, :] * w[:, :, None], (m, k * d))
+                acc += xp.astype(xb.T @ weighted, f64)
+                wsum += xp.sum(w, axis=0, dtype=f64)
             return acc, wsum
 
         acc, wsum = self.backend.ordered_sum(chunk, self.samples.n_chunks())
-        out = acc.reshape(d, k, d).transpose(1, 0, 2)
-        out = out - wsum[:, None, None] * np.eye(d)[None, :, :]
-        out = (out + out.transpose(0, 2, 1)) / 2  # symmetric up to rounding
+        out = xp.permute_dims(xp.reshape(acc, (d, k, d)), (1, 0, 2))
+        out = out - wsum[:, None, None] * self.backend.eye(d)[None, :, :]
+        out = (out + xp.permute_dims(out, (0, 2, 1))) / 2  # symmetric up to rounding
         return sym_to_vec(out).T / self.n
+
+    def _rows(self, cpu_rows: int, width: int) -> int:
+        """Rows per GEMM inside a chunk: cache-sized on the CPU (NumPy), whole chunks up to
+        ~128 MB of intermediates with PyTorch (few, large kernels on a GPU)."""
+        if not self.backend.is_torch:
+            return cpu_rows
+        return int(max(cpu_rows, (128 * 2**20) // (4 * max(1, width))))
 
     # -- explicit features, chunk by chunk ------------------------------------------------------
     def _features(self, x):
         return x if self.features == "gaussian" else lift(x, self.q)
 
     def _matmat_explicit(self, v):
-        vv = v.astype(self.dtype)
+        xp, f64 = self.backend.xp, self._f64
+        vv = xp.astype(v, self._dt)
+        rows = self._rows(CHUNK_LIFT, self.dim)
 
         def chunk(c: int):
             x, y = self._chunk(c)
-            acc = np.zeros(v.shape)
-            for s in range(0, x.shape[0], CHUNK_LIFT):
-                f = self._features(x[s : s + CHUNK_LIFT])
-                acc += f.T @ ((f @ vv) * y[s : s + CHUNK_LIFT, None])
+            acc = self.backend.zeros(tuple(v.shape))
+            for s in range(0, x.shape[0], rows):
+                f = self._features(x[s : s + rows])
+                acc += xp.astype(f.T @ ((f @ vv) * y[s : s + rows, None]), f64)
             return (acc,)
 
         return self.backend.ordered_sum(chunk, self.samples.n_chunks())[0] / self.n
@@ -180,18 +197,20 @@ class MomentOperator:
         With ``raw``, ``y`` are the untransformed labels and ``sum F F^T`` comes second:
         the sums `DenseAccumulator` keeps so that any later centring can be applied.
         """
+        xp, f64 = self.backend.xp, self._f64
         x, y = self.samples.block(c)
         if stop is not None:
             x, y = x[:stop], y[:stop]
-        x = x if x.dtype == self.dtype else x.astype(self.dtype)
-        y = (y if raw else (y - self.shift) * self.scale).astype(self.dtype)
-        s_y = np.zeros((self.dim, self.dim))
-        s_1 = np.zeros((self.dim, self.dim)) if raw else None
-        for s in range(0, x.shape[0], CHUNK_LIFT):
-            f = self._features(x[s : s + CHUNK_LIFT])
-            s_y += f.T @ (f * y[s : s + CHUNK_LIFT, None])
+        x = xp.astype(x, self._dt)
+        y = xp.astype(y if raw else (y - self.shift) * self.scale, self._dt)
+        s_y = self.backend.zeros((self.dim, self.dim))
+        s_1 = self.backend.zeros((self.dim, self.dim)) if raw else None
+        rows = self._rows(CHUNK_LIFT, self.dim)
+        for s in range(0, x.shape[0], rows):
+            f = self._features(x[s : s + rows])
+            s_y += xp.astype(f.T @ (f * y[s : s + rows, None]), f64)
             if raw:
-                s_1 += f.T @ f
+                s_1 += xp.astype(f.T @ f, f64)
         return (s_y, s_1) if raw else (s_y,)
 
     def dense(self):
@@ -215,13 +234,14 @@ class DenseAccumulator:
 
     def __init__(self, dim: int):
         self.dim = dim
-        self.s_y = np.zeros((dim, dim))
-        self.s_1 = np.zeros((dim, dim))
+        self.s_y = self.s_1 = None  # backend arrays, allocated at the first moment
         self.chunks_done = 0
 
     def moment(self, op: MomentOperator) -> np.ndarray:
         rows = op.samples.rows
         complete = op.n // rows
+        if self.s_y is None:
+            self.s_y, self.s_1 = op.backend.zeros((self.dim,) * 2), op.backend.zeros((self.dim,) * 2)
         if complete < self.chunks_done:
             raise ValueError("DenseAccumulator needs non-decreasing n")
         if complete > self.chunks_done:

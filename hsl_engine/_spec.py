@@ -205,6 +205,16 @@ class SolverSpec(_Strict):
         | None
     ) = None
     max_passes: Int(1, 100_000, description="operator applications per sample size") = 300
+    backend: Literal["auto", "numpy", "torch"] = Field(
+        "auto",
+        description="array library of the hot loop: auto = NumPy on the CPU, PyTorch on CUDA; "
+        "torch also runs on the CPU",
+    )
+    tf32: bool = Field(
+        False,
+        description="let float32 matrix products on CUDA use TensorFloat-32 (faster, ~1e-3 "
+        "relative rounding per product); off unless asked for",
+    )
 
 
 def _default_methods() -> list[Any]:
@@ -221,7 +231,13 @@ class ExperimentSpec(_Strict):
         default_factory=_default_methods
     )
     solver: SolverSpec = Field(default_factory=SolverSpec)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Annotated[
+        str,
+        Field(
+            pattern=r"^(auto|cpu|cuda(:[0-9]{1,2})?)$",
+            description="auto | cpu | cuda | cuda:N (auto: CUDA when this machine has it)",
+        ),
+    ] = "auto"
 
     @model_validator(mode="after")
     def _check_sweep(self) -> ExperimentSpec:
@@ -231,6 +247,13 @@ class ExperimentSpec(_Strict):
                 "duplicate_method",
                 "each method may appear once, got {names}",
                 {"names": names, "field": "methods"},
+            )
+        if self.solver.backend == "numpy" and self.device.startswith("cuda"):
+            raise PydanticCustomError(
+                "backend_device",
+                "backend 'numpy' runs on the CPU only; device {device!r} needs backend "
+                "'torch' or 'auto'",
+                {"device": self.device, "field": "solver.backend"},
             )
         log_d = math.log(self.model.d)
         if self.sweep.alphas is not None:

@@ -6,9 +6,12 @@ import math
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
+from typing import Any
 
-from ._backend import Backend
+import numpy as np
+from array_api_compat import array_namespace, device
+
+from ._backend import Backend, to_host
 from ._data import SeedData, project
 from ._eigen import EigResult, block_krylov_top, dense_top
 from ._errors import ConvergenceError, ConvergenceWarning
@@ -27,8 +30,9 @@ class FirstLayer:
 
     Attributes
     ----------
-    directions : ndarray, shape (D, d1)
-        Orthonormal top-d1 eigenvectors of C_hat by |eigenvalue|.
+    directions : array, shape (D, d1)
+        Orthonormal top-d1 eigenvectors of C_hat by |eigenvalue| (an array of the backend
+        that computed them, on its device).
     eigenvalues : ndarray, shape (d1 + 10,)
         Signed top eigenvalues by magnitude (fewer if D is smaller).
     passes : int
@@ -42,7 +46,7 @@ class FirstLayer:
         Vectors the operator was applied to (0 for the dense solver).
     """
 
-    directions: np.ndarray
+    directions: Any
     eigenvalues: np.ndarray
     passes: int
     converged: bool
@@ -57,9 +61,10 @@ def label_stats(samples, backend: Backend | None = None) -> tuple[float, float]:
     With a backend, the chunks (regenerated ones included) are read in its threads."""
 
     def moments(c: int) -> tuple[int, float, float]:
-        y = np.asarray(samples.block(c)[1], np.float64)
-        mu = float(np.mean(y))
-        return y.shape[0], mu, float(np.sum((y - mu) ** 2))
+        y = samples.block(c)[1]
+        xp = array_namespace(y)
+        mu = float(xp.mean(y))
+        return y.shape[0], mu, float(xp.sum((y - mu) ** 2))
 
     count_ = samples.n_chunks()
     parts = backend.map_ordered(moments, count_) if backend else map(moments, range(count_))
@@ -134,12 +139,13 @@ class FirstLayerSolver:
                 self.block,
                 v0=self._warm,
                 rng=self.rng,
+                backend=self.backend,
             )
         else:
             res = self._krylov(op)
         self._warm = res.vectors
         return FirstLayer(
-            directions=np.ascontiguousarray(res.vectors[:, : self.d1]),
+            directions=res.vectors[:, : self.d1],
             eigenvalues=res.values,
             passes=res.passes,
             converged=res.converged,
@@ -179,16 +185,21 @@ class SpectralFit:
     n_train_used: int
 
 
-def hidden_features(spec: ExperimentSpec, inputs: np.ndarray, directions: np.ndarray):
-    """``h_hat = A_hat F(x)`` for learned directions (D, d1); shape (n, d1)."""
+def hidden_features(spec: ExperimentSpec, inputs, directions):
+    """``h_hat = A_hat F(x)`` for learned directions (D, d1); shape (n, d1), in the
+    namespace of the inputs (the directions must live on the same device)."""
+    xp = array_namespace(inputs)
+    directions = xp.astype(directions, inputs.dtype)
     if spec.model.features == "gaussian":
         return inputs @ directions
     return project(inputs, directions.T, spec.model.q)
 
 
-def quadratic_form(h: np.ndarray, a2: np.ndarray) -> np.ndarray:
+def quadratic_form(h, a2):
     """``h^T A2 h - tr A2`` per row, shape (n,)."""
-    return np.einsum("ni,ij,nj->n", h, a2, h, optimize=True) - np.trace(a2)
+    xp = array_namespace(h)
+    a2 = xp.asarray(a2, dtype=h.dtype, device=device(h))
+    return xp.sum((h @ a2) * h, axis=1) - xp.sum(xp.linalg.diagonal(a2))
 
 
 class HiddenChunks:
@@ -219,7 +230,8 @@ class HiddenChunks:
 
     def _compute(self, c: int):
         x, y = self.samples.block(c)
-        return hidden_features(self.spec, np.asarray(x, np.float64), self.directions), y
+        xp = array_namespace(x)
+        return hidden_features(self.spec, xp.astype(x, xp.float64), self.directions), y
 
     def __iter__(self):
         if self._cache is not None:
@@ -252,14 +264,16 @@ class HiddenView:
 def second_layer_stream(chunks: HiddenChunks) -> np.ndarray:
     """``A2_hat = (1/n) sum y_c (h h^T - I)``, shape (d1, d1), with centred y, from per-chunk
     sums: ``(S_yhh - ybar S_hh) / n`` (the ``-I`` term vanishes for centred y)."""
-    k = chunks.directions.shape[1]
-    s_yhh, s_hh, s_y = np.zeros((k, k)), np.zeros((k, k)), 0.0
+    s_yhh = s_hh = s_y = None
     for h, y in chunks:
-        s_yhh += (h.T * y) @ h
-        s_hh += h.T @ h
-        s_y += float(np.sum(y))
+        xp = array_namespace(h)
+        parts = ((h.T * y) @ h, h.T @ h, xp.sum(y))
+        if s_yhh is None:
+            s_yhh, s_hh, s_y = parts
+        else:
+            s_yhh, s_hh, s_y = s_yhh + parts[0], s_hh + parts[1], s_y + parts[2]
     n = chunks.n
-    a2 = (s_yhh - (s_y / n) * s_hh) / n
+    a2 = to_host(s_yhh - (s_y / n) * s_hh) / n
     return (a2 + a2.T) / 2
 
 
@@ -288,10 +302,11 @@ class Readout:
         called twice: one pass for the moments of t, one for the normal equations)."""
         parts, head, count = [], [], 0
         for t, _ in chunks():
-            mu = float(np.mean(t))
-            parts.append((t.shape[0], mu, float(np.sum((t - mu) ** 2))))
+            xp = array_namespace(t)
+            mu = float(xp.mean(t))
+            parts.append((t.shape[0], mu, float(xp.sum((t - mu) ** 2))))
             if count < self.QUANTILE_SAMPLES:
-                head.append(t[: self.QUANTILE_SAMPLES - count])
+                head.append(to_host(t[: self.QUANTILE_SAMPLES - count]))
             count += t.shape[0]
         self.t_mean, self.t_std = merged_mean_std(parts)
         if self.degree > 1:
@@ -304,30 +319,41 @@ class Readout:
         gram, rhs = np.zeros((p, p)), np.zeros(p)
         for t, y in chunks():
             phi = self._design(t)
-            gram += phi.T @ phi
-            rhs += phi.T @ y
+            gram += to_host(phi.T @ phi)
+            rhs += to_host(phi.T @ y)
         penalty = self.ridge * count * np.eye(p)
         penalty[0, 0] = 0.0  # the intercept is not penalised
         self.coef = np.linalg.lstsq(gram + penalty, rhs, rcond=None)[0]
         return self
 
-    def predict(self, t: np.ndarray) -> np.ndarray:
-        return self._design(t) @ self.coef
+    def predict(self, t):
+        xp = array_namespace(t)
+        return self._design(t) @ xp.asarray(self.coef, dtype=t.dtype, device=device(t))
 
-    def _design(self, t: np.ndarray) -> np.ndarray:
-        z = np.clip((t - self.t_mean) / self.t_std, *self.z_range)
-        return np.vander(z, self.degree + 1, increasing=True)
+    def _design(self, t):
+        """Columns ``z**0 .. z**degree`` (a Vandermonde matrix, powers by running product)."""
+        xp = array_namespace(t)
+        z = (t - self.t_mean) / self.t_std
+        lo, hi = self.z_range
+        if math.isfinite(lo) or math.isfinite(hi):
+            z = xp.clip(z, lo, hi)
+        cols = [xp.ones_like(z)]
+        for _ in range(self.degree):
+            cols.append(cols[-1] * z)
+        return xp.stack(cols, axis=1)
 
 
-def normalised_mse(pred: np.ndarray, y: np.ndarray) -> float:
+def normalised_mse(pred, y) -> float:
     """Test MSE divided by the test labels' variance."""
-    var = float(np.var(y))
-    return float(np.mean((pred - y) ** 2) / var) if var > 0 else math.nan
+    xp = array_namespace(y)
+    var = float(xp.var(y))
+    return float(xp.mean((pred - y) ** 2)) / var if var > 0 else math.nan
 
 
-def overlaps(teacher_directions: np.ndarray, learned: np.ndarray) -> np.ndarray:
-    """``cos2[i] = ||U_hat^T A_i||^2``; teacher (d1, D), learned (D, k) orthonormal columns."""
-    m = teacher_directions @ learned
+def overlaps(teacher_directions: np.ndarray, learned) -> np.ndarray:
+    """``cos2[i] = ||U_hat^T A_i||^2``; teacher (d1, D), learned (D, k) orthonormal columns
+    (any backend: brought to the host)."""
+    m = teacher_directions @ to_host(learned)
     return np.sum(m * m, axis=1)
 
 

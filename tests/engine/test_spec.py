@@ -33,7 +33,10 @@ def test_defaults_are_filled_and_hash_is_stable():
         "dtype": "float64",
         "tol": None,
         "max_passes": 300,
+        "backend": "auto",
+        "tf32": False,
     }
+    assert dumped["device"] == "auto"
 
 
 def test_hash_changes_with_any_field():
