@@ -357,3 +357,155 @@ def main(*, quick: bool = False, threads: int | None = None) -> int:
         f"{old_design / 2**20:.0f} MiB of samples alone"
     )
     return 0
+
+
+# -- the PyTorch backend on a device (hsl bench --device cuda) -------------------------------
+
+
+def device_gemm_peak(be: he.Backend, dtype, size: int, repeat: int = 3) -> float:
+    """GEMM flops per second of a square product in ``dtype`` on the backend's device."""
+    import torch
+
+    gen = torch.Generator(device=be.torch_device).manual_seed(0)
+    a = torch.randn((size, size), generator=gen, device=be.torch_device, dtype=be.dtype(dtype))
+    b = torch.randn((size, size), generator=gen, device=be.torch_device, dtype=be.dtype(dtype))
+    a @ b
+    be.synchronize()
+
+    def product():
+        a @ b
+        be.synchronize()
+
+    return 2.0 * size**3 / _best(product, repeat)
+
+
+def device_operator_throughput(be: he.Backend, view, k: int, dtype) -> float:
+    op = MomentOperator(view, q=2, features="hermite", backend=be, dtype=dtype)
+    v = be.asarray(np.random.default_rng(1).standard_normal((op.dim, k)))
+    op.matmat(v)
+    be.synchronize()
+
+    def apply():
+        op.matmat(v)
+        be.synchronize()
+
+    return op.flops_per_vector() * k / _best(apply, 3)
+
+
+def agreement_spec(dtype: str) -> he.ExperimentSpec:
+    return he.parse_spec(
+        {
+            "name": "bench-agreement",
+            "model": {"d": 30, "gamma": 1.0},
+            "sweep": {"alphas": [2.0, 2.5, 3.0], "seeds": 1, "n_test": 4000},
+            "methods": [{"name": "layerwise_spectral"}],
+            "solver": {"dtype": dtype, "eigensolver": "krylov"},
+        }
+    )
+
+
+def main_device(*, device: str = "cuda", quick: bool = False, threads: int | None = None) -> int:
+    """GEMM peaks, operator TFLOP/s and agreement with NumPy of the PyTorch backend on
+    ``device``, and the time of a fig2-d120 sweep per seed (a GPU figure: on the CPU only
+    with ``quick``, as fig2-d120-cpu's first alphas)."""
+
+    def say(text: str = "") -> None:
+        print(text, flush=True)
+
+    try:
+        be = he.get_backend(device, backend="torch", threads=threads)
+    except he.DeviceError as exc:
+        say(f"hsl bench: {exc}")
+        return 2
+    import torch
+
+    on_gpu = be.device.startswith("cuda")
+    name = torch.cuda.get_device_name(be.torch_device) if on_gpu else "CPU"
+    say(
+        f"hsl bench --device {be.device} ({name}), engine {he.ENGINE_VERSION}, torch "
+        f"{torch.__version__}; 1-minute host load {os.getloadavg()[0]:.2f}"
+    )
+    size = 8192 if on_gpu else 2048
+    peaks = {dt: device_gemm_peak(be, dt, size) for dt in ("float32", "float64")}
+    line = ", ".join(f"{dt} {p / 1e12:.2f} TFLOP/s" for dt, p in peaks.items())
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tf32 = device_gemm_peak(be, "float32", size)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        line += f"; float32 with TF32 {tf32 / 1e12:.2f} TFLOP/s (off unless a spec asks)"
+    say(f"\n1. GEMM peak ({size}^3): {line}")
+
+    d = 120
+    n = 2**21 if on_gpu else 2**16
+    spec = he.parse_spec(
+        {
+            "model": {"d": d, "gamma": 0.4},
+            "sweep": {"n_values": [n], "seeds": 1, "n_test": 1000},
+            "methods": [{"name": "layerwise_spectral", "sample_split": False}],
+            "solver": {"dtype": "float32"},
+        }
+    )
+    dev_be = he.get_backend(device, backend="torch", device_streams=True)
+    data = he.make_seed_data(spec, 0, backend=dev_be)
+    view = data.train.view(n)
+    view.materialise()  # draw (and store) the samples before timing
+    say(f"\n2. moment operator on {be.device}, d={d}, n={n} (4 n d^2 flops per vector):")
+    op_ratio = {}
+    for dt in ("float32", "float64"):
+        for k in (8, spec.model.hidden_dim + 14):
+            rate = device_operator_throughput(dev_be, view, k, np.dtype(dt))
+            op_ratio.setdefault(dt, []).append(rate / peaks[dt])
+            say(
+                f"   {dt} k={k:<3} {rate / 1e12:7.3f} TFLOP/s = {rate / peaks[dt]:6.1%} of the "
+                f"{dt} GEMM peak (target >= 50 % in float32)"
+            )
+
+    say("\n3. agreement with the NumPy backend (same samples, d = 30, Krylov, 3 sample sizes):")
+    for dt in ("float64", "float32"):
+        aspec = agreement_spec(dt)
+        ref = list(he.iter_run(aspec, "layerwise_spectral", 0, backend=he.get_backend("cpu")))
+        variants = [("", he.get_backend(device, backend="torch", device_streams=False))]
+        if on_gpu and dt == "float32":
+            variants.append(
+                (" TF32", he.get_backend(device, backend="torch", device_streams=False, tf32=True))
+            )
+        for label, vb in variants:
+            got = list(he.iter_run(aspec, "layerwise_spectral", 0, backend=vb))
+            dmse = max(abs(a.mse - b.mse) for a, b in zip(got, ref))
+            dcos = max(float(np.max(np.abs(np.subtract(a.cos2, b.cos2)))) for a, b in zip(got, ref))
+            say(f"   {dt}{label:<5} max |d mse| {dmse:.1e}  max |d cos2| {dcos:.1e}")
+        if on_gpu:
+            torch.backends.cuda.matmul.allow_tf32 = False
+
+    if not on_gpu and not quick:
+        say("\n4. fig2-d120 sweep: GPU-sized (about 20 hours per 10 seeds on 2 cores); "
+            "run with --quick for a CPU-sized part of it")  # fmt: skip
+        return 0
+    name = "fig2-d120" if on_gpu and not quick else "fig2-d120-cpu"
+    sweep = he.preset(name)
+    if quick and not on_gpu:
+        data_ = sweep.model_dump(mode="json")
+        data_["sweep"]["alphas"] = data_["sweep"]["alphas"][:5]
+        sweep = he.parse_spec(data_)
+    sweep_be = he.get_backend(device, backend="torch", threads=threads)
+    est = he.estimate_resources(sweep, device=sweep_be.device)
+    say(
+        f"\n4. {name} sweep, seed 0 on {sweep_be.device} (n up to "
+        f"{sweep.sample_sizes()[-1][0]}, {len(sweep.sample_sizes())} points; estimate "
+        f"{est.flops / sweep.sweep.seeds:.2e} flops per seed):"
+    )
+    t0 = time.perf_counter()
+    last = None
+    for p in he.iter_run(sweep, "layerwise_spectral", 0, backend=sweep_be):
+        last = p
+        say(
+            f"   n={p.n:>9} {p.seconds:7.2f} s  mse {p.mse:.4f}  recovered {p.recovered}  "
+            f"passes {p.extra['passes']}"
+        )
+    per_seed = time.perf_counter() - t0
+    say(
+        f"   one seed: {per_seed:.1f} s; the preset's {sweep.sweep.seeds} seeds: "
+        f"~{per_seed * sweep.sweep.seeds / 60:.1f} min (target for fig2-d120 on one H200: "
+        f"< 10 min); final mse {last.mse:.4f}"
+    )
+    return 0

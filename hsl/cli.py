@@ -159,10 +159,34 @@ def hardware_quote(spec: he.ExperimentSpec, est: he.ResourceEstimate) -> str:
     )
 
 
+def with_device(spec: he.ExperimentSpec, device: str | None, backend: str | None):
+    """The spec with ``device`` and ``solver.backend`` overridden (validated again)."""
+    if device is None and backend is None:
+        return spec
+    data = spec.model_dump(mode="json")
+    if device is not None:
+        data["device"] = device
+    if backend is not None:
+        data["solver"]["backend"] = backend
+    try:
+        return he.parse_spec(data)
+    except he.SpecError as exc:
+        raise SystemExit(f"hsl: {exc}") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec)
-    est = he.estimate_resources(spec)
-    print(f"hsl run {spec.name}: {est.points} points, {hardware_quote(spec, est)}", file=sys.stderr)
+    spec = with_device(load_spec(args.spec), args.device, args.backend)
+    try:  # a device this machine lacks fails here, before anything runs
+        backend = he.spec_backend(spec, threads=args.threads)
+    except he.DeviceError as exc:
+        print(f"hsl: {exc}", file=sys.stderr)
+        return 2
+    est = he.estimate_resources(spec, device=backend.device)
+    print(
+        f"hsl run {spec.name} on {backend.device} ({backend.array_backend}): {est.points} points, "
+        f"{hardware_quote(spec, est)}",
+        file=sys.stderr,
+    )
     progress = Progress(spec, sys.stderr, enabled=not args.quiet)
     try:
         result = he.run_experiment(spec, on_point=progress, threads=args.threads)
@@ -202,6 +226,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    if args.device is not None or args.backend == "torch":
+        return bench.main_device(
+            device=args.device or "cpu", quick=args.quick, threads=args.threads
+        )
     return bench.main(quick=args.quick, threads=args.threads)
 
 
@@ -217,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plots", metavar="DIR", help="write PNG and SVG figures to DIR")
     run.add_argument("--threads", type=int, default=None, help="worker threads (default: cores)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument("--device", help="override the spec's device: auto, cpu, cuda, cuda:N")
+    run.add_argument(
+        "--backend", choices=["auto", "numpy", "torch"], help="override solver.backend"
+    )
     run.set_defaults(func=cmd_run)
 
     presets = sub.add_parser("presets", help="list the named specs")
@@ -228,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--quick", action="store_true", help="smaller sizes (about a minute)")
     bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument(
+        "--device",
+        default=None,
+        help="bench the PyTorch backend on this device (cuda, cuda:N, or cpu): GEMM peaks, "
+        "operator TFLOP/s, a fig2-d120 sweep, agreement with NumPy",
+    )
+    bench.add_argument(
+        "--backend", choices=["numpy", "torch"], default="numpy", help="torch: as --device cpu"
+    )
     bench.set_defaults(func=cmd_bench)
 
     serve = sub.add_parser(

@@ -13,7 +13,6 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from array_api_compat import array_namespace, device
 
 from ._backend import Backend, numpy_backend, single_threaded_blas
@@ -172,14 +171,17 @@ class LabelView:
         return float(self.view.read(i, i + 1)[1][0])
 
 
-def chunk_rows(width: int) -> int:
-    """Samples per stream chunk for inputs of ``width`` floats: a power of two, about 2 MB.
+def chunk_rows(width: int, *, device: bool = False) -> int:
+    """Samples per stream chunk for inputs of ``width`` floats: a power of two, about 2 MB
+    (NumPy streams: cache-sized work for the CPU threads) or about 64 MB (device streams:
+    few, large kernels on a GPU).
 
     The chunk is the unit of generation: a chunk's samples are a function of (stream, chunk
     index) alone, so every consumer sees the same numbers whatever n, storage or thread count.
     """
-    rows = 2 ** int(math.floor(math.log2(max(1.0, 2**18 / width))))
-    return int(min(4096, max(64, rows)))
+    floats, lo, hi = (2**23, 1024, 2**20) if device else (2**18, 64, 4096)
+    rows = 2 ** int(math.floor(math.log2(max(1.0, floats / width))))
+    return int(min(hi, max(lo, rows)))
 
 
 class SampleStream:
@@ -224,7 +226,7 @@ class SampleStream:
         self._entropy, self._key = seq.entropy, tuple(seq.spawn_key)
         model = teacher.model
         self.width = feature_dim(model.d, model.q) if model.features == "gaussian" else model.d
-        self.rows = chunk_rows(self.width)
+        self.rows = chunk_rows(self.width, device=self.backend.device_streams)
         self.dtype = np.dtype(dtype)
         self.store_rows = int(store_rows)
         self._stored: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # chunks within store_rows
@@ -435,12 +437,8 @@ def make_seed_data(
     return SeedData(
         seed_index=seed_index,
         teacher=teacher,
-        train=SampleStream(
-            teacher, rng=train_rng, dtype=dtype, store_rows=keep, backend=backend
-        ),
-        second=SampleStream(
-            teacher, rng=second_rng, dtype=dtype, store_rows=keep, backend=backend
-        ),
+        train=SampleStream(teacher, rng=train_rng, dtype=dtype, store_rows=keep, backend=backend),
+        second=SampleStream(teacher, rng=second_rng, dtype=dtype, store_rows=keep, backend=backend),
         test_inputs=backend.asarray(test_inputs),
         test_labels=backend.asarray(test_labels),
         method_seq=method_rng.bit_generator.seed_seq,

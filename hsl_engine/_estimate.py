@@ -30,6 +30,9 @@ WORKING_BYTES = 64e6
 # h_hat of the second batch is kept between the passes of steps 3-4 up to the first size
 # while the samples are stored, and up to the second while they stream (then the passes
 # regenerate the samples and project them again, so memory stays flat in n)
+# On a GPU (device streams): 64 MB chunks drawn in float64 and kept in the solver's type,
+# and the operator's sub-block intermediates of up to 128 MB each
+WORKING_BYTES_DEVICE = 1.5e9
 HIDDEN_CACHE_BYTES = 256 * 2**20
 HIDDEN_CACHE_STREAMED_BYTES = 32 * 2**20
 
@@ -103,8 +106,19 @@ def choose_solver(spec: ExperimentSpec) -> str:
 
 
 def estimate_resources(
-    spec: ExperimentSpec, *, sample_budget_bytes: float | None = None
+    spec: ExperimentSpec,
+    *,
+    sample_budget_bytes: float | None = None,
+    device: str | None = None,
 ) -> ResourceEstimate:
+    """Peak memory of the largest run and the work of the whole experiment.
+
+    ``device`` (default: the spec's) selects the working set: a CUDA device draws samples in
+    64 MB chunks and runs larger sub-blocks (`WORKING_BYTES_DEVICE`); ``peak_bytes`` is then
+    the device's memory (samples, basis and working set live there).
+    """
+    device = spec.device if device is None else device
+    working = WORKING_BYTES_DEVICE if device.startswith("cuda") else WORKING_BYTES
     m = spec.model
     budget = SAMPLE_BUDGET_BYTES if sample_budget_bytes is None else sample_budget_bytes
     log_dim = m.log_feature_dim
@@ -137,7 +151,7 @@ def estimate_resources(
     peak = 0.0
     flops = 0.0
     for method in spec.methods:
-        run_peak = stored + test + WORKING_BYTES
+        run_peak = stored + test + working
         if method.name in ("layerwise_spectral", "latent_rbf"):
             dense_bytes = 6.0 * 8.0 * dim * dim  # two sums, the matrix, eigensolver copies
             # (choose_solver needs the exact D, which is only formed when it is modest)

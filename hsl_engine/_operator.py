@@ -241,7 +241,8 @@ class DenseAccumulator:
         rows = op.samples.rows
         complete = op.n // rows
         if self.s_y is None:
-            self.s_y, self.s_1 = op.backend.zeros((self.dim,) * 2), op.backend.zeros((self.dim,) * 2)
+            shape = (self.dim, self.dim)
+            self.s_y, self.s_1 = op.backend.zeros(shape), op.backend.zeros(shape)
         if complete < self.chunks_done:
             raise ValueError("DenseAccumulator needs non-decreasing n")
         if complete > self.chunks_done:
