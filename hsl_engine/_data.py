@@ -113,21 +113,24 @@ def project(x, directions, q: int, *, matrices=None):
     if n == 0:
         return xp.zeros((0, k), dtype=x.dtype, device=device(x))
     parts = []
+    step = _CHUNK
+    if not isinstance(x, np.ndarray):  # a device: fewer, larger kernels (<= 64 MB each)
+        step = max(_CHUNK, 2**23 // max(1, k * d))
     if q == 2:
         g = vec_to_sym(directions, d) if matrices is None else matrices
-        g = xp.astype(g, x.dtype)
+        g = xp.astype(g, x.dtype, copy=False)
         gcat = xp.reshape(xp.permute_dims(g, (1, 0, 2)), (d, k * d))
         trace = xp.sum(xp.linalg.diagonal(g), axis=-1)
         # chunked so the (chunk, k, d) intermediate stays small whatever n is
-        for s in range(0, n, _CHUNK):
-            xb = x[s : s + _CHUNK]
+        for s in range(0, n, step):
+            xb = x[s : s + step]
             xg = xp.reshape(xb @ gcat, (xb.shape[0], k, d))
             quad = xp.matmul(xg, xb[:, :, None])[:, :, 0]
             parts.append((quad - trace) / SQRT2)
     else:
-        dirs_t = xp.astype(directions, x.dtype).T
-        for s in range(0, n, _CHUNK):
-            parts.append(lift(x[s : s + _CHUNK], q) @ dirs_t)
+        dirs_t = xp.astype(directions, x.dtype, copy=False).T
+        for s in range(0, n, step):
+            parts.append(lift(x[s : s + step], q) @ dirs_t)
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
@@ -263,7 +266,7 @@ class SampleStream:
             labels = self._device_teacher.clean_labels(inputs)
             if noise > 0:
                 labels = labels + noise * be.standard_normal(gen, (self.rows,))
-            return be.xp.astype(inputs, be.dtype(self.dtype)), labels
+            return be.xp.astype(inputs, be.dtype(self.dtype), copy=False), labels
         gen = np.random.default_rng(seq)
         inputs = gen.standard_normal((self.rows, self.width))
         with single_threaded_blas():  # labels bit for bit, whatever thread reads the chunk
@@ -349,7 +352,7 @@ class SampleView:
             return be.zeros((0, self.stream.width), dtype), be.zeros((0,))
         x = xs[0] if len(xs) == 1 else be.xp.concat(xs, axis=0)
         y = ys[0] if len(ys) == 1 else be.xp.concat(ys, axis=0)
-        return be.xp.astype(x, be.dtype(dtype)), y
+        return be.xp.astype(x, be.dtype(dtype), copy=False), y
 
     def __getitem__(self, key):
         if isinstance(key, slice):

@@ -6,6 +6,23 @@ regression (KRR) with an unpenalised intercept exactly while n is at most ``n_la
 with a Nystroem approximation on the first ``n_landmarks`` rows beyond that. In the Nystroem
 regime the sufficient statistics of the ridge problem are sums over rows, so when successive
 calls pass growing prefixes of the same stream only the new rows are processed.
+
+Backends: one code path for NumPy and PyTorch (CPU or CUDA), written against the array
+namespace of the test inputs (array-api-compat). Training rows (arrays or lazy views of a
+sample stream) are brought block by block into that namespace and onto that device, and
+predictions come back in it. The hot work runs there: kernel blocks, the Nystroem sums
+``Phi^T Phi``, ``Phi^T y``, ``Phi^T 1`` over row blocks, and the predictions over test blocks.
+
+The small dense linear algebra runs on the host with SciPy, on both backends: the
+eigendecomposition of the (m, m) landmark kernel, the Cholesky solve of the (r, r) Nystroem
+normal equations (r <= m) and, in the exact regime (n <= m), the Cholesky solve of the
+(n, n) kernel system. These matrices are at most ``n_landmarks`` wide, so one copy to the host
+and an O(m^3) LAPACK call are small next to the O(n m (d + m)) streaming; and the same LAPACK
+routines on both backends make the same decisions (which eigen-directions fall below the
+cut-off, whether a factorisation fails), so the backends differ by rounding in the device
+GEMMs only, and the NumPy path is the very computation it was before the port. The
+median-heuristic bandwidth is computed on the host too (``pdist`` on at most 1000 rows), from
+the same rows on both backends.
 """
 
 from __future__ import annotations
@@ -13,11 +30,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import array_api_compat.numpy as np_xp
 import numpy as np
 import scipy.linalg
+from array_api_compat import array_namespace, device, is_array_api_obj, is_numpy_namespace
 from scipy.spatial.distance import pdist
 
+from hsl_engine._backend import to_host
 from hsl_engine._errors import EngineError
 
 __all__ = [
@@ -42,10 +63,11 @@ _BANDWIDTH_SAMPLES = 1000
 
 KERNELS = ("rbf", "poly")
 
-KernelFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+Array = Any  # a NumPy array or a PyTorch tensor
+KernelFn = Callable[[Array, Array], Array]
 
 
-def rbf_kernel(a: np.ndarray, b: np.ndarray, bandwidth: float) -> np.ndarray:
+def rbf_kernel(a: Array, b: Array, bandwidth: float) -> Array:
     """Gaussian kernel ``exp(-||a_i - b_j||^2 / (2 bandwidth^2))``.
 
     Squared distances come from the GEMM expansion ``|a|^2 + |b|^2 - 2 a.b``, whose rounding
@@ -53,34 +75,35 @@ def rbf_kernel(a: np.ndarray, b: np.ndarray, bandwidth: float) -> np.ndarray:
 
     Parameters
     ----------
-    a : ndarray, shape (n_a, d)
-    b : ndarray, shape (n_b, d)
+    a : array, shape (n_a, d)
+        NumPy or PyTorch; the result is in its namespace and on its device.
+    b : array, shape (n_b, d)
     bandwidth : float
         Length scale, > 0.
 
     Returns
     -------
-    ndarray, shape (n_a, n_b)
+    array, shape (n_a, n_b)
     """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
+    xp, dev = _namespace_of(a)
+    a, b = _float64(xp, a, dev), _float64(xp, b, dev)
     _check_pair(a, b)
     if not (math.isfinite(bandwidth) and bandwidth > 0):
         raise ValueError(f"bandwidth must be a positive finite number, got {bandwidth!r}")
-    sq_a = np.einsum("ij,ij->i", a, a)
-    sq_b = np.einsum("ij,ij->i", b, b)
+    sq_a = xp.einsum("ij,ij->i", a, a)
+    sq_b = xp.einsum("ij,ij->i", b, b)
     # In-place updates keep the peak memory at one (n_a, n_b) array.
     out = a @ b.T
     out *= -2.0
     out += sq_a[:, None]
     out += sq_b[None, :]
-    np.maximum(out, 0.0, out=out)
+    _clip_negative_(out)
     out *= -0.5 / (bandwidth * bandwidth)
-    np.exp(out, out=out)
+    _exp_(out)
     return out
 
 
-def poly_kernel(a: np.ndarray, b: np.ndarray, degree: int) -> np.ndarray:
+def poly_kernel(a: Array, b: Array, degree: int) -> Array:
     """Polynomial kernel ``(1 + <a_i, b_j> / width) ** degree`` with ``width = a.shape[1]``.
 
     Dividing by the width keeps the inner product O(1) for standard normal inputs, so the
@@ -88,36 +111,39 @@ def poly_kernel(a: np.ndarray, b: np.ndarray, degree: int) -> np.ndarray:
 
     Parameters
     ----------
-    a : ndarray, shape (n_a, width)
-    b : ndarray, shape (n_b, width)
+    a : array, shape (n_a, width)
+        NumPy or PyTorch; the result is in its namespace and on its device.
+    b : array, shape (n_b, width)
     degree : int
         Polynomial degree, >= 1.
 
     Returns
     -------
-    ndarray, shape (n_a, n_b)
+    array, shape (n_a, n_b)
     """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
+    xp, dev = _namespace_of(a)
+    a, b = _float64(xp, a, dev), _float64(xp, b, dev)
     _check_pair(a, b)
     degree = _check_degree(degree)
     out = a @ b.T
     out *= 1.0 / a.shape[1]
     out += 1.0
     if degree > 1:
-        np.power(out, degree, out=out)
+        _pow_(out, degree)
     return out
 
 
-def median_bandwidth(x: np.ndarray, *, max_samples: int = 1000) -> float:
+def median_bandwidth(x: Array, *, max_samples: int = 1000) -> float:
     """Median heuristic for the RBF bandwidth.
 
     The median Euclidean distance over all pairs ``i < j`` (the diagonal excluded) among the
-    first ``min(n, max_samples)`` rows. Deterministic: no subsampling at random.
+    first ``min(n, max_samples)`` rows. Deterministic: no subsampling at random. Computed on
+    the host (SciPy), so NumPy and PyTorch inputs holding the same rows give the same value.
 
     Parameters
     ----------
-    x : ndarray, shape (n, d)
+    x : array, shape (n, d)
+        NumPy or PyTorch (copied to the host).
     max_samples : int, optional
         At most this many leading rows are used, so the cost is O(max_samples^2 d).
 
@@ -132,7 +158,7 @@ def median_bandwidth(x: np.ndarray, *, max_samples: int = 1000) -> float:
     EngineError
         If the median distance is not positive and finite (e.g. most rows coincide).
     """
-    x = np.asarray(x, dtype=np.float64)
+    x = np.asarray(to_host(x), dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D, got shape {x.shape}")
     if max_samples < 2:
@@ -155,8 +181,9 @@ class KernelFit:
 
     Attributes
     ----------
-    predictions : ndarray, shape (n_test,)
-        Predictions in the units of ``y_train``, intercept included.
+    predictions : array, shape (n_test,)
+        Predictions in the units of ``y_train``, intercept included; in the namespace and on
+        the device of ``x_test``.
     n_train_used : int
         Training samples whose labels entered the fit; always all n rows.
     n_landmarks : int
@@ -167,7 +194,7 @@ class KernelFit:
         The RBF bandwidth actually used; None for the polynomial kernel.
     """
 
-    predictions: np.ndarray
+    predictions: Array
     n_train_used: int
     n_landmarks: int
     solver: str
@@ -200,6 +227,9 @@ class KernelRidgeSweep:
     labels and the last label are checked. Any mismatch starts the sums over. The result
     equals a from-scratch fit up to floating-point summation order.
 
+    The computation runs in the array namespace and on the device of ``x_test`` (NumPy or
+    PyTorch); see the module docstring for what runs on the host.
+
     Parameters
     ----------
     kernel : {"rbf", "poly"}
@@ -216,8 +246,9 @@ class KernelRidgeSweep:
         Reuse sums across calls on growing prefixes of one stream. Use False when the inputs
         change with n (e.g. learned features), which skips the checks and stored state.
     rng : numpy.random.Generator
-        Reserved for randomised choices; the current landmark rule is deterministic and does
-        not draw from it. Results are bitwise deterministic for the same sequence of calls.
+        Reserved for randomised choices (a NumPy generator on every backend, so all backends
+        would choose alike); the current landmark rule is deterministic and does not draw
+        from it. Results are bitwise deterministic for the same sequence of calls.
     """
 
     def __init__(
@@ -262,14 +293,16 @@ class KernelRidgeSweep:
         self._rng = rng
         self._state: _NystroemState | None = None
 
-    def fit_predict(self, x_train, y_train, x_test: np.ndarray) -> KernelFit:
+    def fit_predict(self, x_train, y_train, x_test) -> KernelFit:
         """Fit on all of ``(x_train, y_train)`` and predict at ``x_test``.
 
         Parameters
         ----------
-        x_train : ndarray, shape (n, d), or a lazy view of that shape with row slicing
-        y_train : ndarray, shape (n,), or a lazy view with slicing
-        x_test : ndarray, shape (n_test, d)
+        x_train : array, shape (n, d), or a lazy view of that shape with row slicing
+        y_train : array, shape (n,), or a lazy view with slicing
+        x_test : array, shape (n_test, d)
+            NumPy or PyTorch: the fit runs, and the predictions come back, in its namespace
+            and on its device; training rows are brought there.
 
         Returns
         -------
@@ -283,9 +316,9 @@ class KernelRidgeSweep:
             If a Cholesky factorisation or the kernel eigendecomposition fails.
         """
         n = x_train.shape[0]
-        if not isinstance(x_train, np.ndarray) and n <= self.n_landmarks:
+        if not is_array_api_obj(x_train) and n <= self.n_landmarks:
             x_train, y_train = x_train[0:n], y_train[0:n]  # a lazy view: small, materialise
-        if isinstance(x_train, np.ndarray):
+        if is_array_api_obj(x_train):
             x_train, y_train, x_test = _check_data(x_train, y_train, x_test)
         else:
             # a lazy view of generated samples (`hsl_engine._data.SampleView`): rows are read
@@ -299,9 +332,11 @@ class KernelRidgeSweep:
             return KernelFit(predictions, n, n, "exact", bandwidth)
 
         m = self.n_landmarks
+        xp, dev = _namespace_of(x_test)
         state = self._state if self.incremental else None
-        if state is None or not state.extends(x_train, y_train, bandwidth):
-            state = _NystroemState(x_train[:m], y_train[:m], kernel_fn, bandwidth)
+        if state is None or not state.extends(x_train, y_train, bandwidth, xp, dev):
+            landmarks, y_landmarks = _float64(xp, x_train[:m], dev), _float64(xp, y_train[:m], dev)
+            state = _NystroemState(landmarks, y_landmarks, kernel_fn, bandwidth)  # copies them
         state.update(x_train, y_train)
         coef, intercept = state.solve(self.ridge)
         if self.incremental:
@@ -309,7 +344,7 @@ class KernelRidgeSweep:
         predictions = _predict(x_test, state.landmarks, coef, intercept, kernel_fn)
         return KernelFit(predictions, n, m, "nystroem", bandwidth)
 
-    def _bandwidth_for(self, x_train: np.ndarray) -> float | None:
+    def _bandwidth_for(self, x_train) -> float | None:
         if self.kernel != "rbf":
             return None
         if self.bandwidth is not None:
@@ -335,10 +370,14 @@ class _NystroemState:
     so this changes nothing mathematically, but it keeps ``sum Phi`` small and so avoids the
     cancellation in ``Phi^T Phi - (Phi^T 1)(1^T Phi)/n`` when a feature has a large mean.
 
+    The sums live in the namespace and on the device of ``landmarks``; the eigendecomposition
+    and the solve run on the host (see the module docstring).
+
     Parameters
     ----------
-    landmarks : ndarray, shape (m, d)
-    y_landmarks : ndarray, shape (m,)
+    landmarks : array, shape (m, d)
+        NumPy or PyTorch; rows passed to `update` are brought to its namespace and device.
+    y_landmarks : array, shape (m,)
     kernel_fn : callable
         ``kernel_fn(a, b)`` returns the kernel matrix of shape ``(len(a), len(b))``.
     bandwidth : float or None
@@ -347,17 +386,18 @@ class _NystroemState:
 
     def __init__(
         self,
-        landmarks: np.ndarray,
-        y_landmarks: np.ndarray,
+        landmarks: Array,
+        y_landmarks: Array,
         kernel_fn: KernelFn,
         bandwidth: float | None,
     ):
-        self.landmarks = np.array(landmarks, dtype=np.float64, order="C")
-        self.y_landmarks = np.array(y_landmarks, dtype=np.float64)
+        xp, dev = self.xp, self.device = _namespace_of(landmarks)
+        self.landmarks = _float64(xp, landmarks, dev, copy=True)
+        self.y_landmarks = _float64(xp, y_landmarks, dev, copy=True)
         self.kernel_fn = kernel_fn
         self.bandwidth = bandwidth
 
-        k_ll = kernel_fn(self.landmarks, self.landmarks)
+        k_ll = to_host(kernel_fn(self.landmarks, self.landmarks))
         # Symmetrise: the GEMM expansion is symmetric only up to rounding.
         k_ll = 0.5 * (k_ll + k_ll.T)
         try:
@@ -371,30 +411,36 @@ class _NystroemState:
         s_kept = s[keep]
         u_kept = u[:, keep]
         self.rank = int(s_kept.size)
-        # W maps kernel rows to features: Phi = K(x, L) W, shape (m, r).
-        self.proj = np.ascontiguousarray(u_kept / np.sqrt(s_kept))
+        # W maps kernel rows to features: Phi = K(x, L) W, shape (m, r). Host copies for the
+        # solve, device copies for the streaming (the same arrays with NumPy).
+        self._proj_host = np.ascontiguousarray(u_kept / np.sqrt(s_kept))
         # Phi(L) = K_LL W = U_r diag(s_r^1/2), so its row mean needs no extra GEMM.
-        self.mu0 = (u_kept * np.sqrt(s_kept)).mean(axis=0)
-        self.y0 = float(self.y_landmarks.mean())
+        self._mu0_host = (u_kept * np.sqrt(s_kept)).mean(axis=0)
+        self.proj = _float64(xp, self._proj_host, dev)
+        self.mu0 = _float64(xp, self._mu0_host, dev)
+        self.y0 = float(xp.mean(self.y_landmarks))
 
         r = self.rank
-        self.gram = np.zeros((r, r))
-        self.phi_y = np.zeros(r)
-        self.phi_sum = np.zeros(r)
-        self.y_sum = 0.0
+        self.gram = xp.zeros((r, r), dtype=xp.float64, device=dev)
+        self.phi_y = xp.zeros((r,), dtype=xp.float64, device=dev)
+        self.phi_sum = xp.zeros((r,), dtype=xp.float64, device=dev)
+        self.y_sum: Any = 0.0  # a float, or a 0-d array of the namespace (no device sync)
         self.n_done = 0
         self.rows_processed = 0  # total rows ever streamed; lets tests see reuse happen
-        self.last_row: np.ndarray | None = None
-        self.last_y = 0.0
+        self.last_row: Array | None = None
+        self.last_y: Any = 0.0
 
-    def extends(self, x: np.ndarray, y: np.ndarray, bandwidth: float | None) -> bool:
+    def extends(self, x, y, bandwidth: float | None, xp=None, dev=None) -> bool:
         """Whether ``(x, y)`` plausibly extends the rows already accumulated.
 
         Parameters
         ----------
-        x : ndarray, shape (n, d)
-        y : ndarray, shape (n,)
+        x : array, shape (n, d), or a lazy view
+        y : array, shape (n,), or a lazy view
         bandwidth : float or None
+        xp, dev : optional
+            The namespace and device the caller computes in; a state kept in another one
+            does not extend.
 
         Returns
         -------
@@ -406,22 +452,33 @@ class _NystroemState:
             return False
         if bandwidth != self.bandwidth:
             return False
-        if not (np.array_equal(x[:m], self.landmarks) and np.array_equal(y[:m], self.y_landmarks)):
+        if xp is not None and (xp is not self.xp or dev != self.device):
             return False
-        return bool(np.array_equal(x[n_old - 1], self.last_row) and y[n_old - 1] == self.last_y)
+        if not (self._equal(x[:m], self.landmarks) and self._equal(y[:m], self.y_landmarks)):
+            return False
+        return self._equal(x[n_old - 1], self.last_row) and float(y[n_old - 1]) == float(
+            self.last_y
+        )
 
-    def update(self, x: np.ndarray, y: np.ndarray) -> None:
+    def _equal(self, a, b) -> bool:
+        """``numpy.array_equal`` in the state's namespace (``a`` brought there)."""
+        a = _float64(self.xp, a, self.device)
+        return tuple(a.shape) == tuple(b.shape) and bool(self.xp.all(a == b))
+
+    def update(self, x, y) -> None:
         """Accumulate rows ``n_done..n-1`` of ``(x, y)``.
 
         Parameters
         ----------
-        x : ndarray, shape (n, d)
-        y : ndarray, shape (n,)
+        x : array, shape (n, d), or a lazy view
+        y : array, shape (n,), or a lazy view
         """
+        xp, dev = self.xp, self.device
         n = x.shape[0]
         for start in range(self.n_done, n, _CHUNK_ROWS):
             stop = min(start + _CHUNK_ROWS, n)
-            xb, yb = x[start:stop], y[start:stop]  # one read of a lazy view per block
+            # one read of a lazy view per block, brought to the state's device
+            xb, yb = _float64(xp, x[start:stop], dev), _float64(xp, y[start:stop], dev)
             phi = self.kernel_fn(xb, self.landmarks) @ self.proj
             phi -= self.mu0
             y_c = yb - self.y0
@@ -429,17 +486,19 @@ class _NystroemState:
             # GEMM here, and the full matrix avoids triangle bookkeeping.
             self.gram += phi.T @ phi
             self.phi_y += y_c @ phi
-            self.phi_sum += phi.sum(axis=0)
-            self.y_sum += float(y_c.sum())
+            self.phi_sum += xp.sum(phi, axis=0)
+            self.y_sum = self.y_sum + xp.sum(y_c)
             # Bookkeeping per block keeps the state consistent (sums cover exactly rows
             # 0..n_done-1) even if a later block raises, e.g. on memory exhaustion.
             self.rows_processed += stop - start
             self.n_done = stop
-            self.last_row = np.array(xb[-1], dtype=np.float64)
-            self.last_y = float(yb[-1])
+            self.last_row = _float64(xp, xb[-1], dev, copy=True)
+            self.last_y = _float64(xp, yb[-1], dev, copy=True)
 
-    def solve(self, ridge: float) -> tuple[np.ndarray, float]:
+    def solve(self, ridge: float) -> tuple[Array, float]:
         """Ridge solution in feature space, mapped back to kernel coefficients.
+
+        The (r, r) system is solved on the host; the coefficients go back to the device.
 
         Parameters
         ----------
@@ -447,48 +506,54 @@ class _NystroemState:
 
         Returns
         -------
-        coef : ndarray, shape (m,)
-            Predictions are ``K(x, L) @ coef + intercept``.
+        coef : array, shape (m,)
+            Predictions are ``K(x, L) @ coef + intercept``; in the state's namespace.
         intercept : float
         """
         n = self.n_done
-        mean_phi = self.phi_sum / n
-        mean_y = self.y_sum / n
-        a = self.gram - n * np.outer(mean_phi, mean_phi)
+        gram, phi_y, phi_sum = to_host(self.gram), to_host(self.phi_y), to_host(self.phi_sum)
+        mean_phi = phi_sum / n
+        mean_y = float(self.y_sum) / n
+        a = gram - n * np.outer(mean_phi, mean_phi)
         a[np.diag_indices_from(a)] += n * ridge
-        b = self.phi_y - n * mean_phi * mean_y
+        b = phi_y - n * mean_phi * mean_y
         beta = _cholesky_solve(a, b, lower=False, what="Nystroem normal equations")
-        intercept = self.y0 + mean_y - float(mean_phi @ beta) - float(self.mu0 @ beta)
-        return self.proj @ beta, intercept
+        intercept = self.y0 + mean_y - float(mean_phi @ beta) - float(self._mu0_host @ beta)
+        return _float64(self.xp, self._proj_host @ beta, self.device), intercept
 
 
 def _exact_fit_predict(
-    x: np.ndarray, y: np.ndarray, x_test: np.ndarray, kernel_fn: KernelFn, ridge: float
-) -> np.ndarray:
+    x: Array, y: Array, x_test: Array, kernel_fn: KernelFn, ridge: float
+) -> Array:
     """Exact KRR with an unpenalised intercept; see :class:`KernelRidgeSweep`.
+
+    The kernel matrix and the predictions are computed on the device of ``x``; the (n, n)
+    Cholesky solve (n <= n_landmarks) on the host.
 
     Parameters
     ----------
-    x : ndarray, shape (n, d)
-    y : ndarray, shape (n,)
-    x_test : ndarray, shape (n_test, d)
+    x : array, shape (n, d)
+    y : array, shape (n,)
+    x_test : array, shape (n_test, d)
     kernel_fn : callable
     ridge : float
 
     Returns
     -------
-    ndarray, shape (n_test,)
+    array, shape (n_test,), in the namespace of ``x_test``
     """
     n = x.shape[0]
-    a = kernel_fn(x, x)
+    a = to_host(kernel_fn(x, x))
     a[np.diag_indices_from(a)] += n * ridge
+    y = to_host(y)
     y_mean = float(y.mean())
     # Centring first only improves rounding: the intercept formula is shift-equivariant.
     rhs = np.column_stack([y - y_mean, np.ones(n)])
     z = _cholesky_solve(a, rhs, lower=True, what="exact kernel ridge system")
     shift = z[:, 0].sum() / z[:, 1].sum()
     alpha = z[:, 0] - shift * z[:, 1]
-    return _predict(x_test, x, alpha, y_mean + shift, kernel_fn)
+    xp, dev = _namespace_of(x)
+    return _predict(x_test, x, _float64(xp, alpha, dev), y_mean + shift, kernel_fn)
 
 
 def _cholesky_solve(a: np.ndarray, b: np.ndarray, *, lower: bool, what: str) -> np.ndarray:
@@ -506,14 +571,16 @@ def _cholesky_solve(a: np.ndarray, b: np.ndarray, *, lower: bool, what: str) -> 
 
 
 def _predict(
-    x_test: np.ndarray,
-    centers: np.ndarray,
-    coef: np.ndarray,
+    x_test: Array,
+    centers: Array,
+    coef: Array,
     intercept: float,
     kernel_fn: KernelFn,
-) -> np.ndarray:
-    """``K(x_test, centers) @ coef + intercept`` in row blocks, shape (n_test,)."""
-    out = np.empty(x_test.shape[0])
+) -> Array:
+    """``K(x_test, centers) @ coef + intercept`` in row blocks, shape (n_test,), in the
+    namespace and on the device of ``x_test``."""
+    xp, dev = _namespace_of(x_test)
+    out = xp.empty((x_test.shape[0],), dtype=xp.float64, device=dev)
     for start in range(0, x_test.shape[0], _CHUNK_ROWS):
         stop = min(start + _CHUNK_ROWS, x_test.shape[0])
         out[start:stop] = kernel_fn(x_test[start:stop], centers) @ coef
@@ -521,9 +588,66 @@ def _predict(
     return out
 
 
-def _check_pair(a: np.ndarray, b: np.ndarray) -> None:
+# --- arrays of either backend -----------------------------------------------------------------
+# Private stand-ins for what `hsl_engine._backend.Backend` does, keyed by an array's namespace
+# rather than by a backend object (the kernels take bare arrays and lazy views).
+
+
+def _namespace_of(a) -> tuple[Any, Any]:
+    """The array-api-compat namespace and device of ``a`` (NumPy's for non-arrays)."""
+    if is_array_api_obj(a):
+        return array_namespace(a), device(a)
+    return np_xp, "cpu"
+
+
+def _float64(xp, a, dev, *, copy: bool = False):
+    """``a`` (NumPy, PyTorch, a lazy-view slice or a list) as a float64 array of namespace
+    ``xp`` on device ``dev``; no copy unless needed or asked. NumPy arrays come back
+    C-contiguous, as the NumPy path always had them (BLAS rounding can depend on layout)."""
+    if is_numpy_namespace(xp):
+        a = to_host(a)
+        if copy:
+            return np.array(a, dtype=np.float64, order="C")
+        return np.ascontiguousarray(a, dtype=np.float64)
+    import torch
+
+    if not isinstance(a, torch.Tensor):
+        a = np.asarray(a)
+        if not a.flags.writeable:  # PyTorch wants writable memory to share
+            a = a.copy()
+        a = torch.as_tensor(a)
+    return a.to(device=dev, dtype=torch.float64, copy=copy)
+
+
+def _clip_negative_(a) -> None:
+    """``a = max(a, 0)`` in place."""
+    if isinstance(a, np.ndarray):
+        np.maximum(a, 0.0, out=a)
+    else:
+        a.clamp_(min=0.0)
+
+
+def _exp_(a) -> None:
+    """``a = exp(a)`` in place."""
+    if isinstance(a, np.ndarray):
+        np.exp(a, out=a)
+    else:
+        a.exp_()
+
+
+def _pow_(a, degree: int) -> None:
+    """``a = a ** degree`` in place."""
+    if isinstance(a, np.ndarray):
+        np.power(a, degree, out=a)
+    else:
+        a.pow_(degree)
+
+
+def _check_pair(a: Array, b: Array) -> None:
     if a.ndim != 2 or b.ndim != 2:
-        raise ValueError(f"kernel inputs must be 2-D, got shapes {a.shape} and {b.shape}")
+        raise ValueError(
+            f"kernel inputs must be 2-D, got shapes {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"kernel inputs have different widths: {a.shape[1]} and {b.shape[1]}")
     if a.shape[1] == 0:
@@ -536,26 +660,30 @@ def _check_degree(degree: int) -> int:
     return int(degree)
 
 
-def _check_data(
-    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    x_train = np.ascontiguousarray(x_train, dtype=np.float64)
-    y_train = np.ascontiguousarray(y_train, dtype=np.float64)
-    x_test = np.ascontiguousarray(x_test, dtype=np.float64)
+def _check_data(x_train, y_train, x_test) -> tuple[Array, Array, Array]:
+    """The three as float64 arrays in the namespace and on the device of ``x_test``,
+    checked for shapes and finiteness."""
+    xp, dev = _namespace_of(x_test)
+    x_train = _float64(xp, x_train, dev)
+    y_train = _float64(xp, y_train, dev)
+    x_test = _float64(xp, x_test, dev)
     if x_train.ndim != 2 or x_test.ndim != 2:
         raise ValueError(
-            f"x_train and x_test must be 2-D, got shapes {x_train.shape} and {x_test.shape}"
+            "x_train and x_test must be 2-D, got shapes "
+            f"{tuple(x_train.shape)} and {tuple(x_test.shape)}"
         )
     if x_train.shape[1] != x_test.shape[1] or x_train.shape[1] == 0:
         raise ValueError(
             f"x_train and x_test need the same positive width, got {x_train.shape[1]} "
             f"and {x_test.shape[1]}"
         )
-    if y_train.shape != (x_train.shape[0],):
-        raise ValueError(f"y_train must have shape ({x_train.shape[0]},), got {y_train.shape}")
+    if tuple(y_train.shape) != (x_train.shape[0],):
+        raise ValueError(
+            f"y_train must have shape ({x_train.shape[0]},), got {tuple(y_train.shape)}"
+        )
     if x_train.shape[0] < 1:
         raise ValueError("x_train has no rows")
     for name, arr in (("x_train", x_train), ("y_train", y_train), ("x_test", x_test)):
-        if not np.all(np.isfinite(arr)):
+        if not bool(xp.all(xp.isfinite(arr))):
             raise ValueError(f"{name} contains non-finite values")
     return x_train, y_train, x_test

@@ -120,7 +120,9 @@ class MomentOperator:
     def _chunk(self, c: int):
         xp = self.backend.xp
         x, y = self.samples.block(c)
-        return xp.astype(x, self._dt), xp.astype((y - self.shift) * self.scale, self._dt)
+        return xp.astype(x, self._dt, copy=False), xp.astype(
+            (y - self.shift) * self.scale, self._dt, copy=False
+        )
 
     def matmat(self, v):
         """``C_hat @ v`` for v of shape (D, k) (a backend array, or NumPy); returns a float64
@@ -154,7 +156,7 @@ class MomentOperator:
                 quad = xp.matmul(xg, xb[:, :, None])[:, :, 0]  # x^T G_j x, (m, k)
                 w = (yb[:, None] * 0.5) * (quad - trace[None, :])
                 weighted = xp.reshape(xb[:, None, :] * w[:, :, None], (m, k * d))
-                acc += xp.astype(xb.T @ weighted, f64)
+                acc += xb.T @ weighted  # float64 sums of float32 products
                 wsum += xp.sum(w, axis=0, dtype=f64)
             return acc, wsum
 
@@ -176,8 +178,8 @@ class MomentOperator:
         return x if self.features == "gaussian" else lift(x, self.q)
 
     def _matmat_explicit(self, v):
-        xp, f64 = self.backend.xp, self._f64
-        vv = xp.astype(v, self._dt)
+        xp = self.backend.xp
+        vv = xp.astype(v, self._dt, copy=False)
         rows = self._rows(CHUNK_LIFT, self.dim)
 
         def chunk(c: int):
@@ -185,7 +187,7 @@ class MomentOperator:
             acc = self.backend.zeros(tuple(v.shape))
             for s in range(0, x.shape[0], rows):
                 f = self._features(x[s : s + rows])
-                acc += xp.astype(f.T @ ((f @ vv) * y[s : s + rows, None]), f64)
+                acc += f.T @ ((f @ vv) * y[s : s + rows, None])
             return (acc,)
 
         return self.backend.ordered_sum(chunk, self.samples.n_chunks())[0] / self.n
@@ -197,20 +199,20 @@ class MomentOperator:
         With ``raw``, ``y`` are the untransformed labels and ``sum F F^T`` comes second:
         the sums `DenseAccumulator` keeps so that any later centring can be applied.
         """
-        xp, f64 = self.backend.xp, self._f64
+        xp = self.backend.xp
         x, y = self.samples.block(c)
         if stop is not None:
             x, y = x[:stop], y[:stop]
-        x = xp.astype(x, self._dt)
-        y = xp.astype(y if raw else (y - self.shift) * self.scale, self._dt)
+        x = xp.astype(x, self._dt, copy=False)
+        y = xp.astype(y if raw else (y - self.shift) * self.scale, self._dt, copy=False)
         s_y = self.backend.zeros((self.dim, self.dim))
         s_1 = self.backend.zeros((self.dim, self.dim)) if raw else None
         rows = self._rows(CHUNK_LIFT, self.dim)
         for s in range(0, x.shape[0], rows):
             f = self._features(x[s : s + rows])
-            s_y += xp.astype(f.T @ (f * y[s : s + rows, None]), f64)
+            s_y += f.T @ (f * y[s : s + rows, None])
             if raw:
-                s_1 += xp.astype(f.T @ f, f64)
+                s_1 += f.T @ f
         return (s_y, s_1) if raw else (s_y,)
 
     def dense(self):

@@ -188,7 +188,7 @@ def hidden_features(spec: ExperimentSpec, inputs, directions):
     """``h_hat = A_hat F(x)`` for learned directions (D, d1); shape (n, d1), in the
     namespace of the inputs (the directions must live on the same device)."""
     xp = array_namespace(inputs)
-    directions = xp.astype(directions, inputs.dtype)
+    directions = xp.astype(directions, inputs.dtype, copy=False)
     if spec.model.features == "gaussian":
         return inputs @ directions
     return project(inputs, directions.T, spec.model.q)
@@ -230,7 +230,7 @@ class HiddenChunks:
     def _compute(self, c: int):
         x, y = self.samples.block(c)
         xp = array_namespace(x)
-        return hidden_features(self.spec, xp.astype(x, xp.float64), self.directions), y
+        return hidden_features(self.spec, xp.astype(x, xp.float64, copy=False), self.directions), y
 
     def __iter__(self):
         if self._cache is not None:
