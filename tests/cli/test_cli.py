@@ -165,3 +165,39 @@ def test_progress_reports_every_point(capsys):
     assert len(lines) == he.points_total(spec)
     assert lines[-1].startswith("[" + "#" * 28 + "] 16/16 points")
     assert "ETA 0s" in lines[-1]
+
+
+def test_run_with_the_torch_backend_matches_numpy(tmp_path, tiny_spec_file, capsys):
+    pytest.importorskip("torch")
+    docs = {}
+    for backend in ("numpy", "torch"):
+        out = tmp_path / f"{backend}.json"
+        args = ["run", str(tiny_spec_file), "--out", str(out), "--quiet", "--backend", backend]
+        assert cli.main(args) == 0
+        assert f"on cpu ({backend})" in capsys.readouterr().err
+        docs[backend] = json.loads(out.read_text())
+    assert docs["torch"]["spec"]["solver"]["backend"] == "torch"
+    pairs = list(zip(docs["numpy"]["points"], docs["torch"]["points"], strict=True))
+    assert pairs
+    for a, b in pairs:
+        assert (b["device"], b["backend"]) == ("cpu", "torch")
+        assert (a["method"], a["seed"], a["n"]) == (b["method"], b["seed"], b["n"])
+        # the same samples on both backends: float64 agrees to rounding
+        assert abs(a["mse"] - b["mse"]) <= 1e-8
+        if a["cos2"] is not None:
+            assert max(abs(x - y) for x, y in zip(a["cos2"], b["cos2"])) <= 1e-8
+
+
+def test_run_on_a_missing_cuda_device_fails_at_once(tmp_path, tiny_spec_file, capsys):
+    if he.cuda_devices():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "r.json"
+    for device in ("cuda", "cuda:3"):
+        code = cli.main(["run", str(tiny_spec_file), "--out", str(out), "--device", device])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert f"device {device!r} is not available" in err or "needs PyTorch" in err
+        assert "points" not in err  # refused before the estimate and before any point
+    assert not out.exists()
+    with pytest.raises(SystemExit, match="solver.backend"):
+        cli.main(["run", str(tiny_spec_file), "--device", "cuda", "--backend", "numpy"])
