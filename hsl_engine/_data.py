@@ -206,6 +206,10 @@ class SampleStream:
     store_rows : int, optional
         Keep up to this many samples in memory once drawn; samples past it are regenerated at
         every pass (streaming). 0 streams everything.
+    label_rows : int, optional
+        Beyond ``store_rows``, keep the labels (8 bytes a sample) of up to this many more
+        samples: regenerating those redraws their inputs only, not the teacher's labels, which
+        cost ``2 d1 d^2`` flops a sample for q = 2 against ``d`` Gaussian draws.
     backend : Backend, optional
         Where chunks live (default: NumPy). With PyTorch, chunks are tensors on its device:
         drawn by NumPy and moved there (the same samples as NumPy's), or, with
@@ -220,6 +224,7 @@ class SampleStream:
         rng: np.random.Generator,
         dtype: np.dtype | type = np.float64,
         store_rows: int = 1 << 62,
+        label_rows: int = 0,
         backend: Backend | None = None,
     ):
         self.teacher = teacher
@@ -232,9 +237,12 @@ class SampleStream:
         self.rows = chunk_rows(self.width, device=self.backend.device_streams)
         self.dtype = np.dtype(dtype)
         self.store_rows = int(store_rows)
+        self.label_rows = int(label_rows)
         self._stored: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # chunks within store_rows
+        self._labels: dict[int, object] = {}  # labels of chunks past store_rows (label_rows)
         self._lock = threading.Lock()
         self.generated = 0  # chunks drawn so far (regenerations included)
+        self.labelled = 0  # chunks whose labels were computed from the teacher
 
     def n_chunks(self, n: int) -> int:
         return -(-n // self.rows)
@@ -252,33 +260,50 @@ class SampleStream:
 
     @property
     def stored_bytes(self) -> int:
-        return sum(_nbytes(x) + _nbytes(y) for x, y in self._stored.values())
+        kept = sum(_nbytes(x) + _nbytes(y) for x, y in self._stored.values())
+        return kept + sum(_nbytes(y) for y in self._labels.values())
 
     def _draw(self, c: int):
         seq = np.random.SeedSequence(self._entropy, spawn_key=(*self._key, c))
         with self._lock:
             self.generated += 1
+        labels = self._labels.get(c)
+        end = (c + 1) * self.rows
+        keep_labels = labels is None and self.store_rows < end <= self.store_rows + self.label_rows
         noise = self.teacher.model.noise_std
         be = self.backend
         if be.device_streams:
             gen = be.generator(seq)
             inputs = be.standard_normal(gen, (self.rows, self.width))
-            labels = self._device_teacher.clean_labels(inputs)
-            if noise > 0:
-                labels = labels + noise * be.standard_normal(gen, (self.rows,))
+            if labels is None:
+                labels = self._device_teacher.clean_labels(inputs)
+                if noise > 0:  # drawn after the inputs, from the same generator
+                    labels = labels + noise * be.standard_normal(gen, (self.rows,))
+                self._labelled(c, labels, keep_labels)
             return be.xp.astype(inputs, be.dtype(self.dtype), copy=False), labels
         gen = np.random.default_rng(seq)
         inputs = gen.standard_normal((self.rows, self.width))
-        with single_threaded_blas():  # labels bit for bit, whatever thread reads the chunk
-            labels = self.teacher.clean_labels(inputs)
-        if noise > 0:
-            labels = labels + noise * gen.standard_normal(self.rows)
+        if labels is None:
+            with single_threaded_blas():  # labels bit for bit, whatever thread reads the chunk
+                labels = self.teacher.clean_labels(inputs)
+            if noise > 0:
+                labels = labels + noise * gen.standard_normal(self.rows)
+            if be.is_torch:
+                labels = be.asarray(labels)
+            else:
+                labels.setflags(write=False)
+            self._labelled(c, labels, keep_labels)
         x = inputs if self.dtype == np.float64 else inputs.astype(self.dtype)
         if be.is_torch:
-            return be.asarray(x), be.asarray(labels)
-        for a in (x, labels):
-            a.setflags(write=False)
+            return be.asarray(x), labels
+        x.setflags(write=False)
         return x, labels
+
+    def _labelled(self, c: int, labels, keep: bool) -> None:
+        with self._lock:
+            self.labelled += 1
+            if keep:
+                self._labels.setdefault(c, labels)
 
     def blocks(self, n: int, start: int = 0):
         """``(s, e, x, y)`` for consecutive chunk-aligned blocks covering samples start..n-1."""
@@ -414,6 +439,19 @@ def store_rows(spec: ExperimentSpec, budget_bytes: float) -> int:
     return int(min(rows, 1 << 62))
 
 
+# Share of the sample budget that keeps the labels of samples past the stored ones (their
+# inputs are regenerated at every pass, their labels computed once)
+LABEL_SHARE = 0.25
+
+
+def budget_rows(spec: ExperimentSpec, budget_bytes: float) -> tuple[int, int]:
+    """``(store_rows, label_rows)`` per stream under ``budget_bytes``: samples kept whole in
+    ``1 - LABEL_SHARE`` of it, the labels of the next ones in the rest."""
+    split = any(getattr(meth, "sample_split", False) for meth in spec.methods)
+    labels = LABEL_SHARE * budget_bytes / (8.0 * (2 if split else 1))
+    return store_rows(spec, (1.0 - LABEL_SHARE) * budget_bytes), int(min(labels, 1 << 62))
+
+
 def make_seed_data(
     spec: ExperimentSpec,
     seed_index: int,
@@ -435,13 +473,14 @@ def make_seed_data(
     test = SampleStream(teacher, rng=test_rng)
     test_inputs, test_labels = test.take(spec.sweep.n_test)
     budget = SAMPLE_BUDGET_BYTES if sample_budget_bytes is None else sample_budget_bytes
-    keep = store_rows(spec, budget)
+    keep, labels = budget_rows(spec, budget)
     dtype = np.dtype(spec.solver.dtype)
+    kw = {"dtype": dtype, "store_rows": keep, "label_rows": labels, "backend": backend}
     return SeedData(
         seed_index=seed_index,
         teacher=teacher,
-        train=SampleStream(teacher, rng=train_rng, dtype=dtype, store_rows=keep, backend=backend),
-        second=SampleStream(teacher, rng=second_rng, dtype=dtype, store_rows=keep, backend=backend),
+        train=SampleStream(teacher, rng=train_rng, **kw),
+        second=SampleStream(teacher, rng=second_rng, **kw),
         test_inputs=backend.asarray(test_inputs),
         test_labels=backend.asarray(test_labels),
         method_seq=method_rng.bit_generator.seed_seq,

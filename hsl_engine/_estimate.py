@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ._data import SAMPLE_BUDGET_BYTES
+from ._data import LABEL_SHARE, SAMPLE_BUDGET_BYTES
 from ._eigen import DEFAULT_EXPAND, DEFAULT_MAX_BASIS
 from ._operator import flops_per_vector
 from ._spec import ExperimentSpec
@@ -143,9 +143,21 @@ def estimate_resources(
     split = any(getattr(meth, "sample_split", False) for meth in spec.methods)
     streams = 2.0 if split else 1.0
     per_sample_bytes = width * itemsize + 8.0
-    stored_rows = budget / (per_sample_bytes * streams)
+    # samples kept whole in 1 - LABEL_SHARE of the budget, the labels of the next ones in the
+    # rest (`hsl_engine._data.budget_rows`): those regenerate their inputs only
+    stored_rows = (1.0 - LABEL_SHARE) * budget / (per_sample_bytes * streams)
+    label_rows = LABEL_SHARE * budget / (8.0 * streams)
     streamed = n_max > stored_rows
     stored = streams * min(n_max, stored_rows) * per_sample_bytes
+    stored += streams * min(max(0.0, n_max - stored_rows), label_rows) * 8.0
+
+    def regen_flops(n: float) -> float:
+        """Regeneration work of one pass over n samples beyond the stored ones."""
+        relabelled = max(0.0, n - stored_rows - label_rows)
+        return max(0.0, n - stored_rows) * 20.0 * width + relabelled * (
+            gen_per_sample - 20.0 * width
+        )
+
     test = 8.0 * width * n_test + 8.0 * d1 * n_test
 
     peak = 0.0
@@ -168,7 +180,7 @@ def estimate_resources(
             passes = vectors / DEFAULT_EXPAND + 1.0
             krylov = 0.0
             for n in ns:
-                regen = max(0.0, n - stored_rows) * gen_per_sample
+                regen = regen_flops(n)
                 krylov += vectors * n * per_vector_per_sample + passes * regen
                 # label statistics and the passes of steps 3-4 over the second batch
                 flops += 3.0 * 2.0 * n * d1 * (d * d if q2 else dim) + 4.0 * regen
@@ -183,7 +195,7 @@ def estimate_resources(
             total_rows = n_max if nested else sum(ns)
             flops += 2.0 * total_rows * lm * (kernel_width + lm)
             flops += 2.0 * len(ns) * n_test * lm * (kernel_width + 1)
-            flops += max(0.0, total_rows - stored_rows) * gen_per_sample
+            flops += regen_flops(total_rows)
         peak = max(peak, run_peak)
     flops *= spec.sweep.seeds
     points = len(spec.methods) * spec.sweep.seeds * len(ns)

@@ -122,6 +122,32 @@ def test_streamed_krylov_regenerates_samples_per_pass():
     assert data.train.stored_bytes == 0
 
 
+@pytest.mark.parametrize("noise", [0.0, 0.5])
+def test_kept_labels_regenerate_inputs_only_and_change_nothing(seed, noise):
+    spec = he.parse_spec(
+        {
+            "model": {"d": 20, "noise_std": noise},
+            "sweep": {"n_values": [9000], "seeds": 1, "seed": seed},
+            "solver": {"eigensolver": "krylov"},
+        }
+    )
+    # a budget for the labels of every chunk (two streams: sample split) but no chunk whole
+    rows = chunk_rows(20)
+    budget = -(-9000 // rows) * rows * 8 * 2 / he._data.LABEL_SHARE
+    assert he._data.budget_rows(spec, budget)[0] < rows
+    kept = he.make_seed_data(spec, 0, sample_budget_bytes=budget)
+    plain = he.make_seed_data(spec, 0, sample_budget_bytes=0)
+    [a] = he.iter_run(spec, "layerwise_spectral", 0, data=kept)
+    [b] = he.iter_run(spec, "layerwise_spectral", 0, data=plain)
+    assert without_time([a]) == without_time([b])
+    chunks = kept.train.n_chunks(9000)
+    assert kept.train.generated == plain.train.generated >= chunks * (a.extra["passes"] + 1)
+    # the teacher labelled each chunk once; without kept labels, at every pass
+    assert kept.train.labelled == chunks
+    assert plain.train.labelled == plain.train.generated
+    assert kept.train.stored_bytes == chunks * kept.train.rows * 8
+
+
 @pytest.mark.parametrize(("q", "features"), [(2, "hermite"), (3, "hermite"), (2, "gaussian")])
 def test_operator_sums_do_not_depend_on_the_thread_count(seed, q, features):
     spec = he.parse_spec(
