@@ -135,8 +135,13 @@ def sync_experiment(session: Session, experiment_id: str) -> str | None:
 
     Any failed run fails the experiment (its queued runs are cancelled); a cancel request
     ends in ``cancelled`` once no run is running; all runs succeeded -> ``succeeded``.
+
+    The experiment's row is locked first (PostgreSQL; SQLite serialises writers anyway), so
+    that two workers finishing its last two runs at once cannot each count the other's run
+    as still running and both leave it ``running``: the second waits for the first's commit,
+    then counts both.
     """
-    exp = session.get(Experiment, experiment_id, populate_existing=True)
+    exp = session.get(Experiment, experiment_id, populate_existing=True, with_for_update=True)
     if exp is None:
         return None
     if exp.status in TERMINAL:
