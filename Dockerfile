@@ -2,7 +2,11 @@
 #   docker build -t hsl:latest .
 #   docker run --rm hsl:latest run fig2-cpu          # ENTRYPOINT is `hsl`
 # docker-compose.yml runs the roles from this image (it clears the entrypoint so its commands
-# can chain `hsl db upgrade && hsl api`). HSL_EXTRAS selects pip extras, e.g. "[gpu]".
+# can chain `hsl db upgrade && hsl api`). HSL_EXTRAS selects pip extras: "[gpu]" adds PyTorch
+# at the version pyproject.toml pins, whose Linux x86_64 wheel is the CUDA build (the CUDA
+# libraries come with it; the driver comes from the host, through the NVIDIA Container
+# Toolkit). The build fails if that PyTorch is not a CUDA build.
+#   docker build --build-arg HSL_EXTRAS="[gpu]" -t hsl:gpu .
 FROM python:3.11-slim
 
 ARG HSL_EXTRAS=""
@@ -22,6 +26,9 @@ WORKDIR /src
 COPY . /src
 # A regular (non-editable) install: the image needs the package, not the source tree.
 RUN pip install "/src${HSL_EXTRAS}" \
+    && case "${HSL_EXTRAS}" in \
+         *gpu*) python -c "import sys, torch; sys.exit(0 if torch.version.cuda else 'PyTorch ' + torch.__version__ + ' is not a CUDA build')" ;; \
+       esac \
     && rm -rf /src
 
 WORKDIR /home/hsl

@@ -11,6 +11,14 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_DATABASE_URL = "sqlite:///./.hsl/hsl.db"
+# the GPU memory a gpu-queue run may use when neither HSL_GPU_MEMORY_BYTES nor a live GPU
+# worker says (an 80 GB data-centre GPU)
+DEFAULT_GPU_MEMORY_BYTES = 80 * 2.0**30
+# a device 'auto' spec goes to the gpu queue from this much estimated work on (fig2-d120-cpu,
+# 1.4e14 flops, takes 27 minutes on 2 cores)
+DEFAULT_GPU_ROUTE_FLOPS = 1e14
+# a worker is alive while its last heartbeat is younger than this many leases
+WORKER_TTL_LEASES = 3.0
 
 
 class Settings(BaseSettings):
@@ -74,6 +82,21 @@ class Settings(BaseSettings):
     )
     embedded_workers: int = Field(1, ge=0, le=64, description="In-process worker threads")
 
+    # routing to GPU workers (service/experiments/repository.py: queue_for)
+    gpu_route_flops: float = Field(
+        DEFAULT_GPU_ROUTE_FLOPS,
+        ge=0,
+        description="A spec with device 'auto' goes to the gpu queue when its estimated work "
+        "reaches this many flops and a GPU worker is alive (else to cpu)",
+    )
+    gpu_memory_bytes: float | None = Field(
+        None,
+        gt=0,
+        description="The GPU memory a gpu-queue run may use; a spec for the gpu queue whose "
+        "estimated peak exceeds it is refused. Default: the smallest GPU of the live GPU "
+        "workers, or 80 GiB when none is known",
+    )
+
     # what a submission may ask for (checked on the engine's estimate before storing)
     max_memory_bytes: float = Field(64 * 2.0**30, gt=0)
     max_flops: float = Field(1e18, gt=0)
@@ -103,6 +126,12 @@ class Settings(BaseSettings):
     @property
     def heartbeat_seconds(self) -> float:
         return self.lease_seconds / 3
+
+    @property
+    def worker_ttl_seconds(self) -> float:
+        """A registered worker counts as alive this long after its last heartbeat (it beats
+        every lease/3 seconds, so a few missed beats do not make it disappear)."""
+        return WORKER_TTL_LEASES * self.lease_seconds
 
     @property
     def visibility_timeout(self) -> float:

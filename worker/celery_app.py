@@ -3,6 +3,10 @@
 Settings follow shared/RELIABILITY.md: late acknowledgement, redelivery when a child dies,
 one message prefetched per process, JSON only, and a visibility timeout above the hard
 time limit so Redis never hands a live run's message to a second worker.
+
+A worker registers itself (worker/registration.py) once it is ready and unregisters when it
+stops. One started with the ``gpu`` queue on a machine where PyTorch sees no CUDA device
+refuses to start: it would claim every cuda run and fail it.
 """
 
 from __future__ import annotations
@@ -14,13 +18,17 @@ import threading
 from collections.abc import Sequence
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import celeryd_init, worker_process_init, worker_ready, worker_shutdown
+from celery.utils.text import str_to_list
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from service.config import Settings
 from service.db import make_engine, make_session_factory
+from service.db.workers import GPU_QUEUE
 
 from .execute import execute_run
+from .registration import Registration, gpu_queue_problem, probe_devices
 
 log = logging.getLogger("hsl.worker")
 
@@ -81,6 +89,8 @@ def make_celery(settings: Settings) -> Celery:
             # is failed with resource_exhausted, and the process goes on serving others
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
+    _register_workers(app, settings)
+
     @app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def execute_run_task(run_id: int) -> str:
         outcome = execute_run(int(run_id), sessions=sessions.get(), settings=settings)
@@ -89,6 +99,54 @@ def make_celery(settings: Settings) -> Celery:
 
     app.hsl_settings = settings  # type: ignore[attr-defined]
     return app
+
+
+def _register_workers(app: Celery, settings: Settings) -> None:
+    """Hooks of a worker of ``app``: the gpu-queue check at start, its row in ``workers``
+    while it runs. The signals are process-wide; each handler acts for ``app`` only."""
+    found: dict[str, object] = {}
+
+    @celeryd_init.connect(weak=False)
+    def _check_queues(sender=None, instance=None, options=None, **_: object) -> None:
+        if instance is None or instance.app is not app:
+            return
+        queues = str_to_list((options or {}).get("queues")) or [app.conf.task_default_queue]
+        found["queues"] = queues
+        if GPU_QUEUE in queues:
+            devices = probe_devices()
+            problem = gpu_queue_problem(devices)
+            if problem is not None:
+                message = (
+                    f"hsl worker: refusing to serve the {GPU_QUEUE!r} queue: {problem}. Every "
+                    "run with device 'cuda' it claimed would fail. Start it on a machine with "
+                    "an NVIDIA GPU and the 'gpu' extra, or leave 'gpu' out of --queues."
+                )
+                raise SystemExit(message)  # printed on stderr; the exit status is 1
+            found["devices"] = devices
+
+    @worker_ready.connect(weak=False)
+    def _register(sender=None, **_: object) -> None:
+        if sender is None or sender.app is not app or "queues" not in found:
+            return
+        # its own connections, none kept open: the pool processes fork from this one
+        sessions = make_session_factory(make_engine(settings.database_url, poolclass=NullPool))
+        registration = Registration(
+            sessions,
+            settings,
+            kind="celery",
+            queues=list(found["queues"]),  # type: ignore[call-overload]
+            devices=found.get("devices"),  # type: ignore[arg-type]
+        )
+        registration.start()
+        found["registration"] = registration
+
+    @worker_shutdown.connect(weak=False)
+    def _unregister(sender=None, **_: object) -> None:
+        if getattr(sender, "app", None) is not app:
+            return
+        registration = found.pop("registration", None)
+        if registration is not None:
+            registration.stop()  # type: ignore[attr-defined]
 
 
 def _transport_options(settings: Settings) -> dict[str, float]:

@@ -1,6 +1,10 @@
 """The embedded worker: threads in the API process that execute runs straight from the
 database (no broker). Same `execute_run` as the Celery task; it polls, so work queued
-before a restart is picked up when the service comes back."""
+before a restart is picked up when the service comes back.
+
+It executes the runs of every queue, and registers itself in ``workers`` as serving ``cpu``
+and ``gpu``: it counts as a GPU worker once its device probe has found CUDA (the API refuses
+a cuda spec at submit where there is none)."""
 
 from __future__ import annotations
 
@@ -14,8 +18,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
 from service.db import state
+from service.db.workers import GPU_QUEUE
 
 from .execute import NOTHING_TO_DO, execute_run, make_owner
+from .registration import Registration
 
 log = logging.getLogger("hsl.worker")
 
@@ -28,6 +34,7 @@ class EmbeddedWorker:
         self.wake_event = threading.Event()
         self.stop_event = threading.Event()
         self.threads: list[threading.Thread] = []
+        self.registration: Registration | None = None
 
     # the publisher interface of the API: nothing to send, just wake the threads up
     def publish(self, runs: Sequence[tuple[int, str]]) -> list[int]:
@@ -41,6 +48,11 @@ class EmbeddedWorker:
         return all(t.is_alive() for t in self.threads)
 
     def start(self) -> None:
+        if self.settings.embedded_workers > 0:
+            self.registration = Registration(
+                self.sessions, self.settings, kind="embedded", queues=["cpu", GPU_QUEUE]
+            )
+            self.registration.start()
         for i in range(self.settings.embedded_workers):
             t = threading.Thread(target=self._loop, name=f"hsl-embedded-worker-{i}", daemon=True)
             t.start()
@@ -51,6 +63,8 @@ class EmbeddedWorker:
         self.wake_event.set()
         for t in self.threads:
             t.join(timeout)
+        if self.registration is not None:
+            self.registration.stop()
 
     def _loop(self) -> None:
         owner = make_owner()

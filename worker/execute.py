@@ -150,10 +150,10 @@ def execute_run(
     outcome, error = DONE, None
     try:
         spec = he.parse_spec(spec_data)
-        backend = backend or he.get_backend(
-            spec.device,
-            threads=settings.threads,
-            sample_budget_bytes=settings.sample_budget_bytes,
+        # the spec's device, solver.backend and solver.tf32, as this machine resolves them
+        # (a DeviceError when it lacks them fails the run: engine_error)
+        backend = backend or he.spec_backend(
+            spec, threads=settings.threads, sample_budget_bytes=settings.sample_budget_bytes
         )
         for p in he.iter_run(
             spec, method, seed, skip=skip, backend=backend, should_stop=should_stop

@@ -15,7 +15,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
-from service.db import state, utcnow
+from service.db import state, utcnow, workers
 
 log = logging.getLogger("hsl.reaper")
 
@@ -57,6 +57,7 @@ class Reaper:
         settings = self.settings
         with self.sessions.begin() as session:
             requeued = state.expire_leases(session, max_attempts=settings.max_attempts)
+            workers.prune(session)  # rows of workers gone for a day
         restarted = self._broker_restarted()
         horizon = 0.0 if restarted else settings.republish_after
         with self.sessions.begin() as session:

@@ -1,6 +1,6 @@
 """The database layer: typed models, engine/session factories, migrations. FastAPI-free."""
 
-from .models import ApiKey, Base, Experiment, Point, Run, Tenant
+from .models import ApiKey, Base, Experiment, Point, Run, Tenant, Worker
 from .session import make_engine, make_session_factory, utcnow
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "Point",
     "Run",
     "Tenant",
+    "Worker",
     "make_engine",
     "make_session_factory",
     "utcnow",

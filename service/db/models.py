@@ -1,4 +1,5 @@
-"""SQLAlchemy 2.0 models: tenants, API keys, experiments, runs (units of work) and points.
+"""SQLAlchemy 2.0 models: tenants, API keys, experiments, runs (units of work), points and
+the registered workers.
 
 An experiment is split into runs, one per (method, seed); a run stores one point per n.
 The database is the source of truth for every state; the broker only carries run ids.
@@ -11,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -168,3 +170,30 @@ class Point(Base):
     backend: Mapped[str | None] = mapped_column(String(40), nullable=True)
     attempt: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Worker(Base):
+    """A worker process that serves queues: registered when it starts, its ``last_seen`` and
+    ``expires_at`` renewed by a heartbeat, removed when it stops. Alive while ``expires_at``
+    is in the future (a killed worker simply stops renewing it).
+
+    The API routes work and refuses oversized GPU specs by what the live rows report: a GPU
+    worker serves the ``gpu`` queue and has ``cuda_devices`` > 0. ``cuda_devices``,
+    ``cuda_memory_bytes`` (the smallest of its devices) and ``torch`` are null until the
+    worker has probed its machine.
+    """
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid:nonce
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))  # celery | embedded
+    queues: Mapped[list[str]] = mapped_column(JSON)
+    engine_version: Mapped[str] = mapped_column(String(40))
+    torch: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    cuda_devices: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    cuda_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)

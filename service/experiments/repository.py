@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
@@ -18,12 +20,81 @@ from sqlalchemy.orm import Session
 import hsl_engine as he
 from hsl.document import PROVENANCE_FIELDS, point_from_dict
 
-from ..db import Experiment, Point, Run, state, utcnow
+from ..config import DEFAULT_GPU_MEMORY_BYTES, DEFAULT_GPU_ROUTE_FLOPS
+from ..db import Experiment, Point, Run, state, utcnow, workers
 from ..errors import BadRequest, Conflict, NotFound
 
+CPU, GPU = "cpu", workers.GPU_QUEUE
 
-def queue_for(spec: he.ExperimentSpec) -> str:
-    return "gpu" if spec.device == "cuda" else "cpu"
+
+def queue_for(
+    spec: he.ExperimentSpec,
+    estimate: he.ResourceEstimate | None = None,
+    *,
+    gpu_route_flops: float = DEFAULT_GPU_ROUTE_FLOPS,
+    gpu_workers: int = 0,
+    gpu_memory_bytes: float = math.inf,
+) -> str:
+    """The queue of a spec's runs.
+
+    ``cuda`` and ``cuda:N`` go to ``gpu`` (they wait there for a GPU worker), ``cpu`` to
+    ``cpu``. ``auto`` goes to ``gpu`` only when it pays and can run there: a GPU worker is
+    alive (``gpu_workers`` > 0), the estimated work reaches ``gpu_route_flops``, its estimated
+    peak fits in ``gpu_memory_bytes``, and the spec does not ask for NumPy (CPU only);
+    otherwise, or without an ``estimate``, to ``cpu``.
+    """
+    if spec.device.startswith("cuda"):
+        return GPU
+    if spec.device == "cpu" or spec.solver.backend == "numpy" or estimate is None:
+        return CPU
+    if (
+        gpu_workers > 0
+        and estimate.flops >= gpu_route_flops
+        and estimate.peak_bytes <= gpu_memory_bytes
+    ):
+        return GPU
+    return CPU
+
+
+def may_route_to_gpu(
+    spec: he.ExperimentSpec, estimate: he.ResourceEstimate, route_flops: float
+) -> bool:
+    """Whether the placement depends on the GPU workers (saves the lookup otherwise)."""
+    if spec.device.startswith("cuda"):
+        return True
+    return (
+        spec.device == "auto" and spec.solver.backend != "numpy" and estimate.flops >= route_flops
+    )
+
+
+@dataclass(frozen=True)
+class GpuCapacity:
+    """The live GPU workers and the memory a gpu-queue run may use, with where it came from."""
+
+    workers: int
+    memory_bytes: float
+    source: str
+
+
+def gpu_capacity(session: Session, configured_bytes: float | None) -> GpuCapacity:
+    """``HSL_GPU_MEMORY_BYTES`` when set, else the smallest GPU among the live GPU workers
+    (those that have reported it), else `DEFAULT_GPU_MEMORY_BYTES`."""
+    live = workers.live_gpu_workers(session)
+    if configured_bytes is not None:
+        return GpuCapacity(len(live), configured_bytes, "HSL_GPU_MEMORY_BYTES")
+    reported = [w.cuda_memory_bytes for w in live if w.cuda_memory_bytes]
+    if reported:
+        return GpuCapacity(
+            len(live),
+            float(min(reported)),
+            f"the smallest GPU of the {len(live)} live GPU worker(s); HSL_GPU_MEMORY_BYTES "
+            "overrides it",
+        )
+    return GpuCapacity(
+        len(live),
+        DEFAULT_GPU_MEMORY_BYTES,
+        "the default of HSL_GPU_MEMORY_BYTES: no live GPU worker reports its memory",
+    )
 
 
 def find_live(
@@ -55,6 +126,7 @@ def create(
     *,
     idempotency_key: str | None,
     admit: Callable[[], None] | None = None,
+    queue: str | None = None,
 ) -> tuple[Experiment, bool]:
     """Store an experiment and its runs; or return the tenant's existing one.
 
@@ -62,7 +134,8 @@ def create(
     it created (a different spec under the same key is a conflict), whatever engine
     computed it; the same spec while the earlier one is live (not failed or cancelled) and
     was accepted under this engine version returns that one. ``admit`` runs only when a new
-    experiment is about to be stored (it may refuse it by raising).
+    experiment is about to be stored (it may refuse it by raising). ``queue``: where its runs
+    go (default `queue_for` without an estimate: ``cuda`` to gpu, everything else to cpu).
     """
     engine_version = he.ENGINE_VERSION
     if idempotency_key is not None:
@@ -93,7 +166,7 @@ def create(
         points_total=he.points_total(spec),
         created_at=utcnow(),
     )
-    queue = queue_for(spec)
+    queue = queue or queue_for(spec)
     exp.runs = [
         Run(method=m, seed=s, queue=queue, status="queued", attempts=0) for m, s in he.runs(spec)
     ]
@@ -212,6 +285,33 @@ def progress(session: Session, exp: Experiment) -> dict[str, Any]:
         "eta_seconds": eta,
         "runs": counts,
     }
+
+
+def queue_of(session: Session, experiment_id: str) -> str:
+    """The queue of the experiment's runs (they all share one)."""
+    queue = session.execute(
+        select(Run.queue).where(Run.experiment_id == experiment_id).limit(1)
+    ).scalar_one_or_none()
+    return queue or CPU
+
+
+def waiting(session: Session, exp: Experiment, queue: str, counts: dict[str, int]) -> str | None:
+    """Why queued runs of a live experiment are not starting, when the reason is known: no
+    live worker serves their queue. None otherwise (including while workers are just busy)."""
+    if exp.status not in ("queued", "running") or exp.cancel_requested:
+        return None
+    if not counts.get("queued"):
+        return None
+    if any(workers.serves(w, queue) for w in workers.live(session)):
+        return None
+    who = "a GPU worker" if queue == GPU else f"a worker on the {queue!r} queue"
+    seen = workers.last_seen(session, queue)
+    if seen is None:
+        return f"waiting for {who} (none is registered)"
+    return (
+        f"waiting for {who} (none is alive; the last one was seen at "
+        f"{seen.isoformat(timespec='seconds')})"
+    )
 
 
 def points(session: Session, experiment_id: str) -> list[he.Point]:

@@ -39,6 +39,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 def status_document(session, exp: Experiment) -> dict[str, Any]:
     base = f"/v1/experiments/{exp.id}"
+    progress = repo.progress(session, exp)
+    queue = repo.queue_of(session, exp.id)
     return {
         "id": exp.id,
         "name": exp.name,
@@ -48,8 +50,10 @@ def status_document(session, exp: Experiment) -> dict[str, Any]:
         "created_at": exp.created_at,
         "started_at": exp.started_at,
         "finished_at": exp.finished_at,
-        "progress": repo.progress(session, exp),
+        "progress": progress,
         "error": exp.error,
+        "queue": queue,
+        "waiting": repo.waiting(session, exp, queue, progress["runs"]),
         "links": {
             "self": base,
             "results": f"{base}/results",
@@ -83,9 +87,9 @@ def _too_large(limit: int) -> PayloadTooLarge:
     )
 
 
-def check_limits(spec: he.ExperimentSpec, settings) -> None:
+def check_limits(spec: he.ExperimentSpec, settings) -> he.ResourceEstimate:
     """Refuse specs beyond the deployment's limits, from the engine's log-space estimate
-    (nothing is allocated)."""
+    (nothing is allocated). Returns the estimate."""
     est = he.estimate_resources(spec, sample_budget_bytes=settings.sample_budget_bytes)
     problems = []
     if est.peak_bytes > settings.max_memory_bytes:
@@ -123,6 +127,59 @@ def check_limits(spec: he.ExperimentSpec, settings) -> None:
                 "max_points": settings.max_points,
             },
         )
+    return est
+
+
+def check_device(spec: he.ExperimentSpec, settings) -> None:
+    """The embedded service executes runs on its own machine: a device or array library it
+    lacks is refused at submit (422), not left to fail the run. Distributed deployments
+    accept them: the runs wait on their queue for a worker that has them."""
+    if not settings.embedded:
+        return
+    if spec.device.startswith("cuda"):
+        try:
+            he.resolve_device(spec.device)
+        except he.DeviceError as exc:
+            raise InvalidSpec(
+                f"device: {exc}", errors=[{"field": "device", "message": str(exc)}]
+            ) from None
+    if spec.solver.backend == "torch" and not he.torch_available():
+        message = (
+            "backend 'torch' needs PyTorch, which is not installed on this server (install "
+            "the 'gpu' extra), or use backend 'auto' or 'numpy'"
+        )
+        raise InvalidSpec(
+            f"solver.backend: {message}",
+            errors=[{"field": "solver.backend", "message": message}],
+        )
+
+
+def place(session, spec: he.ExperimentSpec, est: he.ResourceEstimate, settings) -> str:
+    """The queue of the spec's runs (`repository.queue_for`, with the live GPU workers), and
+    a GPU spec refused (422 ``resource-limit``) when its estimated peak exceeds the GPU
+    memory (``HSL_GPU_MEMORY_BYTES``, else the smallest live GPU worker's, else 80 GiB)."""
+    if not repo.may_route_to_gpu(spec, est, settings.gpu_route_flops):
+        return repo.queue_for(spec, est)
+    gpu = repo.gpu_capacity(session, settings.gpu_memory_bytes)
+    queue = repo.queue_for(
+        spec,
+        est,
+        gpu_route_flops=settings.gpu_route_flops,
+        gpu_workers=gpu.workers,
+        gpu_memory_bytes=gpu.memory_bytes,
+    )
+    if queue == repo.GPU and est.peak_bytes > gpu.memory_bytes:
+        message = (
+            f"estimated peak memory {est.peak_bytes:.3g} bytes exceeds the GPU memory "
+            f"{gpu.memory_bytes:.3g} bytes ({gpu.source}); use device 'auto' or 'cpu'"
+        )
+        raise TooLarge(
+            message,
+            errors=[{"field": "device", "message": message}],
+            estimate={"peak_bytes": est.peak_bytes, "flops": est.flops, "points": est.points},
+            limits={"gpu_memory_bytes": gpu.memory_bytes},
+        )
+    return queue
 
 
 @router.post(
@@ -174,9 +231,13 @@ async def submit(
         raise InvalidSpec(
             "; ".join(f"{e['field']}: {e['message']}" for e in exc.errors), errors=exc.errors
         ) from None
-    check_limits(spec, settings)
+    if settings.embedded and (spec.device.startswith("cuda") or spec.solver.backend == "torch"):
+        # may import PyTorch (a second or two, once): off the event loop
+        await run_in_threadpool(check_device, spec, settings)
+    est = check_limits(spec, settings)
 
     def store() -> tuple[dict[str, Any], bool, list[tuple[int, str]]]:
+        queue = place(session, spec, est, settings)
         exp, created = repo.create(
             session,
             tenant_id,
@@ -185,6 +246,7 @@ async def submit(
             # only a new experiment counts against the quota, not a resubmission of a live
             # spec nor the retry of an Idempotency-Key already answered
             admit=lambda: limits.check_quota(session, tenant_id, settings.max_active_experiments),
+            queue=queue,
         )
         session.commit()
         runs = [(r.id, r.queue) for r in exp.runs] if created else []

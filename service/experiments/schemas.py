@@ -53,6 +53,15 @@ class StatusDocument(BaseModel):
     finished_at: datetime | None
     progress: Progress
     error: ErrorInfo | None
+    queue: str = Field(
+        description="the queue its runs go to: 'gpu' for device cuda (and for large 'auto' "
+        "specs while a GPU worker is alive), else 'cpu'"
+    )
+    waiting: str | None = Field(
+        None,
+        description="while runs are queued and no live worker serves the queue, why: e.g. "
+        "'waiting for a GPU worker (none is registered)'; null otherwise",
+    )
     links: Links
 
 

@@ -167,6 +167,17 @@ def wait_status(
     )
 
 
+def wait_until(predicate, timeout: float, what: str, procs: Processes | None = None) -> Any:
+    """The first truthy value of ``predicate()`` within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}\n" + (procs.logs() if procs else ""))
+
+
 def same_numbers(remote: dict[str, Any], local: dict[str, Any], *, rel: float = 0.0) -> None:
     """Every point of ``local`` is in ``remote`` with the same numbers: exactly, or, for a
     resumed run (``rel`` > 0), within ``rel``. A resumed run cold-starts the eigensolver at

@@ -10,6 +10,9 @@ HSL_REQUIRE_SERVICES=1.
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -146,6 +149,52 @@ def test_dockerfile_and_dockerignore():
     assert any("pip install" in ln for ln in instructions)
     ignored = set((c.ROOT / ".dockerignore").read_text().split())
     assert {".venv", ".hsl", "out", ".git", "__pycache__", "reports"} <= ignored
+
+
+def _cuda_check() -> str:
+    """The shell of the Dockerfile's RUN that refuses a gpu image without a CUDA PyTorch."""
+    text = (c.ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    found = re.search(r'case "\$\{HSL_EXTRAS\}" in .*? esac', text)
+    assert found, "the Dockerfile does not check the gpu image's PyTorch"
+    return found.group(0)
+
+
+def test_gpu_image_build_requires_a_cuda_build_of_pytorch():
+    torch = pytest.importorskip("torch")
+    script = _cuda_check()
+    assert "torch.version.cuda" in script
+    env = base_env()
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    plain = subprocess.run(["sh", "-c", script], env={**env, "HSL_EXTRAS": ""})
+    assert plain.returncode == 0  # the CPU image does not ask
+    gpu = subprocess.run(
+        ["sh", "-c", script], env={**env, "HSL_EXTRAS": "[gpu]"}, capture_output=True, text=True
+    )
+    if torch.version.cuda:
+        assert gpu.returncode == 0, gpu.stderr
+    else:  # this machine's PyTorch is the CPU build: such an image would not be built
+        assert gpu.returncode != 0
+        assert f"PyTorch {torch.__version__} is not a CUDA build" in gpu.stderr
+
+
+def test_gpu_worker_command_refuses_to_start_without_cuda(
+    services, tmp_path: Path, postgres_url, redis_server
+):
+    import hsl_engine as he
+
+    if he.cuda_devices() > 0:
+        pytest.skip("this machine has a CUDA device: the gpu worker would start")
+    ep = c.Endpoints(postgres_url, redis_server.url, api_port=free_port())
+    svc = services["worker-gpu"]
+    procs = Processes(tmp_path, base_env())
+    try:
+        gpu = procs.spawn("worker-gpu", c.local_command(svc, ep), env=c.local_environment(svc, ep))
+        assert gpu.popen.wait(120) != 0
+        log = gpu.log_path.read_text()
+    finally:
+        procs.stop_all()
+    assert "refusing to serve the 'gpu' queue: PyTorch sees no CUDA device on this machine" in log
+    assert "leave 'gpu' out of --queues" in log
 
 
 def test_local_rewrite_points_compose_urls_at_loopback(services):

@@ -90,3 +90,56 @@ def test_killing_the_service_mid_run_loses_nothing(embedded, tmp_path):
     assert ns == SLOW_SPEC["sweep"]["n_values"]  # every point once
     assert done_before >= 1
     assert time.monotonic() - killed_at < 240
+
+
+def test_backend_torch_on_cpu_runs_and_matches_numpy(embedded):
+    import hsl_engine as he
+
+    if not he.torch_available():
+        pytest.skip("PyTorch is not installed here")
+    procs, url, _ = embedded
+    torch_spec = {**TINY_SPEC, "name": "torch", "device": "cpu", "solver": {"backend": "torch"}}
+    numpy_spec = {**TINY_SPEC, "name": "numpy", "device": "cpu", "solver": {"backend": "numpy"}}
+    with httpx.Client(base_url=url, timeout=30) as client:
+        ids = {}
+        for spec in (torch_spec, numpy_spec):
+            r = client.post("/v1/experiments", json=spec)
+            assert r.status_code == 201, r.text
+            assert r.json()["queue"] == "cpu"
+            ids[spec["name"]] = r.json()["id"]
+        results = {}
+        for name, exp_id in ids.items():
+            doc = wait_status(client, exp_id, procs=procs, timeout=180, alive=True)
+            assert doc["status"] == "succeeded", doc
+            assert doc["waiting"] is None
+            results[name] = client.get(f"/v1/experiments/{exp_id}/results").json()
+
+    def by_key(doc):
+        return {(p["method"], p["seed"], p["n"]): p for p in doc["points"]}
+
+    got, want = by_key(results["torch"]), by_key(results["numpy"])
+    assert got.keys() == want.keys() and len(got) == 2 * len(TINY_SPEC["sweep"]["alphas"])
+    for key, p in got.items():
+        q = want[key]
+        assert (p["device"], p["backend"]) == ("cpu", "torch"), key
+        assert (q["device"], q["backend"]) == ("cpu", "numpy"), key
+        # the same sample streams on the CPU: float64 numbers agree to rounding
+        assert p["mse"] == pytest.approx(q["mse"], rel=0, abs=1e-6), key
+        assert p["cos2"] == pytest.approx(q["cos2"], rel=0, abs=1e-6), key
+
+
+def test_a_cuda_spec_without_cuda_is_refused_at_submit(embedded):
+    import hsl_engine as he
+
+    procs, url, _ = embedded
+    device = "cuda" if he.cuda_devices() == 0 else f"cuda:{he.cuda_devices()}"
+    with pytest.raises(he.DeviceError) as expected:
+        he.resolve_device(device)
+    with httpx.Client(base_url=url, timeout=30) as client:
+        r = client.post("/v1/experiments", json={**TINY_SPEC, "device": device})
+        assert r.status_code == 422, r.text
+        assert r.headers["content-type"].startswith("application/problem+json")
+        body = r.json()
+        assert body["type"].endswith("/invalid-spec")
+        assert body["errors"] == [{"field": "device", "message": str(expected.value)}]
+        assert client.get("/v1/experiments").json()["items"] == []  # nothing stored

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.db import migrate
-from service.db.models import ApiKey, Base, Experiment, Point, Run, Tenant
+from service.db.models import ApiKey, Base, Experiment, Point, Run, Tenant, Worker
 from service.db.session import make_engine
 
 VERSIONS = Path(migrate.SCRIPT_LOCATION) / "versions"
@@ -453,3 +453,71 @@ def test_0002_downgrade_keeps_the_newest_live_experiment_of_a_spec(db_url, migra
         assert set(s.scalars(sa.select(Experiment.engine_version))) == {"0.1.0"}
         # the point's provenance is gone with the columns (its JSON had none)
         assert provenance(migrated, ids["new"]) == (None, None, None)
+
+
+# 7. revision 0003: registered workers ---------------------------------------------------
+
+
+def test_0003_adds_the_workers_table_and_keeps_the_data(db_url, engine):
+    migrate.upgrade(db_url, "0002")
+    exp_id = seed_rows(engine)
+    assert "workers" not in table_names(engine)
+
+    migrate.upgrade(db_url)
+
+    assert migrate.is_current(engine)
+    assert "workers" in table_names(engine)
+    assert {i["name"] for i in sa.inspect(engine).get_indexes("workers")} == {
+        "ix_workers_expires_at"
+    }
+    with Session(engine) as s:
+        assert s.get(Experiment, exp_id) is not None and count(engine, Point) == 2
+        # a GPU's memory does not fit 32 bits; the queues are a JSON list
+        s.add(
+            Worker(
+                id="gpu-1:4242:abcd1234",
+                hostname="gpu-1",
+                pid=4242,
+                kind="celery",
+                queues=["gpu"],
+                engine_version="0.2.0",
+                torch=True,
+                cuda_devices=8,
+                cuda_memory_bytes=141 * 10**9,
+                started_at=T0,
+                last_seen=T0 + timedelta(seconds=10),
+                expires_at=T0 + timedelta(seconds=100),
+            )
+        )
+        s.commit()
+    with Session(engine) as s:
+        row = s.get(Worker, "gpu-1:4242:abcd1234")
+        assert (row.queues, row.cuda_memory_bytes, row.torch) == (["gpu"], 141 * 10**9, True)
+        assert row.expires_at == T0 + timedelta(seconds=100)
+
+
+def test_0003_downgrade_drops_the_workers_table_with_its_rows(db_url, migrated):
+    exp_id = seed_rows(migrated)
+    with Session(migrated) as s, s.begin():
+        s.add(
+            Worker(
+                id="w",
+                hostname="h",
+                pid=1,
+                kind="embedded",
+                queues=["cpu", "gpu"],
+                engine_version="0.2.0",
+                started_at=T0,
+                last_seen=T0,
+                expires_at=T0,
+            )
+        )
+
+    migrate.downgrade(db_url, "0002")
+
+    assert "workers" not in table_names(migrated)
+    assert not migrate.is_current(migrated)
+    with Session(migrated) as s:
+        assert s.get(Experiment, exp_id) is not None
+    migrate.upgrade(db_url)
+    assert migrate.is_current(migrated) and count(migrated, Worker) == 0

@@ -34,12 +34,14 @@ class RecordingPublisher:
 
     def __init__(self, *, healthy: bool = True):
         self.published: list[int] = []
+        self.queues: dict[int, str] = {}  # run id -> the queue it was published to
         self.wakes = 0
         self.healthy = healthy
 
     def publish(self, runs: list[tuple[int, str]]) -> list[int]:
         ids = [run_id for run_id, _queue in runs]
         self.published.extend(ids)
+        self.queues.update(runs)
         return ids
 
     def wake(self) -> None:

@@ -300,3 +300,78 @@ def test_reaper_republishes_everything_queued_after_a_broker_restart(sessions, s
         state.claim_run(s, run_ids[0], owner="w", lease_seconds=30, max_attempts=3)
     pub.broker_epoch = "redis-3"
     assert reaper.sweep()["published"] == run_ids[1:]
+
+
+def _numbers(sessions, run_ids) -> dict:
+    out = {}
+    for run_id in run_ids:
+        for p in _points(sessions, run_id):
+            out[(p.method, p.seed, p.n)] = p
+    return out
+
+
+def test_the_spec_chooses_the_array_backend_torch_on_cpu_matches_numpy(sessions, settings):
+    if not he.torch_available():
+        pytest.skip("PyTorch is not installed here")
+    torch_spec = {**TINY_SPEC, "device": "cpu", "solver": {"backend": "torch"}}
+    numpy_spec = {**TINY_SPEC, "device": "cpu", "solver": {"backend": "numpy"}}
+    _, torch_runs = store_experiment(sessions, torch_spec)
+    _, numpy_runs = store_experiment(sessions, numpy_spec)
+    for run_id in torch_runs + numpy_runs:
+        assert execute_run(run_id, sessions=sessions, settings=settings) == execute.DONE
+
+    torch_points, numpy_points = _numbers(sessions, torch_runs), _numbers(sessions, numpy_runs)
+    assert torch_points.keys() == numpy_points.keys() and len(torch_points) == 2 * len(N_VALUES)
+    for key, p in torch_points.items():
+        q = numpy_points[key]
+        assert (p.device, p.backend) == ("cpu", "torch"), key
+        assert (p.data["device"], p.data["backend"]) == ("cpu", "torch"), key
+        assert (q.device, q.backend) == ("cpu", "numpy"), key
+        # the same sample streams on the CPU: float64 numbers agree to rounding
+        assert p.data["mse"] == pytest.approx(q.data["mse"], rel=0, abs=1e-6), key
+        assert p.data["cos2"] == pytest.approx(q.data["cos2"], rel=0, abs=1e-6), key
+
+
+def test_a_cuda_index_the_machine_lacks_fails_naming_it(sessions, settings):
+    device = f"cuda:{he.cuda_devices() + 1}"  # missing everywhere
+    exp_id, run_ids = store_experiment(sessions, {**TINY_SPEC, "device": device})
+    assert execute_run(run_ids[0], sessions=sessions, settings=settings) == execute.FAILED
+    error = _run(sessions, run_ids[0]).error
+    assert error["reason"] == "engine_error"
+    assert error["message"].startswith("DeviceError:") and repr(device) in error["message"]
+
+
+def test_the_last_two_runs_finishing_at_once_succeed_the_experiment(sessions, settings):
+    """Two workers end the last two runs in concurrent transactions. Without a lock each
+    would count the other's run as still running and both leave the experiment running."""
+    exp_id, run_ids = store_experiment(sessions, TINY_SPEC)
+    for owner, run_id in zip(("a", "b"), run_ids, strict=True):
+        with sessions.begin() as s:
+            assert state.claim_run(s, run_id, owner=owner, lease_seconds=30, max_attempts=3)
+
+    first_synced, second_done = threading.Event(), threading.Event()
+    outcome: dict[str, object] = {}
+
+    def second() -> None:
+        try:
+            first_synced.wait(10)
+            with sessions.begin() as s:
+                assert state.finish_run(s, run_ids[1], owner="b", status="succeeded")
+                outcome["second"] = state.sync_experiment(s, exp_id)
+        except BaseException as exc:  # reported by the main thread
+            outcome["error"] = exc
+        finally:
+            second_done.set()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with sessions.begin() as s:
+        assert state.finish_run(s, run_ids[0], owner="a", status="succeeded")
+        outcome["first"] = state.sync_experiment(s, exp_id)  # run b still running here
+        first_synced.set()
+        # the second transaction has its UPDATE and its count ready to go; it must wait
+        assert not second_done.wait(1.0)
+    thread.join(30)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["first"] == "running" and outcome["second"] == "succeeded"
+    assert _experiment(sessions, exp_id).status == "succeeded"
