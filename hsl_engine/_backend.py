@@ -344,7 +344,8 @@ def get_backend(
         For a CUDA device this machine lacks, NumPy asked to run on CUDA, or PyTorch asked
         for where it is not installed.
     """
-    name = resolve_device(device)
+    # NumPy runs on the CPU only: with it, "auto" is the CPU even where CUDA is present
+    name = "cpu" if (backend == "numpy" and device == "auto") else resolve_device(device)
     library = backend if backend != "auto" else ("torch" if name.startswith("cuda") else "numpy")
     if library == "numpy":
         if name != "cpu":

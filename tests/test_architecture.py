@@ -27,6 +27,7 @@ ALLOWED_THIRD_PARTY = {
     "pydantic_core",
     "array_api_compat",
     "threadpoolctl",
+    "torch",  # optional (the gpu extra): imported inside functions only, see below
 }
 
 
@@ -52,6 +53,28 @@ def test_engine_imports_only_numerics():
             if top not in ALLOWED_THIRD_PARTY:
                 # standard library only
                 assert top in __import__("sys").stdlib_module_names, f"{path.name}: {name}"
+
+
+def test_engine_works_without_torch():
+    """PyTorch is optional: with it unimportable the engine imports, runs NumPy specs, and
+    refuses the torch backend with a clear DeviceError."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # import torch raises ImportError\n"
+        "import hsl_engine as he\n"
+        "spec = he.parse_spec({'model': {'d': 8}, 'sweep': {'alphas': [2.0], 'seeds': 1}})\n"
+        "[p] = he.iter_run(spec, 'layerwise_spectral', 0)\n"
+        "assert p.extra['backend'] == 'numpy' and he.resolve_device('auto') == 'cpu'\n"
+        "try:\n"
+        "    he.get_backend('cpu', backend='torch')\n"
+        "except he.DeviceError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "refused: backend 'torch' needs PyTorch" in out.stdout
 
 
 def test_engine_reads_no_environment_and_prints_nothing():

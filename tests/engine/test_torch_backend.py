@@ -228,3 +228,18 @@ def test_unavailable_cuda_and_bad_combinations_fail_at_once(monkeypatch):
     monkeypatch.setattr(he._backend, "torch_available", lambda: False)
     with pytest.raises(he.DeviceError, match="needs PyTorch"):
         he.get_backend("cpu", backend="torch")
+
+
+def test_auto_device_resolution(monkeypatch):
+    """auto is the first CUDA device where one exists, and the CPU for backend numpy."""
+    monkeypatch.setattr(he._backend, "cuda_devices", lambda: 2)
+    assert he.resolve_device("auto") == "cuda:0"
+    assert he.resolve_device("cuda") == "cuda:0"
+    assert he.resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(he.DeviceError, match="2 CUDA device"):
+        he.resolve_device("cuda:2")
+    be = he.get_backend("auto", backend="numpy")
+    assert (be.device, be.array_backend) == ("cpu", "numpy")
+    monkeypatch.setattr(he._backend, "cuda_devices", lambda: 0)
+    be = he.get_backend("auto")
+    assert (be.device, be.array_backend) == ("cpu", "numpy")
