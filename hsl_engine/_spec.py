@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+import unicodedata
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -66,6 +68,57 @@ def Float(lo: float, hi: float, *, lo_open: bool = False, **kw: Any) -> Any:  # 
         _range(lo, hi, lo_open=lo_open),
         Field(json_schema_extra=_bounds(lo, hi, lo_open=lo_open), **kw),
     ]
+
+
+# Characters an experiment name may not hold. The name travels into HTTP headers
+# (Content-Disposition), CSV files, logs, terminals and PostgreSQL text columns, so it must be
+# printable text:
+# - every control character (Unicode Cc: C0 including NUL, TAB, CR and LF; DEL; C1): they end
+#   header lines, inject log and CSV lines, and PostgreSQL text cannot hold NUL;
+# - the line and paragraph separators U+2028 and U+2029 (Zl, Zp): line breaks in disguise;
+# - the bidi embedding, override and isolate controls U+202A-U+202E and U+2066-U+2069: they
+#   reorder how the rest of a listing is displayed ("Trojan Source" spoofing,
+#   'x\u202egpj.sh' shows as 'xhs.jpg');
+# - lone surrogates (Cs): not text, and not encodable as UTF-8.
+# The other format characters (Cf) are allowed: the zero-width joiner and non-joiner are part
+# of emoji sequences and of Persian and Indic spelling, the left-to-right and right-to-left
+# marks U+200E/U+200F only set the direction of neutral characters next to them, and none of
+# them breaks a header, a line or a database (headers carry the name percent-encoded).
+NAME_FORBIDDEN = r"\u0000-\u001f\u007f-\u009f\u2028-\u202e\u2066-\u2069"
+# the JSON Schema pattern of a name (lone surrogates cannot be written in it portably; the
+# validator refuses them too)
+NAME_PATTERN = rf"^[^{NAME_FORBIDDEN}]*$"
+_NAME_FORBIDDEN_RE = re.compile(rf"[{NAME_FORBIDDEN}\ud800-\udfff]")
+MAX_NAME_LENGTH = 200
+
+
+def check_name(value: str) -> str:
+    """Refuse a name with a character of `NAME_FORBIDDEN` or a lone surrogate."""
+    bad = _NAME_FORBIDDEN_RE.search(value)
+    if bad is not None:
+        char = bad.group()
+        kind = unicodedata.category(char)
+        what = {"Cc": "a control character", "Cs": "a lone surrogate"}.get(
+            kind, "a line separator" if kind in ("Zl", "Zp") else "a bidi control character"
+        )
+        raise PydanticCustomError(
+            "name_character",
+            "must be printable text without control characters: {char} at position {pos} is {what}",
+            {"char": f"U+{ord(char):04X}", "pos": bad.start(), "what": what},
+        )
+    return value
+
+
+# An experiment name: 1 to 200 characters of printable text (see `NAME_FORBIDDEN`).
+Name = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        json_schema_extra={"pattern": NAME_PATTERN},
+    ),
+    AfterValidator(check_name),
+]
 
 
 class _Strict(BaseModel):
@@ -224,7 +277,7 @@ def _default_methods() -> list[Any]:
 class ExperimentSpec(_Strict):
     """A whole experiment: teacher, sweep, methods, solver and device."""
 
-    name: Annotated[str, Field(min_length=1, max_length=200)] = "experiment"
+    name: Name = "experiment"
     model: ModelSpec = Field(default_factory=ModelSpec)
     sweep: SweepSpec = Field(default_factory=lambda: SweepSpec(alphas=[1.5, 2.0, 2.5]))
     methods: Annotated[list[MethodSpec], Field(min_length=1, max_length=8)] = Field(

@@ -22,6 +22,7 @@ from .db import keys, make_engine, make_session_factory, migrate
 from .deps import Publisher
 from .experiments import routes as experiments
 from .experiments.schemas import Problem
+from .guards import RequestGuard
 
 MakePublisher = Callable[[sessionmaker[Session], Settings], Publisher]
 
@@ -64,6 +65,8 @@ def create_app(settings: Settings, make_publisher: MakePublisher) -> FastAPI:
             app.state.local_tenant_id = keys.get_or_create_tenant(session, keys.LOCAL_TENANT).id
 
     errors.install(app)
+    # outermost: refuses smuggling, foreign Host headers and cross-site writes before routing
+    app.add_middleware(RequestGuard, settings=settings)
     app.include_router(health.router)
     app.include_router(experiments.router)
     app.include_router(presets.router)

@@ -34,6 +34,13 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    allowed_hosts: str | None = Field(
+        None,
+        description="Comma-separated host names (or IP addresses) the API answers in the Host "
+        "header besides the bound address, localhost, 127.0.0.1 and [::1]; '*' turns the check "
+        "off. Default: checked only where no API key is required (the keyless loopback "
+        "service, against DNS rebinding); setting it turns the check on everywhere.",
+    )
     require_keys: bool | None = Field(
         None,
         description="Require API keys. Default: yes, except the embedded service on loopback.",
@@ -122,6 +129,19 @@ class Settings(BaseSettings):
         if self.require_keys is not None:
             return self.require_keys
         return not (self.embedded and _is_loopback(self.host))
+
+    @property
+    def host_names(self) -> frozenset[str] | None:
+        """The host names the API answers to, or None when any Host is answered: the bound
+        address, localhost and the loopback addresses, plus ``HSL_ALLOWED_HOSTS``. Checked by
+        default only where no key is required (a DNS-rebinding page could otherwise use the
+        keyless service); a keyed API behind a reverse proxy answers any Host unless
+        ``HSL_ALLOWED_HOSTS`` names them."""
+        extra = [h.strip() for h in (self.allowed_hosts or "").split(",") if h.strip()]
+        if "*" in extra or (not extra and self.keys_required):
+            return None
+        names = {"localhost", "127.0.0.1", "::1", self.host, *extra}
+        return frozenset(n.lower().strip("[]").rstrip(".") for n in names)
 
     @property
     def heartbeat_seconds(self) -> float:

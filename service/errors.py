@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("hsl.service")
@@ -136,6 +136,15 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
     return out or "body"
 
 
+def is_outage(exc: DBAPIError) -> bool:
+    """Whether a database error means the database is unreachable or overloaded (503, retry),
+    rather than that it refused the statement (a data or integrity error: never an outage).
+    Operational errors cover lost connections, refused connections, lock and statement
+    timeouts, deadlocks and serialization failures (worth a retry); interface errors a broken
+    driver connection."""
+    return bool(exc.connection_invalidated) or isinstance(exc, (OperationalError, InterfaceError))
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
@@ -178,6 +187,26 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(DBAPIError)
     async def _database(request: Request, exc: DBAPIError) -> JSONResponse:
+        if not is_outage(exc):
+            # the database answered and refused this statement: a bug or input that slipped
+            # past validation, not an outage; a 503 would tell the client to retry for ever
+            if isinstance(exc, IntegrityError):
+                log.warning("integrity error on %s: %s", request.url.path, exc)
+                return problem(
+                    409,
+                    "Conflict",
+                    "the request conflicts with the stored state; read it and retry",
+                    type_="conflict",
+                    instance=request.url.path,
+                )
+            log.error("database refused a statement on %s: %s", request.url.path, exc)
+            return problem(
+                500,
+                "Internal error",
+                "an unexpected error occurred; it has been logged",
+                type_="internal",
+                instance=request.url.path,
+            )
         log.warning("database error on %s: %s", request.url.path, exc)
         return problem(
             503,

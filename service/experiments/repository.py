@@ -6,10 +6,11 @@ import base64
 import binascii
 import json
 import math
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,6 +26,9 @@ from ..db import Experiment, Point, Run, state, utcnow, workers
 from ..errors import BadRequest, Conflict, NotFound
 
 CPU, GPU = "cpu", workers.GPU_QUEUE
+# experiment ids are uuid4().hex; anything else is unknown without asking the database (a NUL
+# in a path or cursor would otherwise reach PostgreSQL, which refuses it)
+_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def queue_for(
@@ -175,10 +179,18 @@ def create(
             session.add(exp)
             session.flush()
     except IntegrityError:
-        # a concurrent submission of the same spec or key won the race: return its row
+        # a concurrent submission of the same spec or key won the race: return its row, or
+        # the conflict when the winner stored another spec under this key
         if idempotency_key is not None:
             earlier = find_by_idempotency_key(session, tenant_id, idempotency_key)
-            if earlier is not None and earlier.spec_hash == spec.spec_hash:
+            if earlier is not None:
+                if earlier.spec_hash != spec.spec_hash:
+                    raise Conflict(
+                        "this Idempotency-Key was used with a different spec",
+                        errors=[
+                            {"field": "Idempotency-Key", "message": "reused with another spec"}
+                        ],
+                    ) from None
                 return earlier, False
         live = find_live(session, tenant_id, spec.spec_hash, engine_version)
         if live is not None:
@@ -189,9 +201,13 @@ def create(
 
 def get(session: Session, tenant_id: int, experiment_id: str) -> Experiment:
     """The tenant's experiment; another tenant's id answers exactly like an unknown one."""
-    exp = session.execute(
-        select(Experiment).where(Experiment.id == experiment_id, Experiment.tenant_id == tenant_id)
-    ).scalar_one_or_none()
+    exp = None
+    if _ID.fullmatch(experiment_id):
+        exp = session.execute(
+            select(Experiment).where(
+                Experiment.id == experiment_id, Experiment.tenant_id == tenant_id
+            )
+        ).scalar_one_or_none()
     if exp is None:
         raise NotFound(f"no experiment with id {experiment_id!r}")
     return exp
@@ -209,8 +225,13 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         created = datetime.fromisoformat(created)
         if created.tzinfo is None:  # ours carry UTC; a naive one fails in the UTC column
             raise ValueError("naive timestamp")
-        return created, str(exp_id)
-    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        # ours are UTC; a forged offset may push the instant out of datetime's range
+        # (9999-12-31T23:59:59-14:00, 0001-01-01T00:00:00+14:00): OverflowError
+        created = created.astimezone(UTC)
+        if not isinstance(exp_id, str) or not _ID.fullmatch(exp_id):
+            raise ValueError("not an experiment id")
+        return created, exp_id
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, OverflowError):
         raise BadRequest(
             "cursor is not one this service issued",
             errors=[{"field": "cursor", "message": "invalid cursor; use next_cursor as given"}],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import urllib.parse
 from collections import OrderedDict
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 import hsl_engine as he
 from hsl import document, plots
+from hsl_engine._spec import Name
 
 from .. import limits
 from ..db import Experiment, state
@@ -33,7 +35,7 @@ from .schemas import ExperimentList, Status, StatusDocument
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: PROBLEM_RESPONSE for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)
+    code: PROBLEM_RESPONSE for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503)
 }
 
 
@@ -276,7 +278,8 @@ def list_experiments(
     session: SessionDep,
     tenant_id: TenantDep,
     status: Status | None = None,
-    name: Annotated[str | None, Query(max_length=200)] = None,
+    # the spec's own name rules: printable text, 1-200 characters (422 naming ``name``)
+    name: Annotated[Name | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
 ) -> Any:
@@ -352,8 +355,25 @@ def get_results_csv(experiment_id: str, session: SessionDep, tenant_id: TenantDe
     return Response(
         document.points_csv(results_for(session, exp)),
         media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{exp.name}-{exp.id[:8]}.csv"'},
+        headers={"Content-Disposition": content_disposition(f"{exp.name}-{exp.id[:8]}.csv")},
     )
+
+
+# what may stand in the quoted ASCII fallback of a file name as is (RFC 6266 section 4.3)
+_FALLBACK_SAFE = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.+()[]@~ "
+)
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with the file name as RFC 6266 asks: ``filename*`` in RFC 5987
+    encoding (UTF-8, percent-encoded: any name, never able to end the parameter or the
+    header) and a quoted ASCII ``filename`` fallback for old clients, in which every
+    character outside a small safe set (quotes, backslashes, semicolons, controls, anything
+    non-ASCII) is replaced by ``_``. Never built by interpolating the raw name."""
+    fallback = "".join(c if c in _FALLBACK_SAFE else "_" for c in filename)
+    encoded = urllib.parse.quote(filename, safe="")  # leaves only RFC 5987 attr-chars
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
 
 
 MEDIA = {"png": "image/png", "svg": "image/svg+xml"}

@@ -177,3 +177,63 @@ def test_every_preset_validates():
         assert spec.name == name
     with pytest.raises(KeyError, match="fig2-cpu"):
         he.preset("nope")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a\x00b",  # NUL: PostgreSQL text cannot hold it
+        "line\r\nInjected: header",
+        "tab\there",
+        "del\x7f",
+        "c1\x85next-line",
+        "c1\x9bcsi",
+        "sep\u2028line",
+        "para\u2029graph",
+        "evil\u202egpj.sh",  # right-to-left override: shows as 'evilhs.jpg'
+        "iso\u2066late\u2069",
+    ],
+)
+def test_names_with_control_characters_are_refused_naming_the_field(name):
+    with pytest.raises(he.SpecError) as raised:
+        he.parse_spec({"name": name})
+    [error] = raised.value.errors
+    assert error["field"] == "name"
+    assert "printable" in error["message"] and "U+" in error["message"]
+    # the same from a JSON body
+    with pytest.raises(he.SpecError) as raised:
+        he.parse_spec(json.dumps({"name": name}))
+    assert [e["field"] for e in raised.value.errors] == ["name"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "实验-β",
+        "🧪 run 👨\u200d👩\u200d👧",  # emoji, zero-width joiners
+        "a\u200bb",  # zero-width space
+        "\u200fעברית\u200e mixed",  # right-to-left and left-to-right marks
+        'quote"; filename="evil.sh',
+        " ",
+        "x" * 200,
+    ],
+)
+def test_printable_unicode_names_are_accepted(name):
+    assert he.parse_spec({"name": name}).name == name
+
+
+def test_name_length_and_json_schema_pattern():
+    import re
+
+    with pytest.raises(he.SpecError):
+        he.parse_spec({"name": "x" * 201})
+    with pytest.raises(he.SpecError):
+        he.parse_spec({"name": ""})
+    schema = he.ExperimentSpec.model_json_schema()["properties"]["name"]
+    pattern = re.compile(schema["pattern"])
+    assert schema["maxLength"] == 200 and schema["minLength"] == 1
+    assert (
+        pattern.match("实验 🧪\u200d")
+        and not pattern.match("a\x00")
+        and not pattern.match("\u202e")
+    )

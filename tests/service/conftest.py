@@ -66,7 +66,8 @@ def make_client(database_url) -> Iterator[MakeClient]:
             settings = Settings(**fields)
             pub = publisher or RecordingPublisher()
             app = create_app(settings, lambda _sessions, _settings: pub)
-            return stack.enter_context(TestClient(app))
+            # a loopback base URL: the keyless service checks the Host header
+            return stack.enter_context(TestClient(app, base_url="http://127.0.0.1"))
 
         yield make
 
