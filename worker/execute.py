@@ -149,7 +149,7 @@ def execute_run(
 
     outcome, error = DONE, None
     try:
-        spec = he.parse_spec(spec_data)
+        spec = state.stored_spec(spec_data)
         # the spec's device, solver.backend and solver.tf32, as this machine resolves them
         # (a DeviceError when it lacks them fails the run: engine_error)
         backend = backend or he.spec_backend(

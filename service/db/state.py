@@ -7,14 +7,34 @@ worker or a racing reaper finds ``rowcount == 0`` and does nothing.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+import hsl_engine as he
+from hsl_engine._spec import NAME_FORBIDDEN
+
 from .models import TERMINAL, Experiment, Point, Run
 from .session import utcnow
+
+# what names stored before they had to be printable (issue 10) may hold
+_LEGACY_NAME = re.compile(rf"[{NAME_FORBIDDEN}\ud800-\udfff]")
+
+
+def stored_spec(data: Any) -> he.ExperimentSpec:
+    """The spec of a stored experiment. Names stored before the validator refused control
+    characters would fail to parse now: for them the characters are replaced by U+FFFD (the
+    computation never depends on the name), so the experiment still runs and answers."""
+    try:
+        return he.parse_spec(data)
+    except he.SpecError:
+        name = data.get("name") if isinstance(data, dict) else None
+        if not isinstance(name, str) or not _LEGACY_NAME.search(name):
+            raise
+        return he.parse_spec({**data, "name": _LEGACY_NAME.sub("\ufffd", name)})
 
 
 def claim_run(

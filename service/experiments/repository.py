@@ -296,7 +296,7 @@ def progress(session: Session, exp: Experiment) -> dict[str, Any]:
     if exp.status in ("succeeded", "failed", "cancelled"):
         eta = 0.0 if exp.status == "succeeded" else None
     else:
-        left = he.expected_seconds(he.parse_spec(exp.spec), timings)
+        left = he.expected_seconds(state.stored_spec(exp.spec), timings)
         # runs execute in parallel: divide by the runs under way (at least one)
         eta = None if left is None else left / max(1, counts.get("running", 0))
     return {

@@ -323,7 +323,7 @@ def results_for(session, exp: Experiment) -> dict[str, Any]:
     key = (exp.id, repo.points_count(session, exp.id), exp.status)
     doc = _cache.get(key)
     if doc is None:
-        spec = he.parse_spec(exp.spec)
+        spec = state.stored_spec(exp.spec)
         doc = document.results_document(
             spec,
             repo.points(session, exp.id),
