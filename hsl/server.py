@@ -78,7 +78,7 @@ def api(host: str | None, port: int | None) -> int:
 
 
 def worker(queues: str, concurrency: int) -> int:
-    from worker.celery_app import make_celery
+    from worker.celery_app import CeleryPublisher, make_celery, wait_for_broker
 
     settings = Settings()
     if settings.broker_url is None:
@@ -89,6 +89,20 @@ def worker(queues: str, concurrency: int) -> int:
             update={"threads": max(1, (os.cpu_count() or 1) // concurrency)}
         )
     app = make_celery(settings)
+    # Redis at maxmemory (noeviction) refuses the queue declarations at start, which Celery
+    # treats as unrecoverable: wait until it takes writes again instead of exiting
+    _logging()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    waited = wait_for_broker(app, stop)
+    if stop.is_set():
+        return 0
+    if waited > 0.1:
+        logging.getLogger("hsl.worker").info("broker accepts writes after %.1f s", waited)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    CeleryPublisher(app).start()  # warns when the broker can evict queued messages
     argv = [
         "worker",
         "--queues",
@@ -122,7 +136,9 @@ def reaper() -> int:
     logging.getLogger("hsl.reaper").info(
         "reaper: every %gs, lease %gs", settings.reaper_interval, settings.lease_seconds
     )
-    Reaper(sessions, CeleryPublisher(make_celery(settings)), settings).run_forever(stop)
+    publisher = CeleryPublisher(make_celery(settings))
+    publisher.start()  # warns when the broker can evict queued messages
+    Reaper(sessions, publisher, settings).run_forever(stop)
     return 0
 
 

@@ -28,7 +28,7 @@ MakePublisher = Callable[[sessionmaker[Session], Settings], Publisher]
 
 
 def create_app(settings: Settings, make_publisher: MakePublisher) -> FastAPI:
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
     if settings.auto_migrate if settings.auto_migrate is not None else settings.embedded:
         migrate.upgrade(settings.database_url)
     sessions = make_session_factory(engine)

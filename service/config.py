@@ -6,6 +6,7 @@ FastAPI-free, so the worker, the reaper and the command line share it.
 from __future__ import annotations
 
 import ipaddress
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -88,6 +89,24 @@ class Settings(BaseSettings):
         "at every pass (the estimate and the workers use the same figure)",
     )
     embedded_workers: int = Field(1, ge=0, le=64, description="In-process worker threads")
+    shutdown_grace_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="On SIGTERM the embedded worker waits this long for its runs to reach a "
+        "point boundary, then gives the runs still computing back to the queue (attempt "
+        "refunded) before the process exits",
+    )
+    sqlite_synchronous: Literal["FULL", "EXTRA", "NORMAL", "OFF"] = Field(
+        "FULL",
+        description="SQLite's synchronous pragma. FULL: a commit (and so a 201) is on the disk "
+        "when it returns; NORMAL loses acknowledged work on an OS crash or power loss",
+    )
+    min_free_disk_bytes: int = Field(
+        16 << 20,
+        ge=0,
+        description="/readyz reports not ready when the SQLite database's filesystem has less "
+        "free space than this (or is read-only, or refuses a write)",
+    )
 
     # routing to GPU workers (service/experiments/repository.py: queue_for)
     gpu_route_flops: float = Field(

@@ -202,5 +202,107 @@ class CeleryPublisher:
         except Exception:
             return False
 
+    def _redis(self, conn):
+        conn.ensure_connection(max_retries=1, timeout=2)
+        return getattr(conn.default_channel, "client", None)
+
+    def eviction_policy(self) -> str | None:
+        """Redis' ``maxmemory-policy`` (None: unknown now, or not Redis)."""
+        try:
+            with self.app.connection_for_read() as conn:
+                client = self._redis(conn)
+                return None if client is None else str(client.info("memory")["maxmemory_policy"])
+        except Exception:
+            return None
+
+    def readiness_problem(self) -> str | None:
+        """For /readyz: the broker is down, or it may evict queued messages."""
+        if not self.ping():
+            return "unavailable"
+        return eviction_problem(self.eviction_policy())
+
+    def start(self) -> None:
+        """At start-up: warn when the broker can evict queued messages (/readyz refuses)."""
+        problem = eviction_problem(self.eviction_policy())
+        if problem is not None:
+            log.warning("broker: %s", problem)
+
+    def queue_messages(self, queues: Sequence[str]) -> dict[str, int] | None:
+        """Messages in the broker that may still start a run of each queue: waiting in the
+        queue's lists (every priority) plus every message delivered but not acknowledged
+        (Redis' ``unacked`` hash: prefetched or executing, of any queue). None: unknown."""
+        try:
+            with self.app.connection_for_read() as conn:
+                client = self._redis(conn)
+                if client is None:
+                    return None
+                channel = conn.default_channel
+                unacked = int(client.hlen(channel.unacked_key))
+                out = {}
+                for queue in queues:
+                    keys = {channel._q_for_pri(queue, pri) for pri in channel.priority_steps}
+                    out[queue] = unacked + sum(int(client.llen(k)) for k in keys)
+                return out
+        except Exception:
+            return None
+
     def close(self) -> None:
         pass
+
+
+EVICTING_POLICIES = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
+
+
+def eviction_problem(policy: str | None) -> str | None:
+    """Queued messages (lists without a TTL) can be evicted under the allkeys-* policies;
+    noeviction and volatile-* never drop them."""
+    if policy is not None and policy.startswith("allkeys"):
+        return (
+            f"maxmemory-policy is {policy}: Redis may evict queued messages; set "
+            "maxmemory-policy noeviction"
+        )
+    return None
+
+
+def broker_write_problem(app: Celery) -> str | None:
+    """Why the broker refuses writes now (Redis at ``maxmemory`` with noeviction answers
+    OOM, a replica READONLY), or None. A worker started then dies with "Unrecoverable
+    error: OutOfMemoryError" while declaring its queues; `wait_for_broker` waits instead.
+    A broker that is down is not our concern here: Celery retries the connection itself."""
+    from redis.exceptions import OutOfMemoryError, ReadOnlyError
+
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=3)
+            client = getattr(conn.default_channel, "client", None)
+            if client is None:
+                return None
+            # a write flagged denyoom, as the queue declarations at start are
+            client.set("hsl:write-probe", "1", ex=60)
+        return None
+    except OutOfMemoryError:
+        return "Redis is at maxmemory and refuses writes (OOM)"
+    except ReadOnlyError:
+        return "Redis is a read-only replica"
+    except Exception:
+        return None
+
+
+def wait_for_broker(app: Celery, stop: threading.Event | None = None) -> float:
+    """Block until the broker accepts writes; returns the seconds waited."""
+    import time
+
+    started = time.monotonic()
+    delay, last_log = 0.5, -1e9
+    while True:
+        problem = broker_write_problem(app)
+        if problem is None:
+            return time.monotonic() - started
+        if time.monotonic() - last_log >= 10:
+            log.warning("hsl worker: %s; waiting for it before starting", problem)
+            last_log = time.monotonic()
+        if stop is not None and stop.wait(delay):
+            return time.monotonic() - started
+        if stop is None:
+            time.sleep(delay)
+        delay = min(delay * 2, 5.0)

@@ -175,6 +175,8 @@ def execute_run(
         )
     if outcome == LEASE_LOST:
         return LEASE_LOST  # another worker owns it now
+    if outcome == SHUTDOWN:
+        log.info("run %s: shutdown: stopped at a point boundary (attempt refunded)", run_id)
     try:
         with sessions.begin() as session:
             if outcome in (RETRY, SHUTDOWN):
@@ -222,7 +224,10 @@ def _store_point(
                 )
             return
         except IntegrityError:
-            return  # stored by another execution of the same run: (run, n) is unique
+            # stored by another execution of the same run: (run, n) is unique. The point
+            # was computed twice; the reliability tests count this line.
+            log.info("run %s: point n=%s was already stored (computed again)", run_id, p.n)
+            return
         except DBAPIError:
             # a database hiccup: the point is recomputed if we give up, so wait a little
             if i == len(delays):

@@ -27,6 +27,10 @@ class Publisher(Protocol):
         """The broker's identity, which changes when it restarts (None: unknown now)."""
         ...
 
+    def queue_messages(self, queues: list[str]) -> dict[str, int] | None:
+        """Messages the broker holds that may still start a run, per queue (None: unknown)."""
+        ...
+
 
 class Reaper:
     """Sweeps: expired leases back to the queue, then queued runs nobody claimed published.
@@ -36,7 +40,15 @@ class Reaper:
     long backlog is not re-sent over and over. The first sweep of a new reaper cannot know
     what happened before it started, and republishes everything queued (duplicates are
     harmless: a claim is one conditional UPDATE).
+
+    Messages can also vanish from a live broker (Redis evicting keys under an allkeys-*
+    maxmemory-policy, a FLUSHALL): every sweep compares, per queue, the queued runs
+    published more than ``LOST_GRACE`` seconds ago with the messages the broker still holds
+    for it (its lists plus every unacknowledged message). Fewer messages than runs means
+    some are gone, and that queue's runs are published again at once.
     """
+
+    LOST_GRACE = 2.0
 
     def __init__(self, sessions: sessionmaker[Session], publisher: Publisher, settings: Settings):
         self.sessions, self.publisher, self.settings = sessions, publisher, settings
@@ -64,13 +76,51 @@ class Reaper:
             stale = state.unpublished_runs(
                 session, older_than=utcnow() - timedelta(seconds=horizon)
             )
+        lost = self._lost_queues()
+        if lost:
+            with self.sessions.begin() as session:
+                again = state.unpublished_runs(
+                    session, older_than=utcnow() - timedelta(seconds=self.LOST_GRACE)
+                )
+            seen = {run_id for run_id, _ in stale}
+            stale += [r for r in again if r[1] in lost and r[0] not in seen]
         published = self.publisher.publish(stale) if stale else []
         if published:
             with self.sessions.begin() as session:
                 state.mark_published(session, published)
         if requeued or published:
             log.info("reaper: %d leases expired, %d runs published", len(requeued), len(published))
-        return {"requeued": requeued, "published": published, "broker_restarted": restarted}
+        return {
+            "requeued": requeued,
+            "published": published,
+            "broker_restarted": restarted,
+            "lost_queues": sorted(lost),
+        }
+
+    def _lost_queues(self) -> set[str]:
+        """Queues whose broker holds fewer messages than they have queued, published runs."""
+        counter = getattr(self.publisher, "queue_messages", None)
+        if counter is None:
+            return set()
+        with self.sessions() as session:
+            queued = state.published_queued_counts(
+                session, older_than=utcnow() - timedelta(seconds=self.LOST_GRACE)
+            )
+        if not queued:
+            return set()
+        held = counter(sorted(queued))
+        if held is None:  # broker unknown now: decide when it answers
+            return set()
+        lost = {q for q, n in queued.items() if held.get(q, 0) < n}
+        for q in sorted(lost):
+            log.warning(
+                "reaper: %d queued runs on %r but the broker holds %d messages for it (evicted "
+                "or flushed?); publishing them again",
+                queued[q],
+                q,
+                held.get(q, 0),
+            )
+        return lost
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()

@@ -301,6 +301,23 @@ def unpublished_runs(
     ]
 
 
+def published_queued_counts(session: Session, *, older_than: datetime) -> dict[str, int]:
+    """Per queue, the queued runs of live experiments published before ``older_than``: each
+    should still have a message in the broker."""
+    rows = session.execute(
+        select(Run.queue, func.count())
+        .join(Experiment, Experiment.id == Run.experiment_id)
+        .where(
+            Run.status == "queued",
+            Experiment.cancel_requested.is_(False),
+            Run.published_at.is_not(None),
+            Run.published_at < older_than,
+        )
+        .group_by(Run.queue)
+    ).all()
+    return {queue: int(n) for queue, n in rows}
+
+
 def mark_published(session: Session, run_ids: list[int]) -> None:
     if run_ids:
         session.execute(

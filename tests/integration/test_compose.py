@@ -94,7 +94,10 @@ def test_commands(services):
     assert services["worker"]["command"] == "hsl worker --queues cpu --concurrency 2"
     assert services["reaper"]["command"] == "hsl reaper"
     assert services["worker-gpu"]["command"] == "hsl worker --queues gpu --concurrency 1"
-    assert services["redis"]["command"] == "redis-server --appendonly yes"
+    assert (
+        services["redis"]["command"]
+        == "redis-server --appendonly yes --maxmemory-policy noeviction"
+    )
     # `--scale worker=N` needs no fixed name and no host port on the worker.
     assert "container_name" not in services["worker"] and "ports" not in services["worker"]
 

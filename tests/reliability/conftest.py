@@ -29,7 +29,9 @@ from sqlalchemy import func, select
 import hsl_engine as he
 from service.db import Experiment, Point, Run, make_engine, make_session_factory, utcnow
 from service.db.models import TERMINAL
+from tests.reliability.loopfs import loopfs  # noqa: F401 (a fixture of this folder)
 from tests.reliability.server import start_server  # noqa: F401 (a fixture of this folder)
+from tests.reliability.stack import Stack
 
 REPORT = Path(__file__).resolve().parents[2] / "reports" / "reliability.json"
 _RECORDS: dict[str, dict[str, Any]] = {}
@@ -106,6 +108,24 @@ def check_invariants(url: str, max_attempts: int) -> dict[str, Any]:
             return {"experiments": len(experiments), "points": total, "problems": problems}
     finally:
         engine.dispose()
+
+
+@pytest.fixture
+def stack(request, tmp_path, postgres_url, redis_server):
+    """``stack(**settings)``; set up before ``scenario`` (tests list it first), so the
+    processes and the database still exist when the scenario's checks run."""
+    stacks = []
+
+    def make(db_url=None, **settings):
+        db_url = db_url or postgres_url
+        s = Stack(tmp_path, db_url, redis_server.url, **settings)
+        stacks.append(s)
+        request.getfixturevalue("scenario").database(db_url)
+        return s
+
+    yield make
+    for s in stacks:
+        s.close()
 
 
 @pytest.hookimpl(hookwrapper=True)

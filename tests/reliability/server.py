@@ -78,7 +78,7 @@ def start_server(request, tmp_path) -> Iterator[StartServer]:
 
     def start(name: str = "serve", **settings: Any) -> Server:
         folder = tmp_path / name
-        folder.mkdir()
+        folder.mkdir(exist_ok=True)  # a test may have mounted a filesystem in it
         env = {"HSL_REQUIRE_KEYS": "1", **{f"HSL_{k.upper()}": str(v) for k, v in settings.items()}}
         env = {k: v for k, v in env.items() if v != "None"}
         procs = Processes(folder, base_env(**env))

@@ -8,27 +8,8 @@ import signal
 import time
 
 import httpx
-import pytest
 
-from .stack import SLOW_SPEC, TINY_SPEC, Stack, variant
-
-
-@pytest.fixture
-def stack(request, tmp_path, postgres_url, redis_server):
-    """``stack(**settings)``; set up before ``scenario`` (tests list it first), so the
-    processes and the database still exist when the scenario's checks run."""
-    stacks = []
-
-    def make(db_url=None, **settings):
-        db_url = db_url or postgres_url
-        s = Stack(tmp_path, db_url, redis_server.url, **settings)
-        stacks.append(s)
-        request.getfixturevalue("scenario").database(db_url)
-        return s
-
-    yield make
-    for s in stacks:
-        s.close()
+from .stack import SLOW_SPEC, TINY_SPEC, variant
 
 
 def _points_by_attempt(points):

@@ -288,18 +288,67 @@ def test_reaper_republishes_everything_queued_after_a_broker_restart(sessions, s
     pub = _Recorder(epoch="redis-1")
     reaper = Reaper(sessions, pub, settings)
     # a new reaper cannot know what happened before it: it republishes once
-    assert reaper.sweep() == {"requeued": [], "published": run_ids, "broker_restarted": True}
+    assert reaper.sweep() == {
+        "requeued": [],
+        "published": run_ids,
+        "broker_restarted": True,
+        "lost_queues": [],
+    }
     assert reaper.sweep()["published"] == []  # a backlog is not re-sent
     pub.broker_epoch = None  # broker down: nothing can be decided
     assert reaper.sweep()["published"] == []
     pub.broker_epoch = "redis-2"  # back, restarted (possibly empty): everything again
-    assert reaper.sweep() == {"requeued": [], "published": run_ids, "broker_restarted": True}
+    assert reaper.sweep() == {
+        "requeued": [],
+        "published": run_ids,
+        "broker_restarted": True,
+        "lost_queues": [],
+    }
     assert reaper.sweep()["published"] == []
     # a run claimed meanwhile is not published again
     with sessions.begin() as s:
         state.claim_run(s, run_ids[0], owner="w", lease_seconds=30, max_attempts=3)
     pub.broker_epoch = "redis-3"
     assert reaper.sweep()["published"] == run_ids[1:]
+
+
+class _CountingRecorder(_Recorder):
+    """A broker that also says how many messages it holds per queue."""
+
+    def __init__(self):
+        super().__init__()
+        self.held: dict[str, int] | None = {}
+
+    def queue_messages(self, queues):
+        return None if self.held is None else {q: self.held.get(q, 0) for q in queues}
+
+
+def test_reaper_republishes_a_queue_whose_messages_vanished(sessions, settings):
+    exp_id, run_ids = store_experiment(sessions, TINY_SPEC)
+    with sessions.begin() as s:
+        s.execute(
+            update(Experiment)
+            .where(Experiment.id == exp_id)
+            .values(created_at=utcnow() - timedelta(seconds=60))
+        )
+        state.mark_published(s, run_ids)
+    pub = _CountingRecorder()
+    reaper = Reaper(sessions, pub, settings)
+    reaper.sweep()  # the first sweep of a reaper republishes everything anyway
+    old = utcnow() - timedelta(seconds=10)
+    with sessions.begin() as s:
+        s.execute(update(Run).values(published_at=old))
+    pub.held = {"cpu": len(run_ids)}  # every message still there: nothing to do
+    assert reaper.sweep()["published"] == []
+    pub.held = None  # the broker cannot say: nothing decided
+    assert reaper.sweep()["published"] == []
+    pub.held = {"cpu": len(run_ids) - 1}  # one message evicted: the queue is republished
+    out = reaper.sweep()
+    assert out["lost_queues"] == ["cpu"] and out["published"] == run_ids
+    with sessions() as s:  # published again just now: not counted until the grace passed
+        assert all(r.published_at > old for r in s.execute(select(Run)).scalars())
+    pub.held = {"cpu": 0}
+    assert reaper.sweep()["published"] == []
 
 
 def _numbers(sessions, run_ids) -> dict:
