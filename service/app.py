@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from sqlalchemy.orm import Session, sessionmaker
 
 import hsl_engine as he
 
-from . import errors, health, limits, presets
+from . import errors, health, limits, presets, shedding
 from .config import Settings
 from .db import keys, make_engine, make_session_factory, migrate
 from .deps import Publisher
@@ -27,13 +28,22 @@ MakePublisher = Callable[[sessionmaker[Session], Settings], Publisher]
 
 
 def create_app(settings: Settings, make_publisher: MakePublisher) -> FastAPI:
-    engine = make_engine(settings.database_url)
+    # every thread that may run database work holds at most one connection: the request
+    # threads, the embedded worker's threads, and a few for the reaper and publishing
+    engine = make_engine(
+        settings.database_url,
+        pool_size=settings.api_threads + settings.embedded_workers + 4,
+        max_overflow=4,
+        pool_timeout=10,
+    )
     if settings.auto_migrate if settings.auto_migrate is not None else settings.embedded:
         migrate.upgrade(settings.database_url)
     sessions = make_session_factory(engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # the threads that run sync routes and database work: matched to the pool above
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         publisher = make_publisher(sessions, settings)
         app.state.publisher = publisher
         start = getattr(publisher, "start", None)
@@ -64,6 +74,12 @@ def create_app(settings: Settings, make_publisher: MakePublisher) -> FastAPI:
             app.state.local_tenant_id = keys.get_or_create_tenant(session, keys.LOCAL_TENANT).id
 
     errors.install(app)
+    app.add_middleware(
+        shedding.LoadShedder,
+        active=settings.active_requests,
+        queued=settings.max_queued_requests,
+        wait=settings.queue_wait_seconds,
+    )
     app.include_router(health.router)
     app.include_router(experiments.router)
     app.include_router(presets.router)

@@ -225,9 +225,11 @@ def list_page(
     name: str | None,
     limit: int,
     cursor: str | None,
-) -> tuple[list[Experiment], str | None]:
-    """Newest first; keyset pagination on (created_at, id)."""
-    q = select(Experiment).where(Experiment.tenant_id == tenant_id)
+    query: Any = None,
+) -> tuple[list[Any], str | None]:
+    """Newest first; keyset pagination on (created_at, id). ``query``: what to select
+    (default the experiments; rows then are experiments), e.g. experiments with a count."""
+    q = (select(Experiment) if query is None else query).where(Experiment.tenant_id == tenant_id)
     if status is not None:
         q = q.where(Experiment.status == status)
     if name is not None:
@@ -240,14 +242,16 @@ def list_page(
                 and_(Experiment.created_at == created, Experiment.id < exp_id),
             )
         )
-    rows = list(
-        session.execute(
-            q.order_by(Experiment.created_at.desc(), Experiment.id.desc()).limit(limit + 1)
-        ).scalars()
+    result = session.execute(
+        q.order_by(Experiment.created_at.desc(), Experiment.id.desc()).limit(limit + 1)
     )
+    rows = list(result.scalars() if query is None else (tuple(r) for r in result))
     more = len(rows) > limit
     rows = rows[:limit]
-    return rows, (_encode_cursor(rows[-1]) if more and rows else None)
+    last = rows[-1] if rows else None
+    if isinstance(last, tuple):
+        last = last[0]
+    return rows, (_encode_cursor(last) if more and last is not None else None)
 
 
 def run_counts(session: Session, experiment_id: str) -> dict[str, int]:
