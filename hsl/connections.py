@@ -9,8 +9,9 @@ connection, and a file descriptor, for ever. Here:
   ``header_timeout`` seconds of starting it (from the connection's opening, or from the first
   byte after an idle keep-alive); otherwise it is closed;
 - at most ``max_connections`` are open; at the cap, a new connection closes the one that has
-  waited longest without a request under way (idle, or still sending its head); if every
-  connection has a request under way, the new one gets 503 problem+json and is closed.
+  waited longest without a request under way (idle, or still sending its head), if that one
+  has waited at least half a second; otherwise the new one gets 503 problem+json and is
+  closed.
 
 So a legitimate client, which sends its head in milliseconds, is served even while hundreds
 of slow ones are connected, and the process never runs out of file descriptors.
@@ -46,6 +47,10 @@ REFUSAL = (
 )
 
 
+# a connection idle (or sending its head) at least this long may be closed for a new one
+EVICT_AFTER = 0.5
+
+
 class Counters:
     def __init__(self) -> None:
         self.head_timeouts = 0
@@ -63,15 +68,20 @@ def guarded_protocol(
 
     class GuardedH11Protocol(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
+        _refused = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             if len(self.connections) > max_connections:
                 victim = next((c for c in idle if c is not self), None)
-                if victim is None:
+                if victim is None or self.loop.time() - idle[victim] < EVICT_AFTER:
+                    # refuse: answer 503 at once, discard what comes, close a moment later
+                    # (closing with the request unread would reset the connection, and the
+                    # client could lose the answer)
                     counters.refused += 1
+                    self._refused = True
                     transport.write(REFUSAL)
-                    transport.close()
+                    self.loop.call_later(0.5, transport.close)
                     return
                 counters.evicted += 1
                 victim._close()
@@ -84,6 +94,8 @@ def guarded_protocol(
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
             super().data_received(data)
             if self.transport.is_closing():
                 return
@@ -163,4 +175,5 @@ def uvicorn_options(settings: Any) -> dict[str, Any]:
         "timeout_keep_alive": settings.keep_alive_seconds,
         "h11_max_incomplete_event_size": settings.max_header_bytes,
         "backlog": min(2048, max(128, cap)),
+        "access_log": settings.access_log,
     }

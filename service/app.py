@@ -35,10 +35,16 @@ def create_app(settings: Settings, make_publisher: MakePublisher) -> FastAPI:
         pool_size=settings.api_threads + settings.embedded_workers + 4,
         max_overflow=4,
         pool_timeout=10,
+        # no round trip before each checkout: after a database restart the first request on
+        # a stale connection gets 503 and the pool is invalidated; the next one reconnects
+        **({} if settings.database_url.startswith("sqlite") else {"pool_pre_ping": False}),
+        pool_recycle=600,
     )
     if settings.auto_migrate if settings.auto_migrate is not None else settings.embedded:
         migrate.upgrade(settings.database_url)
     sessions = make_session_factory(engine)
+    # reads of status documents and lists: no BEGIN/ROLLBACK round trips around them
+    read_sessions = make_session_factory(engine.execution_options(isolation_level="AUTOCOMMIT"))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -66,6 +72,7 @@ def create_app(settings: Settings, make_publisher: MakePublisher) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = sessions
+    app.state.read_sessions = read_sessions
     app.state.publisher = None
     app.state.submit_buckets = limits.TokenBuckets(settings.submit_rate, settings.submit_burst)
     app.state.local_tenant_id = None

@@ -134,6 +134,11 @@ class Settings(BaseSettings):
     keep_alive_seconds: float = Field(
         5.0, gt=0, description="Seconds an idle keep-alive connection stays open"
     )
+    access_log: bool = Field(
+        False,
+        description="Log every request (uvicorn's access log; a proxy in front usually logs "
+        "them, and on a busy API the log line costs as much as the request)",
+    )
     max_header_bytes: int = Field(
         16 * 1024, ge=1024, description="Largest request head (request line and headers)"
     )

@@ -197,7 +197,8 @@ def get(session: Session, tenant_id: int, experiment_id: str) -> Experiment:
     return exp
 
 
-def _encode_cursor(exp: Experiment) -> str:
+def _encode_cursor(exp: Any) -> str:
+    """From anything with ``created_at`` and ``id`` (an experiment or a row)."""
     raw = json.dumps([exp.created_at.isoformat(), exp.id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -245,13 +246,10 @@ def list_page(
     result = session.execute(
         q.order_by(Experiment.created_at.desc(), Experiment.id.desc()).limit(limit + 1)
     )
-    rows = list(result.scalars() if query is None else (tuple(r) for r in result))
+    rows = list(result.scalars() if query is None else result.all())
     more = len(rows) > limit
     rows = rows[:limit]
-    last = rows[-1] if rows else None
-    if isinstance(last, tuple):
-        last = last[0]
-    return rows, (_encode_cursor(last) if more and last is not None else None)
+    return rows, (_encode_cursor(rows[-1]) if more and rows else None)
 
 
 def run_counts(session: Session, experiment_id: str) -> dict[str, int]:

@@ -13,6 +13,7 @@ request.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from collections import OrderedDict
@@ -20,13 +21,13 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 import hsl_engine as he
 from hsl import plots
 
-from ..db import Experiment, Point, Run, Worker, utcnow, workers
+from ..db import ApiKey, Experiment, Point, Run, Worker, utcnow, workers
 from .repository import CPU, GPU
 from .schemas import StatusDocument
 
@@ -74,31 +75,93 @@ def matches(if_none_match: str | None, etag: str) -> bool:
     return any(t.strip().removeprefix("W/") == etag for t in if_none_match.split(","))
 
 
-def with_points_count():
-    """The experiments query with each row's stored point count (a correlated count)."""
-    count = (
+RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+@functools.cache
+def versions():
+    """The experiments query for status documents: the columns a document's version is made
+    of, the stored point count, the runs by status and their queue, each as a correlated
+    subquery on an index (one round trip for one experiment or a page; no JSON decoded).
+    Built once (a select is immutable: ``.where`` returns a new one)."""
+
+    def runs(status: str):
+        return (
+            select(func.count())
+            .select_from(Run)
+            .where(Run.experiment_id == Experiment.id, Run.status == status)
+            .correlate(Experiment)
+            .scalar_subquery()
+            .label(f"runs_{status}")
+        )
+
+    points = (
         select(func.count())
         .select_from(Point)
         .where(Point.experiment_id == Experiment.id)
         .correlate(Experiment)
         .scalar_subquery()
+        .label("points_done")
     )
-    return select(Experiment, count)
+    queue = (
+        select(Run.queue)
+        .where(Run.experiment_id == Experiment.id)
+        .limit(1)
+        .correlate(Experiment)
+        .scalar_subquery()
+        .label("queue")
+    )
+    return select(
+        Experiment.id,
+        Experiment.created_at,
+        Experiment.status,
+        Experiment.cancel_requested,
+        Experiment.engine_version,
+        Experiment.started_at,
+        Experiment.finished_at,
+        points,
+        queue,
+        *(runs(st) for st in RUN_STATUSES),
+    )
 
 
-def _runs_of(session: Session, ids: list[str]) -> dict[str, tuple[dict[str, int], str]]:
-    """Runs by status and the queue of each experiment, in one grouped query."""
-    out: dict[str, tuple[dict[str, int], str]] = {i: ({}, CPU) for i in ids}
-    rows = session.execute(
-        select(Run.experiment_id, Run.status, Run.queue, func.count())
-        .where(Run.experiment_id.in_(ids))
-        .group_by(Run.experiment_id, Run.status, Run.queue)
-    ).all()
-    for exp_id, status, queue, n in rows:
-        counts, _ = out[exp_id]
-        counts[status] = counts.get(status, 0) + n
-        out[exp_id] = (counts, queue or CPU)
-    return out
+_statements: dict[str, Any] = {}
+
+
+def statement(name: str) -> Any:
+    """The status queries, built once per process (building one costs more than running it):
+    ``by_key`` (params ``id``, ``key_hash``: the experiment if this live key's tenant owns
+    it) and ``by_tenant`` (params ``id``, ``tenant_id``)."""
+    stmt = _statements.get(name)
+    if stmt is None:
+        base = versions().where(Experiment.id == bindparam("id"))
+        if name == "by_key":
+            stmt = base.join(ApiKey, ApiKey.tenant_id == Experiment.tenant_id).where(
+                ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None)
+            )
+        else:
+            stmt = base.where(Experiment.tenant_id == bindparam("tenant_id"))
+        _statements[name] = stmt
+    return stmt
+
+
+def version_of(row: Any, waiting: str | None) -> tuple[Any, ...]:
+    return (
+        row.id,
+        row.status,
+        row.cancel_requested,
+        row.engine_version,
+        row.started_at,
+        row.finished_at,
+        row.points_done,
+        row.queue,
+        *(getattr(row, f"runs_{st}") for st in RUN_STATUSES),
+        waiting,
+    )
+
+
+def _counts(row: Any) -> dict[str, int]:
+    return {st: n for st in RUN_STATUSES if (n := getattr(row, f"runs_{st}"))}
 
 
 class _WorkerView:
@@ -107,7 +170,12 @@ class _WorkerView:
 
     def __init__(self, session: Session):
         self.now = utcnow()
-        self.rows = list(session.execute(select(Worker)).scalars())
+        self.rows = [
+            SimpleNamespace(queues=q, cuda_devices=c, expires_at=e, last_seen=s)
+            for q, c, e, s in session.execute(
+                select(Worker.queues, Worker.cuda_devices, Worker.expires_at, Worker.last_seen)
+            ).all()
+        ]
 
     def waiting(self, queue: str) -> str | None:
         serving = [w for w in self.rows if workers.serves(w, queue)]
@@ -189,50 +257,40 @@ def _document(
     }
 
 
-def render(session: Session, rows: list[tuple[Experiment, int]]) -> list[Rendered]:
-    """The status documents of these (experiment, points stored) rows, in order."""
+def render(session: Session, rows: list[Any]) -> list[Rendered]:
+    """The status documents of these rows of `versions`, in order: from the cache when their
+    version was rendered before, else from the experiments (read in one query, the timings
+    of live ones in another)."""
     if not rows:
         return []
-    ids = [exp.id for exp, _ in rows]
-    runs = _runs_of(session, ids)
     view: _WorkerView | None = None
-    versions = []
-    for exp, done in rows:
-        counts, queue = runs[exp.id]
+    keys = []
+    for row in rows:
         waiting = None
-        live = exp.status in ("queued", "running") and not exp.cancel_requested
-        if live and counts.get("queued"):
+        live = row.status in ("queued", "running") and not row.cancel_requested
+        if live and row.runs_queued:
             view = view or _WorkerView(session)
-            waiting = view.waiting(queue)
-        key = (
-            exp.id,
-            exp.status,
-            exp.cancel_requested,
-            exp.engine_version,
-            exp.started_at,
-            exp.finished_at,
-            done,
-            tuple(sorted(counts.items())),
-            queue,
-            waiting,
-        )
-        versions.append((key, counts, queue, waiting))
-    out: list[Rendered | None] = [_documents.get(v[0]) for v in versions]
-    missing = [
-        i
-        for i, r in enumerate(out)
-        if r is None and rows[i][0].status not in ("succeeded", "failed", "cancelled")
-    ]
-    timings = _timings(session, [rows[i][0].id for i in missing])
-    for i, r in enumerate(out):
-        if r is not None:
-            continue
-        exp, done = rows[i]
-        key, counts, queue, waiting = versions[i]
-        doc = _document(exp, done, counts, queue, waiting, timings.get(exp.id))
-        body = StatusDocument.model_validate(doc).model_dump_json().encode()
-        out[i] = Rendered(body, etag_of(body))
-        _documents.put(key, out[i])
+            waiting = view.waiting(row.queue or CPU)
+        keys.append(version_of(row, waiting))
+    out: list[Rendered | None] = [_documents.get(k) for k in keys]
+    missing = [i for i, r in enumerate(out) if r is None]
+    if missing:
+        ids = [rows[i].id for i in missing]
+        exps = {
+            e.id: e
+            for e in session.execute(select(Experiment).where(Experiment.id.in_(ids))).scalars()
+        }
+        live_ids = [i for i in ids if exps[i].status not in ("succeeded", "failed", "cancelled")]
+        timings = _timings(session, live_ids)
+        for i in missing:
+            row, key = rows[i], keys[i]
+            exp = exps[row.id]
+            doc = _document(
+                exp, row.points_done, _counts(row), row.queue or CPU, key[-1], timings.get(exp.id)
+            )
+            body = StatusDocument.model_validate(doc).model_dump_json().encode()
+            out[i] = Rendered(body, etag_of(body))
+            _documents.put(key, out[i])
     return out  # type: ignore[return-value]
 
 
