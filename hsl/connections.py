@@ -8,10 +8,12 @@ connection, and a file descriptor, for ever. Here:
 - a connection must deliver each request head (request line and headers) within
   ``header_timeout`` seconds of starting it (from the connection's opening, or from the first
   byte after an idle keep-alive); otherwise it is closed;
+- a request head larger than ``max_header_bytes`` gets 431 problem+json (h11's own limit
+  only applies to a head still incomplete);
 - at most ``max_connections`` are open; at the cap, a new connection closes the one that has
-  waited longest without a request under way (idle, or still sending its head), if that one
-  has waited at least half a second; otherwise the new one gets 503 problem+json and is
-  closed.
+  waited longest without a request under way (idle, or still sending its head) and with no
+  bytes waiting unread in the kernel; if there is none, the new one gets 503 problem+json
+  and is closed.
 
 So a legitimate client, which sends its head in milliseconds, is served even while hundreds
 of slow ones are connected, and the process never runs out of file descriptors.
@@ -20,9 +22,12 @@ of slow ones are connected, and the process never runs out of file descriptors.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import resource
+import sys
+import termios
 from typing import Any
 
 import h11
@@ -47,8 +52,36 @@ REFUSAL = (
 )
 
 
-# a connection idle (or sending its head) at least this long may be closed for a new one
-EVICT_AFTER = 0.5
+def _head_too_large(limit: int) -> bytes:
+    body = json.dumps(
+        {
+            "type": "https://hsl.dev/problems/too-large",
+            "title": "Request head too large",
+            "status": 431,
+            "detail": f"the request line and headers exceed {limit} bytes (HSL_MAX_HEADER_BYTES)",
+        }
+    ).encode()
+    return (
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+        b"content-type: application/problem+json\r\nconnection: close\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+
+
+# how many of the connections idle longest are looked at for one to close
+CANDIDATES = 32
+
+
+def _unread(transport: asyncio.BaseTransport) -> int:
+    """Bytes received by the kernel that the event loop has not read yet (FIONREAD)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int.from_bytes(buf, sys.byteorder)
 
 
 class Counters:
@@ -59,10 +92,11 @@ class Counters:
 
 
 def guarded_protocol(
-    max_connections: int, header_timeout: float
+    max_connections: int, header_timeout: float, max_header_bytes: int = 16 * 1024
 ) -> tuple[type[H11Protocol], Counters]:
     """An ``H11Protocol`` subclass with these limits (pass it as uvicorn's ``http``)."""
     counters = Counters()
+    too_large = _head_too_large(max_header_bytes)
     # connections without a request under way, oldest first (dict keeps insertion order)
     idle: dict[GuardedH11Protocol, float] = {}
 
@@ -73,15 +107,11 @@ def guarded_protocol(
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             if len(self.connections) > max_connections:
-                victim = next((c for c in idle if c is not self), None)
-                if victim is None or self.loop.time() - idle[victim] < EVICT_AFTER:
-                    # refuse: answer 503 at once, discard what comes, close a moment later
-                    # (closing with the request unread would reset the connection, and the
-                    # client could lose the answer)
+                victim = self._victim()
+                if victim is None:
+                    # refuse: 503 at once
                     counters.refused += 1
-                    self._refused = True
-                    transport.write(REFUSAL)
-                    self.loop.call_later(0.5, transport.close)
+                    self._answer_and_close(REFUSAL)
                     return
                 counters.evicted += 1
                 victim._close()
@@ -96,6 +126,16 @@ def guarded_protocol(
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return
+            if self.conn.their_state is h11.IDLE:
+                # h11 checks the size of a head only while it is incomplete: one that arrives
+                # whole would pass, so measure it here
+                pending = self.conn.trailing_data[0] + data
+                end = pending.find(b"\r\n\r\n")
+                if end > max_header_bytes or (end == -1 and len(pending) > max_header_bytes):
+                    self._disarm()
+                    idle.pop(self, None)
+                    self._answer_and_close(too_large)
+                    return
             super().data_received(data)
             if self.transport.is_closing():
                 return
@@ -113,6 +153,17 @@ def guarded_protocol(
                 self._idle()  # the keep-alive timer closes it if nothing comes
 
         # -- helpers ------------------------------------------------------------------
+        def _victim(self) -> GuardedH11Protocol | None:
+            """The connection idle longest (no request under way) with nothing waiting to be
+            read: one whose request already arrived, unread while the loop was busy, is
+            not a slow client."""
+            for i, conn in enumerate(idle):
+                if i >= CANDIDATES:
+                    break
+                if conn is not self and not _unread(conn.transport):
+                    return conn
+            return None
+
         def _idle(self) -> None:
             idle.pop(self, None)
             idle[self] = self.loop.time()
@@ -131,6 +182,13 @@ def guarded_protocol(
             if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
                 counters.head_timeouts += 1
                 self._close()
+
+        def _answer_and_close(self, answer: bytes) -> None:
+            """Answer, discard what comes, close a moment later: closing with a request unread
+            would reset the connection, and the client could lose the answer."""
+            self._refused = True
+            self.transport.write(answer)
+            self.loop.call_later(0.5, self.transport.close)
 
         def _close(self) -> None:
             self._disarm()
@@ -169,7 +227,7 @@ def uvicorn_options(settings: Any) -> dict[str, Any]:
             cap,
             soft,
         )
-    protocol, _ = guarded_protocol(cap, settings.header_timeout)
+    protocol, _ = guarded_protocol(cap, settings.header_timeout, settings.max_header_bytes)
     return {
         "http": protocol,
         "timeout_keep_alive": settings.keep_alive_seconds,
