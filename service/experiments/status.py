@@ -1,10 +1,10 @@
 """Status documents for many readers: a fixed number of queries per request or list page, a
 document cache, and ETags.
 
-One request for a status document (or a page of up to 200) costs: the experiment rows with
-their point counts (one query), their runs grouped by status and queue (one query), the
-worker rows when some experiment has queued runs (one query), and, only on a cache miss for a
-live experiment, the timings of its points for the ETA (one query for the page). A document
+One request for a status document (or a page of up to 200) costs one query: the experiment
+rows with their point counts, runs by status, queue and the workers serving each queue as
+subqueries (the key check joined to it for one document); only on a cache miss, the
+experiments' full rows and the timings of live ones' points, for the ETA (two more). A document
 is cached, serialised, under its *version*: (id, status, cancel flag, engine version, start
 and end, points stored, runs by status, waiting), everything it is computed from, so a cached
 document is never stale, and the spec is parsed once per experiment (for the ETA), not per
@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import String, and_, bindparam, cast, func, select
 from sqlalchemy.orm import Session
 
 import hsl_engine as he
 from hsl import plots
 
-from ..db import ApiKey, Experiment, Point, Run, Worker, utcnow, workers
+from ..db import ApiKey, Experiment, Point, Run, Worker, utcnow
 from .repository import CPU, GPU
 from .schemas import StatusDocument
 
@@ -111,6 +111,13 @@ def versions():
         .scalar_subquery()
         .label("queue")
     )
+
+    def workers_of(queue: str, column: Any, label: str):
+        serving = cast(Worker.queues, String).like(f'%"{queue}"%')
+        if queue == GPU:  # a gpu-queue run needs a GPU (`workers.serves`)
+            serving = and_(serving, Worker.cuda_devices > 0)
+        return select(func.max(column)).where(serving).scalar_subquery().label(label)
+
     return select(
         Experiment.id,
         Experiment.created_at,
@@ -122,6 +129,12 @@ def versions():
         points,
         queue,
         *(runs(st) for st in RUN_STATUSES),
+        # the workers serving each queue: alive while one's expires_at is ahead, and when
+        # one was last seen (uncorrelated: computed once per statement)
+        workers_of(CPU, Worker.expires_at, "cpu_expires"),
+        workers_of(CPU, Worker.last_seen, "cpu_seen"),
+        workers_of(GPU, Worker.expires_at, "gpu_expires"),
+        workers_of(GPU, Worker.last_seen, "gpu_seen"),
     )
 
 
@@ -164,31 +177,21 @@ def _counts(row: Any) -> dict[str, int]:
     return {st: n for st in RUN_STATUSES if (n := getattr(row, f"runs_{st}"))}
 
 
-class _WorkerView:
-    """The worker rows read once for a request: which queues a live worker serves, and when a
-    worker of each queue was last seen."""
-
-    def __init__(self, session: Session):
-        self.now = utcnow()
-        self.rows = [
-            SimpleNamespace(queues=q, cuda_devices=c, expires_at=e, last_seen=s)
-            for q, c, e, s in session.execute(
-                select(Worker.queues, Worker.cuda_devices, Worker.expires_at, Worker.last_seen)
-            ).all()
-        ]
-
-    def waiting(self, queue: str) -> str | None:
-        serving = [w for w in self.rows if workers.serves(w, queue)]
-        if any(w.expires_at > self.now for w in serving):
-            return None
-        who = "a GPU worker" if queue == GPU else f"a worker on the {queue!r} queue"
-        if not serving:
-            return f"waiting for {who} (none is registered)"
-        seen = max(w.last_seen for w in serving)
-        return (
-            f"waiting for {who} (none is alive; the last one was seen at "
-            f"{seen.isoformat(timespec='seconds')})"
-        )
+def waiting(row: Any, now: Any) -> str | None:
+    """Why the queued runs of this row's experiment are not starting: no live worker serves
+    their queue (`repository.queue_for` puts runs on ``cpu`` or ``gpu``)."""
+    queue = row.queue or CPU
+    prefix = "gpu" if queue == GPU else "cpu"
+    expires, seen = getattr(row, f"{prefix}_expires"), getattr(row, f"{prefix}_seen")
+    if expires is not None and expires > now:
+        return None
+    who = "a GPU worker" if queue == GPU else f"a worker on the {queue!r} queue"
+    if seen is None:
+        return f"waiting for {who} (none is registered)"
+    return (
+        f"waiting for {who} (none is alive; the last one was seen at "
+        f"{seen.isoformat(timespec='seconds')})"
+    )
 
 
 def _spec(exp: Experiment) -> he.ExperimentSpec:
@@ -263,15 +266,11 @@ def render(session: Session, rows: list[Any]) -> list[Rendered]:
     of live ones in another)."""
     if not rows:
         return []
-    view: _WorkerView | None = None
+    now = utcnow()
     keys = []
     for row in rows:
-        waiting = None
         live = row.status in ("queued", "running") and not row.cancel_requested
-        if live and row.runs_queued:
-            view = view or _WorkerView(session)
-            waiting = view.waiting(row.queue or CPU)
-        keys.append(version_of(row, waiting))
+        keys.append(version_of(row, waiting(row, now) if live and row.runs_queued else None))
     out: list[Rendered | None] = [_documents.get(k) for k in keys]
     missing = [i for i, r in enumerate(out) if r is None]
     if missing:
