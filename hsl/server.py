@@ -40,8 +40,15 @@ def distributed_app(settings: Settings):
 def _uvicorn(app, settings: Settings) -> int:
     import uvicorn
 
+    from hsl.connections import uvicorn_options
+
     uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=15
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=15,
+        **uvicorn_options(settings),
     )
     return 0
 

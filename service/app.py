@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from sqlalchemy.orm import Session, sessionmaker
 
 import hsl_engine as he
 
-from . import errors, health, limits, presets
+from . import errors, health, limits, presets, shedding
 from .config import Settings
 from .db import keys, make_engine, make_session_factory, migrate
 from .deps import Publisher
@@ -28,13 +29,29 @@ MakePublisher = Callable[[sessionmaker[Session], Settings], Publisher]
 
 
 def create_app(settings: Settings, make_publisher: MakePublisher) -> FastAPI:
-    engine = make_engine(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+    # every thread that may run database work holds at most one connection: the request
+    # threads, the embedded worker's threads, and a few for the reaper and publishing
+    engine = make_engine(
+        settings.database_url,
+        sqlite_synchronous=settings.sqlite_synchronous,
+        pool_size=settings.api_threads + settings.embedded_workers + 4,
+        max_overflow=4,
+        pool_timeout=10,
+        # no round trip before each checkout: after a database restart the first request on
+        # a stale connection gets 503 and the pool is invalidated; the next one reconnects
+        **({} if settings.database_url.startswith("sqlite") else {"pool_pre_ping": False}),
+        pool_recycle=600,
+    )
     if settings.auto_migrate if settings.auto_migrate is not None else settings.embedded:
         migrate.upgrade(settings.database_url)
     sessions = make_session_factory(engine)
+    # reads of status documents and lists: no BEGIN/ROLLBACK round trips around them
+    read_sessions = make_session_factory(engine.execution_options(isolation_level="AUTOCOMMIT"))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # the threads that run sync routes and database work: matched to the pool above
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         publisher = make_publisher(sessions, settings)
         app.state.publisher = publisher
         start = getattr(publisher, "start", None)
@@ -57,6 +74,7 @@ def create_app(settings: Settings, make_publisher: MakePublisher) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = sessions
+    app.state.read_sessions = read_sessions
     app.state.publisher = None
     app.state.submit_buckets = limits.TokenBuckets(settings.submit_rate, settings.submit_burst)
     app.state.local_tenant_id = None
@@ -65,6 +83,12 @@ def create_app(settings: Settings, make_publisher: MakePublisher) -> FastAPI:
             app.state.local_tenant_id = keys.get_or_create_tenant(session, keys.LOCAL_TENANT).id
 
     errors.install(app)
+    app.add_middleware(
+        shedding.LoadShedder,
+        active=settings.active_requests,
+        queued=settings.max_queued_requests,
+        wait=settings.queue_wait_seconds,
+    )
     # outermost: refuses smuggling, foreign Host headers and cross-site writes before routing
     app.add_middleware(RequestGuard, settings=settings)
     app.include_router(health.router)

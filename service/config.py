@@ -129,6 +129,46 @@ class Settings(BaseSettings):
     max_points: int = Field(100_000, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted")
 
+    # capacity of one API process (README "Capacity and slow clients")
+    api_threads: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="Threads of the API process that run database work; the database pool "
+        "holds as many connections, plus a few for the embedded worker and publishing",
+    )
+    max_active_requests: int | None = Field(
+        None, ge=1, description="Requests handled at once. Default: HSL_API_THREADS"
+    )
+    max_queued_requests: int = Field(
+        512,
+        ge=0,
+        description="Requests waiting for a slot; beyond, 503 problem+json with Retry-After",
+    )
+    queue_wait_seconds: float = Field(
+        2.0, gt=0, description="Longest wait for a slot before 503 with Retry-After"
+    )
+    max_connections: int = Field(
+        1000,
+        ge=8,
+        description="Open client connections; at the limit a new one closes the connection "
+        "idle longest (no request under way), else it is refused with 503",
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a connection may take to send a request's head"
+    )
+    keep_alive_seconds: float = Field(
+        5.0, gt=0, description="Seconds an idle keep-alive connection stays open"
+    )
+    access_log: bool = Field(
+        False,
+        description="Log every request (uvicorn's access log; a proxy in front usually logs "
+        "them, and on a busy API the log line costs as much as the request)",
+    )
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="Largest request head (request line and headers)"
+    )
+
     @field_validator("database_url")
     @classmethod
     def _known_driver(cls, v: str) -> str:
@@ -161,6 +201,10 @@ class Settings(BaseSettings):
             return None
         names = {"localhost", "127.0.0.1", "::1", self.host, *extra}
         return frozenset(n.lower().strip("[]").rstrip(".") for n in names)
+
+    @property
+    def active_requests(self) -> int:
+        return self.max_active_requests or self.api_threads
 
     @property
     def heartbeat_seconds(self) -> float:

@@ -47,11 +47,8 @@ SessionDep = Annotated[Session, Depends(get_session)]
 PublisherDep = Annotated[Publisher, Depends(get_publisher)]
 
 
-def get_tenant(
-    request: Request,
-    session: SessionDep,
-    settings: SettingsDep,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+def resolve_tenant(
+    session: Session, settings: Settings, authorization: str | None, local_tenant_id: int | None
 ) -> int:
     """The caller's tenant id, from ``Authorization: Bearer <key>``.
 
@@ -60,7 +57,7 @@ def get_tenant(
     if authorization is None:
         if settings.keys_required:
             raise Unauthorized("this route needs 'Authorization: Bearer <key>'")
-        return request.app.state.local_tenant_id
+        return local_tenant_id  # type: ignore[return-value]
     scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("the Authorization header must be 'Bearer <key>'")
@@ -68,6 +65,15 @@ def get_tenant(
     if tenant_id is None:
         raise Unauthorized("unknown or revoked API key")
     return tenant_id
+
+
+def get_tenant(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> int:
+    return resolve_tenant(session, settings, authorization, request.app.state.local_tenant_id)
 
 
 TenantDep = Annotated[int, Depends(get_tenant)]

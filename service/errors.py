@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("hsl.service")
@@ -215,6 +216,18 @@ def install(app: FastAPI) -> None:
             type_="unavailable",
             instance=request.url.path,
             headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool(request: Request, exc: PoolTimeout) -> JSONResponse:
+        log.warning("no database connection free for %s: %s", request.url.path, exc)
+        return problem(
+            503,
+            "Service overloaded",
+            "no database connection was free in time; retry shortly",
+            type_="overloaded",
+            instance=request.url.path,
+            headers={"Retry-After": "1"},
         )
 
     @app.exception_handler(Exception)

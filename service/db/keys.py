@@ -66,3 +66,15 @@ def tenant_for_key(session: Session, key: str) -> int | None:
             ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)
         )
     ).scalar_one_or_none()
+
+
+def usable_key(authorization: str | None) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header when it is well formed, else None
+    (the caller then goes through the full check, which says what is wrong)."""
+    if authorization is None:
+        return None
+    scheme, _, key = authorization.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not KEY_PATTERN.match(key):
+        return None
+    return key

@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select
@@ -213,7 +212,8 @@ def get(session: Session, tenant_id: int, experiment_id: str) -> Experiment:
     return exp
 
 
-def _encode_cursor(exp: Experiment) -> str:
+def _encode_cursor(exp: Any) -> str:
+    """From anything with ``created_at`` and ``id`` (an experiment or a row)."""
     raw = json.dumps([exp.created_at.isoformat(), exp.id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -246,9 +246,11 @@ def list_page(
     name: str | None,
     limit: int,
     cursor: str | None,
-) -> tuple[list[Experiment], str | None]:
-    """Newest first; keyset pagination on (created_at, id)."""
-    q = select(Experiment).where(Experiment.tenant_id == tenant_id)
+    query: Any = None,
+) -> tuple[list[Any], str | None]:
+    """Newest first; keyset pagination on (created_at, id). ``query``: what to select
+    (default the experiments; rows then are experiments), e.g. experiments with a count."""
+    q = (select(Experiment) if query is None else query).where(Experiment.tenant_id == tenant_id)
     if status is not None:
         q = q.where(Experiment.status == status)
     if name is not None:
@@ -261,78 +263,13 @@ def list_page(
                 and_(Experiment.created_at == created, Experiment.id < exp_id),
             )
         )
-    rows = list(
-        session.execute(
-            q.order_by(Experiment.created_at.desc(), Experiment.id.desc()).limit(limit + 1)
-        ).scalars()
+    result = session.execute(
+        q.order_by(Experiment.created_at.desc(), Experiment.id.desc()).limit(limit + 1)
     )
+    rows = list(result.scalars() if query is None else result.all())
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, (_encode_cursor(rows[-1]) if more and rows else None)
-
-
-def run_counts(session: Session, experiment_id: str) -> dict[str, int]:
-    return dict(
-        session.execute(
-            select(Run.status, func.count())
-            .where(Run.experiment_id == experiment_id)
-            .group_by(Run.status)
-        ).all()
-    )
-
-
-def progress(session: Session, exp: Experiment) -> dict[str, Any]:
-    timings = [
-        SimpleNamespace(method=m, seed=s, n=n, seconds=sec)
-        for m, s, n, sec in session.execute(
-            select(Point.method, Point.seed, Point.n, Point.seconds).where(
-                Point.experiment_id == exp.id
-            )
-        ).all()
-    ]
-    counts = run_counts(session, exp.id)
-    done = len(timings)
-    eta: float | None
-    if exp.status in ("succeeded", "failed", "cancelled"):
-        eta = 0.0 if exp.status == "succeeded" else None
-    else:
-        left = he.expected_seconds(state.stored_spec(exp.spec), timings)
-        # runs execute in parallel: divide by the runs under way (at least one)
-        eta = None if left is None else left / max(1, counts.get("running", 0))
-    return {
-        "points_done": done,
-        "points_total": exp.points_total,
-        "fraction": done / exp.points_total if exp.points_total else 1.0,
-        "eta_seconds": eta,
-        "runs": counts,
-    }
-
-
-def queue_of(session: Session, experiment_id: str) -> str:
-    """The queue of the experiment's runs (they all share one)."""
-    queue = session.execute(
-        select(Run.queue).where(Run.experiment_id == experiment_id).limit(1)
-    ).scalar_one_or_none()
-    return queue or CPU
-
-
-def waiting(session: Session, exp: Experiment, queue: str, counts: dict[str, int]) -> str | None:
-    """Why queued runs of a live experiment are not starting, when the reason is known: no
-    live worker serves their queue. None otherwise (including while workers are just busy)."""
-    if exp.status not in ("queued", "running") or exp.cancel_requested:
-        return None
-    if not counts.get("queued"):
-        return None
-    if any(workers.serves(w, queue) for w in workers.live(session)):
-        return None
-    who = "a GPU worker" if queue == GPU else f"a worker on the {queue!r} queue"
-    seen = workers.last_seen(session, queue)
-    if seen is None:
-        return f"waiting for {who} (none is registered)"
-    return (
-        f"waiting for {who} (none is alive; the last one was seen at "
-        f"{seen.isoformat(timespec='seconds')})"
-    )
 
 
 def points(session: Session, experiment_id: str) -> list[he.Point]:

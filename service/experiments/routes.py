@@ -18,8 +18,8 @@ from hsl import document, plots
 from hsl_engine._spec import Name
 
 from .. import limits
-from ..db import Experiment, state
-from ..deps import PublisherDep, SessionDep, SettingsDep, TenantDep
+from ..db import Experiment, keys, state
+from ..deps import PublisherDep, SessionDep, SettingsDep, TenantDep, resolve_tenant
 from ..errors import (
     PROBLEM_RESPONSE,
     BadRequest,
@@ -30,6 +30,7 @@ from ..errors import (
     UnsupportedMediaType,
 )
 from . import repository as repo
+from . import status
 from .schemas import ExperimentList, Status, StatusDocument
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"])
@@ -40,32 +41,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def status_document(session, exp: Experiment) -> dict[str, Any]:
-    base = f"/v1/experiments/{exp.id}"
-    progress = repo.progress(session, exp)
-    queue = repo.queue_of(session, exp.id)
-    return {
-        "id": exp.id,
-        "name": exp.name,
-        "status": exp.status,
-        "spec_hash": exp.spec_hash,
-        "engine_version": exp.engine_version,
-        "created_at": exp.created_at,
-        "started_at": exp.started_at,
-        "finished_at": exp.finished_at,
-        "progress": progress,
-        "error": exp.error,
-        "queue": queue,
-        "waiting": repo.waiting(session, exp, queue, progress["runs"]),
-        "links": {
-            "self": base,
-            "results": f"{base}/results",
-            "results_csv": f"{base}/results.csv",
-            "plots": {
-                n: {f: f"{base}/plots/{n}.{f}" for f in plots.FORMATS} for n in plots.PLOT_NAMES
-            },
-            "cancel": f"{base}/cancel",
-        },
-    }
+    """The status document of one experiment (`status.render`, the one place it is built)."""
+    row = session.execute(status.versions().where(Experiment.id == exp.id)).one()
+    return json.loads(status.render(session, [row])[0].body)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -273,26 +251,82 @@ def _publish(request: Request, publisher, runs: list[tuple[int, str]]) -> None:
             pass
 
 
+def _json(body: bytes, etag: str | None = None) -> Response:
+    headers = {"ETag": etag, "Cache-Control": "no-cache"} if etag else None
+    return Response(body, media_type="application/json", headers=headers)
+
+
+AuthorizationHeader = Annotated[str | None, Header(include_in_schema=False)]
+IfNoneMatch = Annotated[str | None, Header(include_in_schema=False)]
+
+
 @router.get("", response_model=ExperimentList, responses=ERRORS)
-def list_experiments(
-    session: SessionDep,
-    tenant_id: TenantDep,
-    status: Status | None = None,
+async def list_experiments(
+    request: Request,
+    status_: Annotated[Status | None, Query(alias="status")] = None,
     # the spec's own name rules: printable text, 1-200 characters (422 naming ``name``)
     name: Annotated[Name | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
+    authorization: AuthorizationHeader = None,
 ) -> Any:
     """The tenant's experiments, newest first."""
-    rows, next_cursor = repo.list_page(
-        session, tenant_id, status=status, name=name, limit=limit, cursor=cursor
-    )
-    return {"items": [status_document(session, e) for e in rows], "next_cursor": next_cursor}
+    state_ = request.app.state
+
+    def page() -> bytes:
+        with state_.read_sessions() as session:
+            tenant_id = resolve_tenant(
+                session, state_.settings, authorization, state_.local_tenant_id
+            )
+            rows, next_cursor = repo.list_page(
+                session,
+                tenant_id,
+                status=status_,
+                name=name,
+                limit=limit,
+                cursor=cursor,
+                query=status.versions(),
+            )
+            return status.list_body(status.render(session, rows), next_cursor)
+
+    return _json(await run_in_threadpool(page))
 
 
 @router.get("/{experiment_id}", response_model=StatusDocument, responses=ERRORS)
-def get_status(experiment_id: str, session: SessionDep, tenant_id: TenantDep) -> Any:
-    return status_document(session, repo.get(session, tenant_id, experiment_id))
+async def get_status(
+    experiment_id: str,
+    request: Request,
+    authorization: AuthorizationHeader = None,
+    if_none_match: IfNoneMatch = None,
+) -> Any:
+    """The status document. It carries an ``ETag``: with ``If-None-Match`` the answer is 304
+    without a body while nothing changed."""
+    state_ = request.app.state
+
+    def one() -> status.Rendered:
+        with state_.read_sessions() as session:
+            key = keys.usable_key(authorization)
+            row = None
+            if key is not None:  # the key's check in the same query
+                row = session.execute(
+                    status.statement("by_key"),
+                    {"id": experiment_id, "key_hash": keys.hash_key(key)},
+                ).one_or_none()
+            if row is None:
+                tenant_id = resolve_tenant(
+                    session, state_.settings, authorization, state_.local_tenant_id
+                )
+                row = session.execute(
+                    status.statement("by_tenant"), {"id": experiment_id, "tenant_id": tenant_id}
+                ).one_or_none()
+            if row is None:
+                raise NotFound(f"no experiment with id {experiment_id!r}")
+            return status.render(session, [row])[0]
+
+    rendered = await run_in_threadpool(one)
+    if status.matches(if_none_match, rendered.etag):
+        return Response(status_code=304, headers={"ETag": rendered.etag})
+    return _json(rendered.body, rendered.etag)
 
 
 class _DocumentCache:
@@ -320,9 +354,14 @@ _cache = _DocumentCache()
 
 
 def results_for(session, exp: Experiment) -> dict[str, Any]:
+    return _results(session, exp)[0]
+
+
+def _results(session, exp: Experiment) -> tuple[dict[str, Any], bytes, str]:
+    """The results document, its JSON and its ETag, cached per (experiment, points, status)."""
     key = (exp.id, repo.points_count(session, exp.id), exp.status)
-    doc = _cache.get(key)
-    if doc is None:
+    cached = _cache.get(key)
+    if cached is None:
         spec = state.stored_spec(exp.spec)
         doc = document.results_document(
             spec,
@@ -330,19 +369,30 @@ def results_for(session, exp: Experiment) -> dict[str, Any]:
             experiment_id=exp.id,
             complete=exp.status == "succeeded",
         )
-        _cache.put(key, doc)
-    return doc
+        body = JSONResponse(doc).body
+        cached = (doc, body, status.etag_of(body))
+        _cache.put(key, cached)
+    return cached
 
 
 @router.get("/{experiment_id}/results", responses=ERRORS)
-def get_results(experiment_id: str, session: SessionDep, tenant_id: TenantDep) -> JSONResponse:
+def get_results(
+    experiment_id: str,
+    session: SessionDep,
+    tenant_id: TenantDep,
+    if_none_match: IfNoneMatch = None,
+) -> Response:
     """The results document, computed from the points stored so far (partial while running).
 
     ``engine_version`` is the engine that computed the points (``engine_versions`` lists them
     when they differ); every point carries its ``engine_version``, ``device`` and ``backend``.
+    It carries an ``ETag`` (304 to a matching ``If-None-Match``).
     """
     exp = repo.get(session, tenant_id, experiment_id)
-    return JSONResponse(results_for(session, exp))
+    _, body, etag = _results(session, exp)
+    if status.matches(if_none_match, etag):
+        return Response(status_code=304, headers={"ETag": etag})
+    return _json(body, etag)
 
 
 @router.get(

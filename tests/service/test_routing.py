@@ -326,6 +326,7 @@ def test_embedded_service_accepts_backend_torch_where_pytorch_is_installed(make_
 # 5. what the status document says while runs wait ---------------------------------------
 
 
+@both_databases
 def test_status_says_a_cuda_spec_waits_for_a_gpu_worker(distributed):
     client = distributed()
     app = client.app
@@ -350,6 +351,7 @@ def test_status_says_a_cuda_spec_waits_for_a_gpu_worker(distributed):
     assert cpu_only
 
 
+@both_databases
 def test_status_says_a_cpu_spec_waits_for_a_cpu_worker(distributed):
     client = distributed()
     doc = client.post("/v1/experiments", json=tiny_spec(device="cpu")).json()
