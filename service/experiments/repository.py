@@ -30,6 +30,12 @@ CPU, GPU = "cpu", workers.GPU_QUEUE
 _ID = re.compile(r"[0-9a-f]{32}")
 
 
+def is_experiment_id(value: str) -> bool:
+    """Whether ``value`` has the form of an experiment id (anything else is unknown without
+    asking the database: a NUL would reach PostgreSQL as an error, not a miss)."""
+    return _ID.fullmatch(value) is not None
+
+
 def queue_for(
     spec: he.ExperimentSpec,
     estimate: he.ResourceEstimate | None = None,

@@ -304,6 +304,8 @@ async def get_status(
     state_ = request.app.state
 
     def one() -> status.Rendered:
+        if not repo.is_experiment_id(experiment_id):
+            raise NotFound(f"no experiment with id {experiment_id!r}")
         with state_.read_sessions() as session:
             key = keys.usable_key(authorization)
             row = None
