@@ -261,9 +261,14 @@ def to_host(a) -> np.ndarray:
     return np.asarray(a)
 
 
+# NumPy 2 is an array API namespace itself: the hot loop calls it directly, without the
+# compatibility layer's Python wrappers (measured ~7 % of a q = 2 operator pass at d = 60)
+NUMPY_XP = np if hasattr(np, "astype") and hasattr(np.linalg, "vector_norm") else np_xp
+
+
 def numpy_backend(threads: int | None = None) -> Backend:
     """The NumPy (CPU) backend."""
-    return Backend("cpu", np_xp, threads or available_cores())
+    return Backend("cpu", NUMPY_XP, threads or available_cores())
 
 
 def torch_available() -> bool:
