@@ -34,7 +34,7 @@ from ._experiment import (
 )
 from ._features import feature_dim, lift, sym_to_vec, vec_to_sym
 from ._presets import PRESETS, preset, preset_description, preset_names
-from ._spec import ExperimentSpec, parse_spec
+from ._spec import NAME_FORBIDDEN, ExperimentSpec, Name, parse_spec
 from ._summary import (
     CurvePoint,
     Point,
@@ -60,6 +60,8 @@ __all__ = [
     "EngineError",
     "ExperimentResult",
     "ExperimentSpec",
+    "NAME_FORBIDDEN",
+    "Name",
     "Point",
     "PowerLaw",
     "ResourceEstimate",

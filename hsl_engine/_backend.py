@@ -68,8 +68,6 @@ class Backend:
         NumPy streams) instead of NumPy's. On by default on CUDA, where nothing but results
         should cross the bus; on the CPU the NumPy streams are used, so the PyTorch backend
         sees the very samples NumPy sees.
-    tf32 : bool
-        Allow TensorFloat-32 in float32 matrix products on CUDA.
     """
 
     name: str
@@ -78,7 +76,6 @@ class Backend:
     sample_budget_bytes: float | None = None
     library: str = "numpy"
     device_streams: bool = False
-    tf32: bool = False
 
     @property
     def device(self) -> str:
@@ -378,7 +375,6 @@ def get_backend(
         sample_budget_bytes,
         library="torch",
         device_streams=streams,
-        tf32=bool(tf32) and name.startswith("cuda"),
     )
 
 

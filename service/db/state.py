@@ -15,13 +15,12 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 import hsl_engine as he
-from hsl_engine._spec import NAME_FORBIDDEN
 
 from .models import TERMINAL, Experiment, Point, Run
 from .session import utcnow
 
 # what names stored before they had to be printable (issue 10) may hold
-_LEGACY_NAME = re.compile(rf"[{NAME_FORBIDDEN}\ud800-\udfff]")
+_LEGACY_NAME = re.compile(rf"[{he.NAME_FORBIDDEN}\ud800-\udfff]")
 
 
 def stored_spec(data: Any) -> he.ExperimentSpec:

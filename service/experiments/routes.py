@@ -15,7 +15,6 @@ from starlette.concurrency import run_in_threadpool
 
 import hsl_engine as he
 from hsl import document, plots
-from hsl_engine._spec import Name
 
 from .. import limits
 from ..db import Experiment, keys, state
@@ -265,7 +264,7 @@ async def list_experiments(
     request: Request,
     status_: Annotated[Status | None, Query(alias="status")] = None,
     # the spec's own name rules: printable text, 1-200 characters (422 naming ``name``)
-    name: Annotated[Name | None, Query()] = None,
+    name: Annotated[he.Name | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
     authorization: AuthorizationHeader = None,

@@ -276,7 +276,8 @@ def test_reaper_requeues_expired_leases_and_publishes_unclaimed_runs(sessions, s
         ).scalar_one() == len(run_ids)
 
 
-def test_reaper_republishes_everything_queued_after_a_broker_restart(sessions, settings):
+def _published_a_minute_ago(sessions) -> list:
+    """A tiny experiment submitted a minute ago whose runs the API published."""
     exp_id, run_ids = store_experiment(sessions, TINY_SPEC)
     with sessions.begin() as s:
         s.execute(
@@ -284,7 +285,12 @@ def test_reaper_republishes_everything_queued_after_a_broker_restart(sessions, s
             .where(Experiment.id == exp_id)
             .values(created_at=utcnow() - timedelta(seconds=60))
         )
-        state.mark_published(s, run_ids)  # published by the API: in the broker's queue
+        state.mark_published(s, run_ids)
+    return run_ids
+
+
+def test_reaper_republishes_everything_queued_after_a_broker_restart(sessions, settings):
+    run_ids = _published_a_minute_ago(sessions)  # by the API: in the broker's queue
     pub = _Recorder(epoch="redis-1")
     reaper = Reaper(sessions, pub, settings)
     # a new reaper cannot know what happened before it: it republishes once
@@ -324,14 +330,7 @@ class _CountingRecorder(_Recorder):
 
 
 def test_reaper_republishes_a_queue_whose_messages_vanished(sessions, settings):
-    exp_id, run_ids = store_experiment(sessions, TINY_SPEC)
-    with sessions.begin() as s:
-        s.execute(
-            update(Experiment)
-            .where(Experiment.id == exp_id)
-            .values(created_at=utcnow() - timedelta(seconds=60))
-        )
-        state.mark_published(s, run_ids)
+    run_ids = _published_a_minute_ago(sessions)
     pub = _CountingRecorder()
     reaper = Reaper(sessions, pub, settings)
     reaper.sweep()  # the first sweep of a reaper republishes everything anyway
