@@ -8,6 +8,7 @@ import re
 import secrets
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .models import ApiKey, Tenant
@@ -26,11 +27,17 @@ def hash_key(key: str) -> str:
 def get_or_create_tenant(session: Session, name: str) -> Tenant:
     if not TENANT_PATTERN.match(name):
         raise ValueError("tenant: 1-64 letters, digits, '_', '.', '-', starting alphanumeric")
-    tenant = session.execute(select(Tenant).where(Tenant.name == name)).scalar_one_or_none()
+    query = select(Tenant).where(Tenant.name == name)
+    tenant = session.execute(query).scalar_one_or_none()
     if tenant is None:
-        tenant = Tenant(name=name, created_at=utcnow())
-        session.add(tenant)
-        session.flush()
+        # two processes may create the same new tenant at once (e.g. two `hsl keys create`):
+        # the loser's insert fails on the unique name and it reads the winner's row
+        try:
+            with session.begin_nested():
+                tenant = Tenant(name=name, created_at=utcnow())
+                session.add(tenant)
+        except IntegrityError:
+            tenant = session.execute(query).scalar_one()
     return tenant
 
 

@@ -155,3 +155,30 @@ def test_keys_are_required_off_loopback_or_with_a_broker(make_client, settings):
     for method, url in [("GET", "/v1/experiments"), ("POST", "/v1/experiments")]:
         resp = client.request(method, url, json=tiny_spec() if method == "POST" else None)
         assert_problem(resp, 401, "unauthorized")
+
+
+def test_concurrent_key_creation_for_a_new_tenant_makes_one_tenant(app):
+    """Several `hsl keys create --tenant NAME` at once for a tenant that does not exist yet:
+    every one gets a key, and one tenant row holds them (the losers read the winner's row)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import func, select
+
+    from service.db import ApiKey, Tenant, keys
+
+    def mint(_: int) -> str:
+        with app.state.sessions.begin() as session:
+            return keys.create_key(session, "racing-tenant")
+
+    with ThreadPoolExecutor(8) as pool:
+        minted = list(pool.map(mint, range(8)))
+    assert len(set(minted)) == 8
+    with app.state.sessions() as session:
+        tenants = session.execute(
+            select(Tenant.id).where(Tenant.name == "racing-tenant")
+        ).scalars().all()
+        assert len(tenants) == 1
+        held = session.execute(
+            select(func.count()).select_from(ApiKey).where(ApiKey.tenant_id == tenants[0])
+        ).scalar_one()
+        assert held == 8
