@@ -351,6 +351,7 @@ status. Open streams are capped per API process (`HSL_MAX_EVENT_STREAMS`: 503) a
 @router.get(
     "/{experiment_id}/events",
     response_class=events.EventStreamResponse,
+    status_code=200,
     description=EVENTS_DESCRIPTION,
     responses={
         200: {
