@@ -178,13 +178,15 @@ class Retry:
     delay: float
     reason: str
     lost: bool  # no answer (connection refused, reset, timed out) rather than 429/503
+    contacted: bool = True  # the service had answered this client before
 
     def message(self) -> str:
-        what = (
-            f"lost contact with the service at {self.url}"
-            if self.lost
-            else f"the service at {self.url} is busy"
-        )
+        if not self.lost:
+            what = f"the service at {self.url} is busy"
+        elif self.contacted:
+            what = f"lost contact with the service at {self.url}"
+        else:
+            what = f"cannot reach the service at {self.url}"
         return (
             f"hsl: {what}, retrying (attempt {self.attempt}, in {self.delay:.1f} s): {self.reason}"
         )
@@ -225,7 +227,7 @@ class _Streak:
             base = min(c.backoff_cap, c.backoff_base * 2 ** (self.attempt - 1))
             delay = random.uniform(base / 2, base)  # "equal jitter"
         delay = min(delay, left)
-        c.on_retry(Retry(c.url, self.attempt, delay, reason, lost))
+        c.on_retry(Retry(c.url, self.attempt, delay, reason, lost, c.contacted))
         c.sleep(delay)
         return delay
 

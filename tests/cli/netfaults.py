@@ -14,6 +14,7 @@ import json
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
 
@@ -38,9 +39,11 @@ class FaultyProxy:
         self.lock = threading.Lock()
         self.reset_next = 0  # connections to reset on accept
         self.busy_next = 0  # connections to answer 503 + Retry-After
+        self.lose_next = 0  # connections whose request reaches the service, answer lost
         self.retry_after = 1
         self.resets = 0
         self.busy_answers = 0
+        self.lost_answers = 0
         self.forwarded = 0
         self.open: list[tuple[socket.socket, socket.socket]] = []
         self.closed = False
@@ -57,6 +60,10 @@ class FaultyProxy:
                     self.reset_next -= 1
                     self.resets += 1
                     action = "reset"
+                elif self.lose_next > 0:
+                    self.lose_next -= 1
+                    self.lost_answers += 1
+                    action = "lose"
                 elif self.busy_next > 0:
                     self.busy_next -= 1
                     self.busy_answers += 1
@@ -67,6 +74,8 @@ class FaultyProxy:
             if action == "reset":
                 client.recv(65536)  # the request was sent: the answer is lost
                 _reset(client)
+            elif action == "lose":
+                threading.Thread(target=self._lose, args=(client,), daemon=True).start()
             elif action == "busy":
                 threading.Thread(target=self._busy, args=(client,), daemon=True).start()
             else:
@@ -91,6 +100,15 @@ class FaultyProxy:
             )
         finally:
             client.close()
+
+    def _lose(self, client: socket.socket) -> None:
+        """Forward one request, wait for the start of the service's answer, then reset the
+        client: the service did the work, the client never hears of it."""
+        request = _read_request(client)
+        with socket.create_connection(("127.0.0.1", self.target_port), timeout=30) as up:
+            up.sendall(request)
+            up.recv(65536)
+        _reset(client)
 
     def _forward(self, client: socket.socket) -> None:
         try:
@@ -133,11 +151,16 @@ class FaultyProxy:
             self.resets += len(pairs)
         return len(pairs)
 
-    def fault(self, *, reset: int = 0, busy: int = 0, retry_after: int = 1) -> None:
+    def fault(self, *, reset: int = 0, busy: int = 0, lose: int = 0, retry_after: int = 1) -> None:
         with self.lock:
             self.reset_next += reset
             self.busy_next += busy
+            self.lose_next += lose
             self.retry_after = retry_after
+
+    def clear(self) -> None:
+        with self.lock:
+            self.reset_next = self.busy_next = self.lose_next = 0
 
     def close(self) -> None:
         self.closed = True
@@ -145,16 +168,48 @@ class FaultyProxy:
         self.reset_open()
 
 
+def _read_request(sock: socket.socket) -> bytes:
+    """One whole HTTP/1.1 request with a Content-Length body (or none)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 def hold_a_request_slot(port: int, path: str = "/v1/experiments") -> socket.socket:
     """Start a POST whose body never completes: it holds a request slot of the service's load
-    shedder until the socket is closed. Returns the socket."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode()
-    )
-    return sock
+    shedder until the socket is closed. Returns the socket once the request holds a slot (a
+    request that arrived while the slot was busy is answered 503 at once: try again)."""
+    for _ in range(100):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode()
+        )
+        sock.settimeout(0.5)
+        try:
+            sock.recv(65536)  # shed: the slot was busy
+        except TimeoutError:
+            sock.settimeout(None)
+            return sock  # no answer: the request is in the slot, waiting for its body
+        sock.close()
+        time.sleep(0.1)
+    raise RuntimeError("could not take the service's request slot")
 
 
 def fields(obj: Any) -> dict[str, Any]:
-    return {k: getattr(obj, k) for k in ("resets", "busy_answers", "forwarded")}
+    return {k: getattr(obj, k) for k in ("resets", "busy_answers", "lost_answers", "forwarded")}
