@@ -32,7 +32,7 @@ TINY = {
 SLOW = {
     "name": "resilience-slow",
     "model": {"d": 30, "q": 2, "epsilon": 0.5, "features": "gaussian"},
-    "sweep": {"n_values": [2000, 20000, 40000, 60000, 80000], "seeds": 1, "seed": 1, "n_test": 500},
+    "sweep": {"n_values": [2000, 20000, 40000, 60000], "seeds": 1, "seed": 1, "n_test": 500},
     "methods": [{"name": "layerwise_spectral"}],
 }
 
