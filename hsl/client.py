@@ -352,7 +352,14 @@ class Client:
         return self._json(self.request("GET", path, **kw), path)
 
     def _send(
-        self, method: str, path: str, *, idempotent: bool | None, stream: bool, **kw: Any
+        self,
+        method: str,
+        path: str,
+        *,
+        idempotent: bool | None,
+        stream: bool,
+        retry_busy: bool = True,
+        **kw: Any,
     ) -> httpx.Response:
         headers = kw.get("headers") or {}
         if idempotent is None:
@@ -371,8 +378,10 @@ class Client:
                 continue
             self.contacted = True
             transient = r.status_code in (429, 503) or (idempotent and r.status_code in (502, 504))
-            if transient and (
-                idempotent or r.status_code == 429 or _problem_type(r) == "overloaded"
+            if (
+                transient
+                and retry_busy
+                and (idempotent or r.status_code == 429 or _problem_type(r) == "overloaded")
             ):
                 if stream:
                     r.read()
@@ -663,6 +672,7 @@ class Client:
                     path,
                     idempotent=True,
                     stream=True,
+                    retry_busy=False,  # at the stream cap: poll instead, at once
                     headers=headers,
                     timeout=httpx.Timeout(self.http.timeout.connect or 30.0, read=read),
                 )
@@ -767,6 +777,8 @@ or the URL is not an hsl service"""
 
 
 def _cli_retry(event: Retry) -> None:
+    if sys.stderr.isatty():  # below the progress bar, not on it
+        sys.stderr.write("\n")
     print(event.message(), file=sys.stderr, flush=True)
 
 

@@ -257,3 +257,21 @@ def test_the_openapi_document_describes_the_event_stream(live):
         assert "application/problem+json" in op["responses"][code]["content"]
     assert "Last-Event-ID" in op["description"]
     assert op["security"] == [{"bearer": []}]
+
+
+def test_the_client_waits_by_polling_when_the_tenant_is_at_its_stream_cap(live):
+    from hsl import Client
+
+    server = live(max_event_streams_per_tenant=1)
+    key = server.key("alice")
+    with server.client(key) as c, Client(server.url, key) as client:
+        exp = submit(c)
+        with c.stream("GET", f"/v1/experiments/{exp['id']}/events") as held:
+            assert held.status_code == 200  # the tenant's only stream
+            assert c.get(f"/v1/experiments/{exp['id']}/events").status_code == 429
+            worker = threading.Thread(target=execute_all, args=(server.app, exp["id"]))
+            worker.start()
+            seen: list[dict[str, Any]] = []
+            doc = client.wait(exp["id"], on_status=seen.append, poll_interval=0.05)
+            worker.join()
+    assert doc["status"] == "succeeded" and seen[-1] == doc
