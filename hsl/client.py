@@ -800,22 +800,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from .cli import load_spec
 
     spec = load_spec(args.spec)  # validated here: a bad spec never leaves the machine
-    client = _client(args)
-    doc = client.submit(spec, idempotency_key=args.idempotency_key)
-    note = "submitted" if client.last_submit_created else "already submitted (same spec)"
-    print(
-        f"hsl: {note}: {doc['name']} {doc['id']} ({doc['status']}, "
-        f"{doc['progress']['points_total']} points)",
-        file=sys.stderr,
-    )
-    print(doc["id"], flush=True)
-    if args.wait:
-        return _wait(client, doc["id"], quiet=False, timeout=None)
+    with _client(args) as client:
+        doc = client.submit(spec, idempotency_key=args.idempotency_key)
+        note = "submitted" if client.last_submit_created else "already submitted (same spec)"
+        print(
+            f"hsl: {note}: {doc['name']} {doc['id']} ({doc['status']}, "
+            f"{doc['progress']['points_total']} points)",
+            file=sys.stderr,
+        )
+        print(doc["id"], flush=True)
+        if args.wait:
+            return _wait(client, doc["id"], quiet=False, timeout=None)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    print(json.dumps(_client(args).get(args.id), indent=1))
+    with _client(args) as client:
+        print(json.dumps(client.get(args.id), indent=1))
     return 0
 
 
@@ -871,11 +872,16 @@ def _wait(client: Client, exp_id: str, *, quiet: bool, timeout: float | None) ->
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    return _wait(_client(args), args.id, quiet=args.quiet, timeout=args.timeout)
+    with _client(args) as client:
+        return _wait(client, args.id, quiet=args.quiet, timeout=args.timeout)
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    client = _client(args)
+    with _client(args) as client:
+        return _results(client, args)
+
+
+def _results(client: Client, args: argparse.Namespace) -> int:
     if args.csv:
         text = client.results_csv(args.id)
     else:
@@ -899,7 +905,8 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    items = _client(args).list(status=args.status, name=args.name, limit=args.limit)
+    with _client(args) as client:
+        items = client.list(status=args.status, name=args.name, limit=args.limit)
     if args.json:
         print(json.dumps(items, indent=1))
         return 0
@@ -920,13 +927,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    doc = _client(args).cancel(args.id)
+    with _client(args) as client:
+        doc = client.cancel(args.id)
     print(f"hsl: cancel requested: {doc['id']} is {doc['status']}", file=sys.stderr)
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    _client(args).delete(args.id)
+    with _client(args) as client:
+        client.delete(args.id)
     print(f"hsl: deleted {args.id}", file=sys.stderr)
     return 0
 

@@ -185,3 +185,24 @@ def test_tables_without_pandas_or_pyarrow_say_which_extra(monkeypatch, tmp_path)
         res.points_frame()
     with pytest.raises(ValueError, match="not an hsl results document"):
         Results({"points": []})
+
+
+def test_the_list_cancel_and_delete_commands(served, capsys):
+    from hsl.cli import main
+
+    url, _, _ = served
+    with Client(url) as c:
+        exp = c.submit(SLOW, name="cli-list")
+    assert main(["list", "--name", "cli-list", "--url", url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["id", "status", "points", "created", "name"]
+    assert len(out) == 2 and out[1].startswith(exp["id"]) and out[1].endswith("cli-list")
+    assert main(["list", "--status", "succeeded", "--name", "cli-list", "--url", url]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["cancel", exp["id"], "--url", url]) == 0
+    assert "cancel requested" in capsys.readouterr().err
+    assert main(["wait", exp["id"], "--url", url, "--quiet"]) == 1  # cancelled
+    assert "cancelled" in capsys.readouterr().err
+    assert main(["delete", exp["id"], "--url", url]) == 0
+    assert main(["status", exp["id"], "--url", url]) == 1
+    assert "Not found (404)" in capsys.readouterr().err
