@@ -24,6 +24,7 @@ from .deps import Publisher
 from .experiments import routes as experiments
 from .experiments.schemas import Problem
 from .guards import RequestGuard
+from .web import router as web_router
 
 MakePublisher = Callable[[sessionmaker[Session], Settings], Publisher]
 
@@ -94,6 +95,7 @@ def create_app(settings: Settings, make_publisher: MakePublisher) -> FastAPI:
     app.include_router(health.router)
     app.include_router(experiments.router)
     app.include_router(presets.router)
+    app.include_router(web_router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
