@@ -72,6 +72,14 @@ def _submit_smoke_and_check(page: BrowserPage, headers: dict[str, str]) -> str:
     assert first[0] == "1"
     assert p.locator("#power-law").inner_text().startswith("layerwise_spectral: exponent")
     assert '"name": "smoke"' in p.locator("#spec").inner_text()
+    # the tables are the final results', not a partial document fetched while it ran
+    p.wait_for_function(
+        "() => { const s = document.querySelector('#results-summary');"
+        " return s !== null && !s.textContent.includes('partial'); }"
+    )
+    summary = p.locator("#results-summary").inner_text()
+    assert summary.startswith(f"{len(results['points'])} points")
+    assert "partial" not in summary
 
     # back on the list: the row shows the finished experiment
     p.click("header a.brand")

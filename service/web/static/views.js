@@ -360,6 +360,7 @@ function studyList(ctx, box) {
 function figureGrid(ctx, id) {
   const grid = h("div", { class: "figures", id });
   const urls = new Map();
+  const latest = new Map(); // name -> number of the newest request: an older answer is dropped
   ctx.onLeave(() => {
     for (const u of urls.values()) URL.revokeObjectURL(u);
   });
@@ -383,11 +384,18 @@ function figureGrid(ctx, id) {
           }
           grid.append(fig);
         }
+        const ticket = (latest.get(name) || 0) + 1;
+        latest.set(name, ticket);
         let url;
         try {
           url = await blobUrl(path);
         } catch (err) {
-          fill(fig.querySelector("figcaption"), name, ": ", String(err.message || err));
+          if (latest.get(name) === ticket)
+            fill(fig.querySelector("figcaption"), name, ": ", String(err.message || err));
+          return;
+        }
+        if (latest.get(name) !== ticket) {
+          URL.revokeObjectURL(url); // a newer figure was asked for meanwhile
           return;
         }
         const img = fig.querySelector("img");
@@ -502,12 +510,14 @@ export async function experiment(ctx, id) {
     setTimeout(() => URL.revokeObjectURL(u), 10000);
   }
 
+  let asked = 0; // results requests made: only the newest answer is shown
   const refresh = throttle(ctx, async () => {
     if (!doc.progress?.points_done) return;
     const plots = doc.links?.plots || {};
     figures.load(Object.entries(plots).map(([name, l]) => ({ name, path: l.png, svg: l.svg })));
+    const ticket = ++asked;
     const res = await guarded(results, () => get(`${path}/results`));
-    if (res) renderResults(results, res);
+    if (res && ticket === asked) renderResults(results, res);
   });
 
   renderHead();
@@ -580,7 +590,7 @@ function renderResults(box, res) {
           pl.n_range ? ` · n in [${num(pl.n_range[0])}, ${num(pl.n_range[1])}]` : "",
         )
       : h("p", { id: "power-law", class: "muted" }, "Not enough points for a fit yet."),
-    h("p", { class: "muted" }, `${res.points?.length ?? 0} points · d1 = ${res.d1 ?? "–"} · feature dimension ${res.feature_dim ?? "–"} · engine ${res.engine_version ?? (res.engine_versions || []).join(", ")}${res.complete ? "" : " · partial"}`),
+    h("p", { class: "muted", id: "results-summary" }, `${res.points?.length ?? 0} points · d1 = ${res.d1 ?? "–"} · feature dimension ${res.feature_dim ?? "–"} · engine ${res.engine_version ?? (res.engine_versions || []).join(", ")}${res.complete ? "" : " · partial"}`),
     h("h2", {}, "Spec"),
     h("pre", { id: "spec" }, JSON.stringify(res.spec, null, 2)),
   );
@@ -599,11 +609,13 @@ export async function study(ctx, id) {
   let timer = null;
   ctx.onLeave(() => clearTimeout(timer));
   let lastDone = -1;
+  let asked = 0;
   const refresh = throttle(ctx, async () => {
     const plots = doc.links?.plots || {};
     figures.load(Object.entries(plots).map(([name, l]) => ({ name, path: l.png, svg: l.svg })));
+    const ticket = ++asked;
     const res = await guarded(results, () => get(`${path}/results`));
-    if (res) renderStudyResults(results, res);
+    if (res && ticket === asked) renderStudyResults(results, res);
   });
   let doc;
 
