@@ -168,3 +168,60 @@ def test_keyed_page_asks_for_a_key_and_works_with_it(browser, keyed_server):
         assert page.external_requests == []
     finally:
         context.close()
+
+
+def _all_loaded(selector: str) -> str:
+    return f"""() => {{
+  const imgs = [...document.querySelectorAll('{selector} img')];
+  return imgs.length > 0 && imgs.every((i) => i.complete && i.naturalWidth > 0);
+}}"""
+
+
+def test_page_runs_a_study_and_compares_its_members(page):
+    """Where the service has studies and comparisons (i13-studies): a study of gamma over the
+    smoke preset from the page's form, its members and figures, then the comparison view."""
+    failures = _record_failures(page)
+    p = page.page
+    page.goto("/")
+    p.wait_for_selector("body[data-ready='1']")
+    features = (p.get_attribute("body", "data-features") or "").split()
+    if not {"studySubmit", "compare"} <= set(features):
+        pytest.skip("this service has no /v1/studies or /v1/compare routes (issue 13 item 1-2)")
+    assert p.locator("#nav-studies").is_visible() and p.locator("#nav-compare").is_visible()
+
+    p.select_option("#study-base", "smoke")
+    p.fill("#study-name", "smoke-gamma")
+    p.fill("#study-axes .axis-path", "model.gamma")
+    p.fill("#study-axes .axis-values", "0.8, 1.0")
+    p.click("#study-button")
+    p.wait_for_url(re.compile(r"#/studies/[^/]+$"))
+    study_id = p.url.rsplit("/", 1)[-1]
+
+    p.wait_for_selector("#study [role=progressbar][aria-valuenow='100']", timeout=RUN_TIMEOUT_MS)
+    p.wait_for_selector("#study .badge[data-status='succeeded']", timeout=RUN_TIMEOUT_MS)
+    with httpx.Client(base_url=page.base_url, timeout=30) as api:
+        doc = api.get(f"/v1/studies/{study_id}").json()
+    assert doc["name"] == "smoke-gamma" and doc["axes"] == {"model.gamma": [0.8, 1.0]}
+    members = p.locator("#member-table tbody tr")
+    assert members.count() == len(doc["members"]) == 2
+    assert p.locator("#member-table .badge[data-status='succeeded']").count() == 2
+
+    p.wait_for_function(_all_loaded("#study-figures"), timeout=60_000)
+    assert p.locator("#study-figures img").count() == len(doc["links"]["plots"])
+    p.wait_for_selector("#study-results-table tbody tr")
+    assert p.locator("#study-results-table tbody tr").count() == 2
+
+    p.click("text=Compare members")
+    p.wait_for_url(re.compile(r"#/compare\?ids="))
+    p.wait_for_function(_all_loaded("#compare-figures"), timeout=60_000)
+    assert p.locator("#compare-experiments tbody tr").count() == 2
+    assert "model.gamma" in p.locator("#compare-differences").inner_text()
+    before = p.get_attribute("#compare-figures img", "src")
+    p.select_option("#compare-x", "n_over_n_half")
+    p.wait_for_function(
+        f"() => document.querySelector('#compare-figures img').src !== {before!r}", timeout=60_000
+    )
+    p.wait_for_function(_all_loaded("#compare-figures"), timeout=60_000)
+
+    assert page.console_errors == [], failures
+    assert page.external_requests == []

@@ -109,5 +109,6 @@ export async function features() {
     compare: "/v1/compare" in paths,
     comparePlots: Object.keys(paths).some((p) => p.startsWith("/v1/compare/plots/")),
     patch: "patch" in exp,
+    studyPresets: "/v1/presets/studies" in paths,
   };
 }

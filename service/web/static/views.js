@@ -60,7 +60,12 @@ export async function home(ctx) {
   const presets = await guarded(submitBox, () => get("/v1/presets"));
   if (presets === undefined) return;
   submitForm(ctx, submitBox, presets);
-  if (ctx.features.studySubmit) studyForm(ctx, studySubmitBox, presets);
+  if (ctx.features.studySubmit) {
+    const studyPresets = ctx.features.studyPresets
+      ? ((await guarded(studySubmitBox, () => get("/v1/presets/studies"))) ?? [])
+      : [];
+    studyForm(ctx, studySubmitBox, presets, studyPresets);
+  }
   experimentList(ctx, listBox);
   if (ctx.features.studies) studyList(ctx, studiesBox);
 }
@@ -129,11 +134,27 @@ function parseValues(text) {
     });
 }
 
-function studyForm(ctx, box, presets) {
+function studyForm(ctx, box, presets, studyPresets) {
   const select = h("select", { id: "study-base", name: "base" }, presetOptions(presets));
   const name = h("input", { id: "study-name", name: "name", placeholder: "the base's name" });
   const axes = h("div", { id: "study-axes" });
   const message = h("div", { id: "study-message" });
+  const studyPreset = h(
+    "select",
+    { id: "study-preset", name: "study-preset" },
+    h("option", { value: "" }, "none: a base preset and the axes below"),
+    studyPresets.map((p) => h("option", { value: p.name }, `${p.name}: ${p.description}`)),
+  );
+  const studyByName = Object.fromEntries(studyPresets.map((p) => [p.name, p]));
+  studyPreset.addEventListener("change", () => {
+    const chosen = studyByName[studyPreset.value];
+    select.disabled = Boolean(chosen);
+    axes.replaceChildren();
+    if (chosen) {
+      for (const [path, values] of Object.entries(chosen.study.axes))
+        addAxis(path, values.map((v) => JSON.stringify(v)).join(", "));
+    } else addAxis("model.gamma", "0.6, 0.8, 1.0");
+  });
   function addAxis(path = "", values = "") {
     axes.append(
       h(
@@ -150,6 +171,7 @@ function studyForm(ctx, box, presets) {
     "form",
     { id: "study-form" },
     h("h2", {}, "Submit a study"),
+    studyPresets.length ? h("label", {}, "Study preset ", studyPreset) : null,
     h("label", {}, "Base preset ", select),
     h("label", {}, "Name ", name),
     h("p", { class: "muted" }, "Axes: a spec field and comma-separated values; the grid product."),
@@ -160,7 +182,10 @@ function studyForm(ctx, box, presets) {
   const byName = Object.fromEntries(presets.map((p) => [p.name, p]));
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
-    const body = { base: byName[select.value].spec, axes: {} };
+    const chosen = studyByName[studyPreset.value];
+    const body = chosen
+      ? { ...structuredClone(chosen.study), axes: {} }
+      : { base: byName[select.value].spec, axes: {} };
     if (name.value.trim()) body.name = name.value.trim();
     for (const row of axes.querySelectorAll(".axis")) {
       const path = row.querySelector(".axis-path").value.trim();
@@ -437,7 +462,8 @@ export async function experiment(ctx, id) {
   const figures = figureGrid(ctx, "figures");
   const results = h("section", { id: "results" });
   const message = h("div");
-  fill(ctx.view, head, actions, message, h("h2", {}, "Figures"), figures.grid, results);
+  const labels = h("section", { id: "labels" });
+  fill(ctx.view, head, actions, message, labels, h("h2", {}, "Figures"), figures.grid, results);
   const path = `/v1/experiments/${enc(id)}`;
   let doc = await guarded(message, () => get(path));
   if (doc === undefined) return;
@@ -521,6 +547,10 @@ export async function experiment(ctx, id) {
   });
 
   renderHead();
+  if (ctx.features.patch) labelsForm(labels, path, doc, (d) => {
+    doc = d;
+    renderHead();
+  });
   refresh(true);
   if (TERMINAL.has(doc.status)) return;
   const watcher = watch(
@@ -545,6 +575,40 @@ export async function experiment(ctx, id) {
     { events: ctx.features.events },
   );
   ctx.onLeave(() => watcher.close());
+}
+
+/** Tags and notes (not part of the spec), saved with PATCH. */
+function labelsForm(box, path, doc, saved) {
+  const tagsInput = h("input", {
+    id: "tags-input",
+    value: (doc.tags || []).join(", "),
+    placeholder: "tag, another-tag",
+  });
+  const notes = h("textarea", { id: "notes-input", rows: "3", placeholder: "notes" });
+  notes.value = doc.notes || "";
+  const message = h("div", { id: "labels-message" });
+  const form = h(
+    "form",
+    { id: "labels-form" },
+    h("label", {}, "Tags ", tagsInput),
+    h("label", {}, "Notes ", notes),
+    h("div", { class: "actions" }, h("button", { type: "submit", id: "labels-save" }, "Save tags and notes")),
+    message,
+  );
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const body = {
+      tags: tagsInput.value.split(",").map((t) => t.trim()).filter(Boolean),
+      notes: notes.value.trim() ? notes.value : null,
+    };
+    fill(message);
+    const d = await guarded(message, () => send("PATCH", path, body));
+    if (d) {
+      fill(message, h("span", { class: "muted" }, "saved"));
+      saved(d);
+    }
+  });
+  fill(box, h("details", {}, h("summary", {}, "Tags and notes"), form));
 }
 
 function renderResults(box, res) {
@@ -703,17 +767,23 @@ export async function compare(ctx, ids) {
   const q = `ids=${ids.map(enc).join(",")}`;
   const figures = figureGrid(ctx, "compare-figures");
   const tableBox = h("section", { id: "compare-table" });
-  fill(ctx.view, h("h1", {}, `Compare ${ids.length} experiments`), message, figures.grid, tableBox);
+  const xAxis = h(
+    "select",
+    { id: "compare-x" },
+    h("option", { value: "" }, "x: n"),
+    h("option", { value: "n_over_n_half" }, "x: n / n_half theory (collapses d and gamma)"),
+  );
+  fill(ctx.view, h("div", { class: "bar" }, h("h1", {}, `Compare ${ids.length} experiments`), xAxis), message, figures.grid, tableBox);
   const doc = await guarded(message, () => get(`/v1/compare?${q}`));
   if (doc === undefined) return;
   const plots = doc.plots && Object.keys(doc.plots).length ? Object.keys(doc.plots) : ["mse"];
-  figures.load(
-    plots.map((name) => ({
-      name,
-      path: doc.plots?.[name]?.png || `/v1/compare/plots/${name}.png?${q}`,
-      svg: doc.plots?.[name]?.svg,
-    })),
-  );
+  function loadFigures() {
+    const x = xAxis.value ? `&x=${enc(xAxis.value)}` : "";
+    const link = (name, fmt) => (doc.plots?.[name]?.[fmt] || `/v1/compare/plots/${name}.${fmt}?${q}`) + x;
+    figures.load(plots.map((name) => ({ name, path: link(name, "png"), svg: link(name, "svg") })));
+  }
+  xAxis.addEventListener("change", loadFigures);
+  loadFigures();
   const diffs = Object.entries(doc.differences || {});
   fill(
     tableBox,
