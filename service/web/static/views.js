@@ -411,6 +411,7 @@ function figureGrid(ctx, id) {
         }
         const ticket = (latest.get(name) || 0) + 1;
         latest.set(name, ticket);
+        fig.dataset.state = "loading";
         let url;
         try {
           url = await blobUrl(path);
@@ -428,6 +429,7 @@ function figureGrid(ctx, id) {
         img.addEventListener("load", () => old && URL.revokeObjectURL(old), { once: true });
         img.src = url;
         urls.set(name, url);
+        fig.dataset.state = "loaded";
       }),
     );
   }
@@ -793,7 +795,7 @@ export async function compare(ctx, ids) {
         h(
           "tr",
           {},
-          h("td", {}, h("a", { href: `#/experiments/${enc(e.experiment_id)}` }, e.name)),
+          h("td", {}, h("a", { href: `#/experiments/${enc(e.experiment_id)}` }, e.name), " ", h("code", { class: "muted" }, e.experiment_id.slice(0, 8))),
           h("td", {}, badge(e.status)),
           h("td", {}, e.d1 ?? "–"),
           h("td", {}, num(e.power_law?.exponent)),
@@ -807,7 +809,7 @@ export async function compare(ctx, ids) {
     h("h2", {}, "Spec differences"),
     diffs.length
       ? table(
-          ["Field", ...doc.experiments.map((e) => e.name)],
+          ["Field", ...doc.experiments.map((e) => `${e.name} ${e.experiment_id.slice(0, 8)}`)],
           diffs.map(([field, values]) => h("tr", {}, h("td", {}, h("code", {}, field)), values.map((v) => h("td", {}, JSON.stringify(v))))),
           { id: "compare-differences" },
         )
