@@ -98,7 +98,18 @@ def test_keyless_page_submits_a_preset_and_shows_progress_and_figures(page):
     assert page.page.locator("#key-state").inner_text() == "keyless (local user)"
     assert not page.page.locator("#key-dialog").is_visible()
 
-    _submit_smoke_and_check(page, {})
+    exp_id = _submit_smoke_and_check(page, {})
+
+    # delete from its page (a same-origin DELETE the keyless service's CSRF guard lets through)
+    p = page.page
+    p.click(f"#experiment-table tr[data-id='{exp_id}'] a")
+    p.wait_for_selector("#delete")
+    p.once("dialog", lambda d: d.accept())
+    p.click("#delete")
+    p.wait_for_url(re.compile(r"#/$"))
+    p.wait_for_selector("#experiment-table tbody tr")
+    assert p.locator(f"#experiment-table tr[data-id='{exp_id}']").count() == 0
+    assert httpx.get(f"{page.base_url}/v1/experiments/{exp_id}").status_code == 404
 
     assert page.console_errors == [], failures
     assert page.external_requests == []
@@ -222,6 +233,19 @@ def test_page_runs_a_study_and_compares_its_members(page):
         f"() => document.querySelector('#compare-figures img').src !== {before!r}", timeout=60_000
     )
     p.wait_for_function(_all_loaded("#compare-figures"), timeout=60_000)
+
+    # tags and notes of a member, saved with PATCH from its page
+    member = doc["members"][0]["experiment_id"]
+    p.click(f"#compare-experiments a[href='#/experiments/{member}']")
+    p.click("#labels summary")
+    p.fill("#tags-input", "gamma-scan, smoke")
+    p.fill("#notes-input", "from the page")
+    p.click("#labels-save")
+    p.wait_for_selector("#labels-message >> text=saved")
+    with httpx.Client(base_url=page.base_url, timeout=30) as api:
+        saved = api.get(f"/v1/experiments/{member}").json()
+    assert saved["tags"] == ["gamma-scan", "smoke"] and saved["notes"] == "from the page"
+    assert p.locator("#experiment .tag").all_inner_texts() == ["gamma-scan", "smoke"]
 
     assert page.console_errors == [], failures
     assert page.external_requests == []
