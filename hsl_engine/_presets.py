@@ -1,6 +1,6 @@
 """Named specs: the paper's experiments (GPU-sized) and CPU-sized versions of them.
 
-The paper's settings (MODEL.md section 5): q = 2, epsilon = 0.5, Hermite features, 10 seeds,
+The paper's settings (docs/model.md section 5): q = 2, epsilon = 0.5, Hermite features, 10 seeds,
 n = round(d**alpha), no sample split, n_test = 5000. The ``-cpu`` presets keep the phenomenon
 and shrink d, the sweep and the seeds so that each runs on 2 cores in a few minutes.
 """
