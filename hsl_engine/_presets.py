@@ -217,6 +217,16 @@ def _build() -> dict[str, dict[str, Any]]:
             ],
         },
     }
+    presets["smoke"] = {
+        "description": "Smoke check: a few seconds on one core (Gaussian-equivalent, d = 16, "
+        "d1 = 4, gamma 1, 4 sample sizes, 2 seeds); shows every figure, not a science result",
+        "spec": {
+            "name": "smoke",
+            "model": {"d": 16, "d1": 4, "gamma": 1.0, "features": "gaussian"},
+            "sweep": {"alphas": [2.0, 2.5, 3.0, 3.5], "seeds": 2, "n_test": 1000},
+            "methods": [{"name": "layerwise_spectral"}],
+        },
+    }
     return presets
 
 

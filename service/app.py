@@ -24,6 +24,7 @@ from .deps import Publisher
 from .experiments import routes as experiments
 from .experiments.schemas import Problem
 from .guards import RequestGuard
+from .web import router as web_router
 
 # the OpenAPI description (Swagger UI and ReDoc show it above the operations); the guides
 # are files of the source tree, named by path since the service does not serve them
@@ -116,6 +117,7 @@ def create_app(settings: Settings, make_publisher: MakePublisher) -> FastAPI:
     app.include_router(health.router)
     app.include_router(experiments.router)
     app.include_router(presets.router)
+    app.include_router(web_router)
     docs.install(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
