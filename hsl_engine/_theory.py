@@ -1,4 +1,5 @@
-"""Theory overlays (MODEL.md section 4): BBP onsets, cos2 curves, recovered count, MSE, exponents.
+"""Theory overlays (docs/model.md section 4): BBP onsets, cos2 curves, recovered count, MSE,
+exponents.
 
 These are the asymptotic (large n/D, Gaussian-equivalent) predictions. With true Hermite
 features at d <~ 100, recovery lags behind them (finite-size smoothing).

@@ -1,4 +1,4 @@
-"""Checks that would catch a wrong simulator: the physics of MODEL.md section 4.
+"""Checks that would catch a wrong simulator: the physics of docs/model.md section 4.
 
 Regimes: the BBP overlap formula is asymptotic in n/D; at n/D of a few the measured n_half is
 1.2-3x the BBP value (finite-size smoothing), so the curve itself is tested only at large
@@ -97,7 +97,8 @@ def test_kernels_stay_near_one_far_below_d_to_the_2q_while_spectral_learns(seed)
 def test_nonlinear_targets_are_learned_in_gaussian_mode(seed, activation):
     # Only the strongest direction is required: for g with g'' != 0 the moment matrix also
     # carries E[g''] lambda_i^2 terms that can cancel the first-order spike of a direction
-    # with a negative weight (for quadratic g at |lambda| = sqrt2/4), beyond MODEL.md's theory.
+    # with a negative weight (for quadratic g at |lambda| = sqrt2/4), beyond the first-order
+    # theory of docs/model.md.
     spec = gaussian_spec(
         model={"d": 12, "activation": activation},
         sweep={"alphas": [2.0, 4.2], "seeds": 1, "seed": seed},
