@@ -159,9 +159,9 @@ def test_streams_are_capped_per_tenant_and_per_process_and_freed_on_disconnect(l
 
 
 def test_open_streams_hold_no_request_slot_and_one_query_per_poll_serves_them_all(live):
-    # one request at a time: a stream that kept its slot would make the rest wait 2 s for
-    # it, then shed them (503)
-    server = live(max_active_requests=1, max_event_streams_per_tenant=8)
+    # one request at a time: a stream that kept its slot would make the rest wait for it,
+    # then shed them (503); the wait is long so that a loaded machine does not shed them
+    server = live(max_active_requests=1, queue_wait_seconds=30, max_event_streams_per_tenant=8)
     key = server.key("alice")
     with server.client(key) as c:
         exps = [submit(c, name=f"e{i}") for i in range(4)]
