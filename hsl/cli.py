@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         for err in exc.errors:
             print(f"  {err['field']}: {err['message']}", file=sys.stderr)
         return 2
+    except client.HslError as exc:  # the client's typed errors: a message and an exit code
+        return client.report(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -118,6 +118,20 @@ def guarded_protocol(
             self._idle()
             self._arm()
 
+        def shutdown(self) -> None:
+            # an event stream never ends by itself: close it, so a graceful shutdown does
+            # not wait for it; its client reconnects with Last-Event-ID
+            cycle = self.cycle
+            if (
+                cycle is not None
+                and cycle.response_started
+                and not cycle.response_complete
+                and cycle.scope["path"].endswith("/events")
+            ):
+                self._close()
+                return
+            super().shutdown()
+
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             idle.pop(self, None)

@@ -121,12 +121,16 @@ def _version_key(version: str) -> tuple[tuple[int, ...], str]:
     return (tuple(int(x) for x in release.group().split(".")) if release else (), version)
 
 
-def _document_point(p: he.Point) -> dict[str, Any]:
-    """A point of the results document: every one names what computed it (null if unknown)."""
+def document_point(p: he.Point) -> dict[str, Any]:
+    """A point of the results document: every one names what computed it (null if unknown).
+    The service's event stream sends each stored point in this form too."""
     out = point_to_dict(p)
     for name in PROVENANCE_FIELDS:
         out.setdefault(name, None)
     return out
+
+
+_document_point = document_point
 
 
 def _method_rank(spec: he.ExperimentSpec, name: str) -> int:

@@ -79,6 +79,9 @@ def create_app(settings: Settings, make_publisher: MakePublisher) -> FastAPI:
         try:
             yield
         finally:
+            hub = getattr(app.state, "event_hub", None)  # the event streams' poller
+            if hub is not None and hub.task is not None:
+                hub.task.cancel()
             close = getattr(publisher, "close", None)
             if close is not None:
                 close()

@@ -168,6 +168,25 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(
         16 * 1024, ge=1024, description="Largest request head (request line and headers)"
     )
+    # live progress: GET /v1/experiments/{id}/events (service/experiments/events.py)
+    max_event_streams: int = Field(
+        200,
+        ge=1,
+        description="Open event streams per API process; beyond, 503 problem+json with "
+        "Retry-After (keep it well below HSL_MAX_CONNECTIONS)",
+    )
+    max_event_streams_per_tenant: int = Field(
+        16, ge=1, description="Open event streams of one tenant per API process; beyond, 429"
+    )
+    events_poll_seconds: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="How often one poller per API process reads the watched experiments",
+    )
+    events_heartbeat_seconds: float = Field(
+        15.0, gt=0, description="A comment line on an idle event stream this often"
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -3,7 +3,9 @@ for a slot, each at most ``wait`` seconds. A request beyond that gets 503 proble
 ``Retry-After`` at once (or after its wait), instead of piling up on the threadpool and the
 database pool until everything times out.
 
-``/healthz`` bypasses it (liveness must not depend on load).
+``/healthz`` bypasses it (liveness must not depend on load). An event stream
+(``text/event-stream``) holds its slot only until its response starts: the stream itself
+holds no thread and is capped on its own (``HSL_MAX_EVENT_STREAMS``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,13 @@ from typing import Any
 from .errors import PROBLEM, TYPE_BASE
 
 EXEMPT = frozenset({"/healthz"})
+
+
+def _is_event_stream(start: dict[str, Any]) -> bool:
+    return any(
+        name == b"content-type" and value.startswith(b"text/event-stream")
+        for name, value in start.get("headers", ())
+    )
 
 
 class LoadShedder:
@@ -47,11 +56,24 @@ class LoadShedder:
         else:
             await slots.acquire()
         self.running += 1
+        held = True
+
+        def free() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.running -= 1
+                slots.release()
+
+        async def send_streaming(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and _is_event_stream(message):
+                free()  # the stream waits without a thread: it no longer counts
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_streaming)
         finally:
-            self.running -= 1
-            slots.release()
+            free()
 
     async def _refuse(self, scope: dict[str, Any], send: Any, why: str) -> None:
         self.shed += 1

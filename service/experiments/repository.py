@@ -294,6 +294,26 @@ def points(session: Session, experiment_id: str) -> list[he.Point]:
     return out
 
 
+def points_after(
+    session: Session, experiment_id: str, after_id: int, limit: int = 500
+) -> list[tuple[int, he.Point]]:
+    """The experiment's points stored with a row id above ``after_id``, in row id order (the
+    order they were stored), at most ``limit``: what an event stream has not sent yet."""
+    rows = session.execute(
+        select(Point.id, Point.data, *(getattr(Point, name) for name in PROVENANCE_FIELDS))
+        .where(Point.experiment_id == experiment_id, Point.id > after_id)
+        .order_by(Point.id)
+        .limit(limit)
+    ).all()
+    out = []
+    for row_id, data, *provenance in rows:
+        merged = dict(data)
+        for name, value in zip(PROVENANCE_FIELDS, provenance, strict=True):
+            merged[name] = value if value is not None else data.get(name)
+        out.append((row_id, point_from_dict(merged)))
+    return out
+
+
 def points_count(session: Session, experiment_id: str) -> int:
     return session.execute(
         select(func.count()).select_from(Point).where(Point.experiment_id == experiment_id)

@@ -28,8 +28,8 @@ from ..errors import (
     TooLarge,
     UnsupportedMediaType,
 )
+from . import events, status
 from . import repository as repo
-from . import status
 from .schemas import ExperimentList, Status, StatusDocument
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"])
@@ -328,6 +328,102 @@ async def get_status(
     if status.matches(if_none_match, rendered.etag):
         return Response(status_code=304, headers={"ETag": rendered.etag})
     return _json(rendered.body, rendered.etag)
+
+
+EVENTS_DESCRIPTION = """Server-Sent Events (`text/event-stream`) of one experiment, from the
+database (any API process serves any experiment):
+
+- `event: point`, `id: ROW_ID`, `data:` the point as in the results document, once per stored
+  point, in the order they were stored (the row id is monotone);
+- `event: status`, `id:` the last point's row id, `data:` the status document, whenever it
+  changes (status, progress, ETA, waiting);
+- `: keep-alive` comment lines on a quiet stream (every `HSL_EVENTS_HEARTBEAT_SECONDS`);
+- the stream ends after the status event of a terminal status, or when the experiment is
+  deleted.
+
+`Last-Event-ID` (the header a browser's EventSource sends when it reconnects, or the query
+parameter `last_event_id`) resumes after that point: the points stored since, then the current
+status. Open streams are capped per API process (`HSL_MAX_EVENT_STREAMS`: 503) and per tenant
+(`HSL_MAX_EVENT_STREAMS_PER_TENANT`: 429), both with `Retry-After`.
+"""
+
+
+@router.get(
+    "/{experiment_id}/events",
+    response_class=events.EventStreamResponse,
+    status_code=200,
+    description=EVENTS_DESCRIPTION,
+    responses={
+        200: {
+            "description": "the event stream",
+            "content": {events.MEDIA_TYPE: {"schema": {"type": "string"}}},
+        },
+        **ERRORS,
+    },
+)
+async def get_events(
+    experiment_id: str,
+    request: Request,
+    authorization: AuthorizationHeader = None,
+    last_event_id_header: Annotated[
+        str | None, Header(alias="Last-Event-ID", include_in_schema=False)
+    ] = None,
+    last_event_id: Annotated[
+        str | None,
+        Query(max_length=40, description="resume after this event id (as Last-Event-ID)"),
+    ] = None,
+) -> Response:
+    """Live progress of one experiment as Server-Sent Events."""
+    state_ = request.app.state
+    settings = state_.settings
+
+    def first() -> tuple[int, events.Snapshot]:
+        if not repo.is_experiment_id(experiment_id):
+            raise NotFound(f"no experiment with id {experiment_id!r}")
+        with state_.read_sessions() as session:
+            tenant_id = resolve_tenant(session, settings, authorization, state_.local_tenant_id)
+            row = session.execute(
+                status.statement("by_tenant"), {"id": experiment_id, "tenant_id": tenant_id}
+            ).one_or_none()
+            if row is None:
+                raise NotFound(f"no experiment with id {experiment_id!r}")
+            return tenant_id, events.snapshot(session, [row])[row.id]
+
+    tenant_id, snap = await run_in_threadpool(first)
+    slots = _event_slots(request.app)
+    slots.acquire(tenant_id)  # last: nothing after it may fail before the stream owns it
+    after = events.parse_last_event_id(
+        last_event_id_header if last_event_id_header is not None else last_event_id
+    )
+    return events.EventStreamResponse(
+        events.events(
+            _event_hub(request.app),
+            experiment_id,
+            snap,
+            after,
+            settings.events_heartbeat_seconds,
+        ),
+        on_close=lambda: slots.release(tenant_id),
+    )
+
+
+def _event_hub(app) -> events.Hub:
+    hub = getattr(app.state, "event_hub", None)
+    if hub is None:
+        hub = app.state.event_hub = events.Hub(
+            app.state.read_sessions, app.state.settings.events_poll_seconds
+        )
+    return hub
+
+
+def _event_slots(app) -> events.StreamSlots:
+    slots = getattr(app.state, "event_slots", None)
+    if slots is None:
+        settings = app.state.settings
+        slots = app.state.event_slots = events.StreamSlots(
+            settings.max_event_streams, settings.max_event_streams_per_tenant
+        )
+    return slots
 
 
 class _DocumentCache:

@@ -221,6 +221,9 @@ def test_every_operation_conforms_to_the_openapi_document(start_server, scenario
         + [{"name": n} for n in he.preset_names()],
         # deleting one of the others would turn the later operations' cases into 404s
         "DELETE /v1/experiments/{experiment_id}": [{"experiment_id": doomed.json()["id"]}],
+        # the event stream of a live experiment stays open until it ends (here: never, no
+        # worker): only the finished one, whose stream replays its points and ends
+        "GET /v1/experiments/{experiment_id}/events": [{"experiment_id": ids[0]}],
     }
 
     # the document as the server serves it; every case sent over loopback

@@ -20,6 +20,7 @@ from service.config import Settings
 from service.db import keys, migrate
 
 from .api import RecordingPublisher
+from .live import live  # noqa: F401  (a real server in a thread)
 
 with warnings.catch_warnings():
     # starlette asks for httpx2 and warns on import when only httpx (a project dependency)
