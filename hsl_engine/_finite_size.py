@@ -47,12 +47,18 @@ T_BINS = 512
 RANGE_NODE_WEIGHT = 1e-8
 # Monte Carlo samples of the second layer (MSE)
 MSE_SAMPLES = 16384
-N_HALF_GRID = 29  # log grid of n_half_finite_size, then regula falsi steps in log n
+N_HALF_GRID = 25  # log grid of n_half_finite_size, then regula falsi steps in log n
 N_HALF_STEPS = 4
 BISECTIONS = 8  # then SECANT_STEPS Illinois steps: ~1e-8 relative
 SECANT_STEPS = 8
 _SEED = 0x48534C  # fixed: the theory is a deterministic function of its inputs
 SQRT2 = math.sqrt(2.0)
+
+# Teachers averaged over (the first seeds of a sweep), and the largest d1 and the largest
+# D x d1 for which the seeds' own signs are re-drawn (beyond it: a fixed set of random signs)
+MAX_TEACHERS = 5
+MAX_D1 = 64
+MAX_SIGN_DRAWS = 2 * 10**7
 
 GAUSSIAN_ONLY = (
     "the exact finite-size theory holds for features = 'gaussian' only: the Hermite lift is "
@@ -527,19 +533,20 @@ def finite_size_curve(
         The teacher's signs ``s_i`` (one teacher). Overrides the spec's seeds.
     seeds : int, optional
         Average over the teachers of seeds ``0 .. seeds - 1`` (default: the spec's
-        ``sweep.seeds``). ``cos2``, ``overlap``, ``recovered`` and ``mse`` are the means over
-        the teachers; ``bulk_edges``, ``bulk_edge`` and ``outliers`` are the first teacher's.
+        ``sweep.seeds``; at most `MAX_TEACHERS`). ``cos2``, ``overlap``, ``recovered`` and
+        ``mse`` are the means over the teachers; ``bulk_edges``, ``bulk_edge`` and
+        ``outliers`` are the first teacher's. Where ``D d1`` exceeds `MAX_SIGN_DRAWS` the
+        seeds' signs are not replayed and a fixed set of random signs stands for them.
 
     Raises
     ------
     ValueError
-        For Hermite features (the theory is exact for Gaussian-equivalent features only) or
-        a non-positive n.
+        For Hermite features (the theory is exact for Gaussian-equivalent features only), a
+        d1 above `MAX_D1`, or an n <= 1.
     """
     full = spec if isinstance(spec, ExperimentSpec) else None
     model = spec.model if isinstance(spec, ExperimentSpec) else spec
-    if model.features != "gaussian":
-        raise ValueError(f"model.features: {GAUSSIAN_ONLY}")
+    _check(model)
     n = np.atleast_1d(np.asarray(n_values, dtype=np.float64))
     if n.size == 0:
         return []
@@ -547,6 +554,13 @@ def finite_size_curve(
         raise ValueError("n_values: every n must be a finite number > 1")
     sign_sets = _sign_sets(full, model, signs, seeds)
     return _curve(model, tuple(float(x) for x in n), sign_sets, _method_readout(full, model))
+
+
+def _check(model: ModelSpec) -> None:
+    if model.features != "gaussian":
+        raise ValueError(f"model.features: {GAUSSIAN_ONLY}")
+    if model.hidden_dim > MAX_D1:
+        raise ValueError(f"model.d1: the finite-size theory is computed for d1 <= {MAX_D1}")
 
 
 def _sign_sets(full, model: ModelSpec, signs, seeds) -> tuple[tuple[float, ...], ...]:
@@ -557,7 +571,12 @@ def _sign_sets(full, model: ModelSpec, signs, seeds) -> tuple[tuple[float, ...],
         return (tuple(s),)
     if full is None:
         return (tuple([1.0] * model.hidden_dim),)
-    count = full.sweep.seeds if seeds is None else int(seeds)
+    count = min(MAX_TEACHERS, full.sweep.seeds if seeds is None else int(seeds))
+    if model.feature_dim * model.hidden_dim > MAX_SIGN_DRAWS:  # too costly to replay
+        rng = np.random.default_rng(_SEED + 2)
+        return tuple(
+            tuple(rng.choice(np.array([-1.0, 1.0]), size=model.hidden_dim)) for _ in range(count)
+        )
     return tuple(_signs(model, full.sweep.seed, i) for i in range(count))
 
 
@@ -601,8 +620,7 @@ def n_half_finite_size(
     """
     full = spec if isinstance(spec, ExperimentSpec) else None
     model = spec.model if isinstance(spec, ExperimentSpec) else spec
-    if model.features != "gaussian":
-        raise ValueError(f"model.features: {GAUSSIAN_ONLY}")
+    _check(model)
     dim = model.feature_dim
     lo_n, hi_n = n_range if n_range is not None else (max(2.0, dim / 4.0), 1e4 * dim)
     if not 1 < lo_n < hi_n:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ._finite_size import GAUSSIAN_ONLY, FiniteSizePoint, finite_size_curve, n_half_finite_size
+from ._finite_size import FiniteSizePoint, finite_size_curve, n_half_finite_size
 from ._spec import ExperimentSpec
 from ._theory import Theory, exponent_theory, theory
 
@@ -314,12 +314,12 @@ def summarize(
         max(ns), th.bulk_edge(max(ns)), tuple(float(s) for s in th.spikes(max(ns)))
     )
     finite, note = None, None
-    if spec.model.features == "gaussian":
+    try:
         finite = finite_size_curve(spec, sorted(ns))
         exact = n_half_finite_size(spec)
         ths = [replace(t, n_half_finite_size=x) for t, x in zip(ths, exact)]
-    else:
-        note = GAUSSIAN_ONLY
+    except ValueError as exc:  # Hermite features or d1 too large: said in the document
+        note = str(exc)
     return Summary(curve_map, ths, pl, theory_curve(spec, th), spectrum, finite, note)
 
 
