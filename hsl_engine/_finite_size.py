@@ -48,9 +48,9 @@ RANGE_NODE_WEIGHT = 1e-8
 # Monte Carlo samples of the second layer (MSE)
 MSE_SAMPLES = 16384
 N_HALF_GRID = 25  # log grid of n_half_finite_size, then regula falsi steps in log n
-N_HALF_STEPS = 4
-BISECTIONS = 8  # then SECANT_STEPS Illinois steps: ~1e-8 relative
-SECANT_STEPS = 8
+N_HALF_STEPS = 2
+BISECTIONS = 6  # then SECANT_STEPS Illinois steps: ~1e-8 relative
+SECANT_STEPS = 6
 _SEED = 0x48534C  # fixed: the theory is a deterministic function of its inputs
 SQRT2 = math.sqrt(2.0)
 
