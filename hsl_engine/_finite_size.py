@@ -388,7 +388,7 @@ def _select(sol: dict[str, np.ndarray], d1: int, dim: int):
     free = d1 - np.sum(kept, axis=(0, 2))  # (k,) slots filled from the bulk
     outer = np.where(edges[1] >= -edges[0], 0, 1)  # the outer edge's side
     ratio = sol["edge_ratio"][outer, np.arange(k)]  # (k, d1)
-    share = np.minimum(free[:, None] * ratio / dim, dim ** (-1.0 / 3.0))
+    share = np.clip(free[:, None] * ratio / dim, 0.0, dim ** (-1.0 / 3.0))
     none = 1.0 - np.minimum(1.0, np.sum(kept, axis=0))
     cos2 = np.minimum(1.0, limit + none * share)
     pick = np.argmax(mag, axis=0)  # (k, d1): the side with the larger outlier
