@@ -101,6 +101,10 @@ def results_document(
             "nu1": th.nu1,
             "curve": [asdict(t) for t in summary.theory_curve],
             "spectrum": None if summary.spectrum is None else asdict(summary.spectrum),
+            "finite_size": None
+            if summary.finite_size is None
+            else [asdict(t) for t in summary.finite_size],
+            "finite_size_note": summary.finite_size_note,
         },
     }
     return _clean(doc)

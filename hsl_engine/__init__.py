@@ -33,6 +33,7 @@ from ._experiment import (
     runs,
 )
 from ._features import feature_dim, lift, sym_to_vec, vec_to_sym
+from ._finite_size import FiniteSizePoint, finite_size_curve, n_half_finite_size, teacher_signs
 from ._presets import PRESETS, preset, preset_description, preset_names
 from ._spec import NAME_FORBIDDEN, ExperimentSpec, Name, parse_spec
 from ._summary import (
@@ -60,6 +61,7 @@ __all__ = [
     "EngineError",
     "ExperimentResult",
     "ExperimentSpec",
+    "FiniteSizePoint",
     "NAME_FORBIDDEN",
     "Name",
     "Point",
@@ -77,6 +79,7 @@ __all__ = [
     "expected_seconds",
     "exponent_theory",
     "feature_dim",
+    "finite_size_curve",
     "get_backend",
     "cuda_devices",
     "cuda_memory_bytes",
@@ -87,6 +90,7 @@ __all__ = [
     "lift",
     "make_seed_data",
     "make_teacher",
+    "n_half_finite_size",
     "nu1",
     "parse_spec",
     "points_total",
@@ -99,6 +103,7 @@ __all__ = [
     "summarize",
     "summary_rng",
     "sym_to_vec",
+    "teacher_signs",
     "theory",
     "vec_to_sym",
 ]

@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from ._finite_size import FiniteSizePoint, finite_size_curve, n_half_finite_size
 from ._spec import ExperimentSpec
 from ._theory import Theory, exponent_theory, theory
 
@@ -71,6 +72,7 @@ class Threshold:
     n_half_theory: float
     n_onset_theory: float
     censored: str | None = None
+    n_half_finite_size: float | None = None  # exact theory (Gaussian features), else None
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ class Summary:
     power_law: PowerLaw | None
     theory_curve: list[TheoryPoint]
     spectrum: SpectrumTheory | None
+    finite_size: list[FiniteSizePoint] | None = None  # at the sweep's n (Gaussian features)
+    finite_size_note: str | None = None  # why finite_size is None
 
 
 def _sem(values: np.ndarray) -> float | None:
@@ -309,7 +313,14 @@ def summarize(
     spectrum = SpectrumTheory(
         max(ns), th.bulk_edge(max(ns)), tuple(float(s) for s in th.spikes(max(ns)))
     )
-    return Summary(curve_map, ths, pl, theory_curve(spec, th), spectrum)
+    finite, note = None, None
+    try:
+        finite = finite_size_curve(spec, sorted(ns))
+        exact = n_half_finite_size(spec)
+        ths = [replace(t, n_half_finite_size=x) for t, x in zip(ths, exact)]
+    except ValueError as exc:  # Hermite features or d1 too large: said in the document
+        note = str(exc)
+    return Summary(curve_map, ths, pl, theory_curve(spec, th), spectrum, finite, note)
 
 
 def summary_rng(spec: ExperimentSpec) -> np.random.Generator:
