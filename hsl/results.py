@@ -31,7 +31,7 @@ def _pandas():
 
 
 class Results:
-    """One experiment's results document (shared/API.md, "Results document").
+    """One experiment's results document (docs/reference.md, "The results document").
 
     ``Results(document)`` wraps a parsed document; ``Results.from_file(path)`` reads the JSON
     that ``hsl run`` or ``hsl results --out`` wrote. The document itself is ``.document``.

@@ -1,6 +1,6 @@
 """The exact proportional-regime theory (hsl_engine._finite_size, docs/theory.md).
 
-Fast checks: its large-n limit is the first-order formula of MODEL.md section 4, its bulk
+Fast checks: its large-n limit is the first-order formula of docs/model.md section 4, its bulk
 edges and outliers are where a directly sampled C_hat has them, it is deterministic, and it
 reaches the results document. Slow checks: it predicts what hsl's dense-solver runs measure
 in Gaussian mode, in the proportional regime where the asymptotic overlay is off by 1.2x or
@@ -31,7 +31,7 @@ def gaussian_spec(model, n_values, seeds=5, seed=0, **kw):
 
 def test_large_n_limit_is_the_first_order_formula():
     # 1 - cos2_i -> (n_i / n) E[y^2 h_i^2] with n_i = D / (2 lambda_i^2) and, for g = id,
-    # E[y^2 h_i^2] = 1 + 4 lambda_i^2 (MODEL.md section 4); corrections are O(D / n)
+    # E[y^2 h_i^2] = 1 + 4 lambda_i^2 (docs/model.md section 4); corrections are O(D / n)
     model = he.parse_spec({"model": {"d": 20, "d1": 4, "gamma": 0.5, "features": "gaussian"}})
     model = model.model
     dim = model.feature_dim
