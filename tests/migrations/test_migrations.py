@@ -458,20 +458,29 @@ def test_0002_downgrade_keeps_the_newest_live_experiment_of_a_spec(db_url, migra
 # 7. revision 0003: registered workers ---------------------------------------------------
 
 
+def raw_ids(engine: sa.Engine, table: str) -> set[str]:
+    """The ids of a table's rows, read without the models (which may be ahead of the
+    schema under test)."""
+    with engine.connect() as conn:
+        return set(conn.execute(sa.select(sa.table(table, sa.column("id")).c.id)).scalars())
+
+
 def test_0003_adds_the_workers_table_and_keeps_the_data(db_url, engine):
+    migrate.upgrade(db_url, "0001")
+    ids = insert_at_0001(engine)  # rows of an older schema: the models are ahead of it
     migrate.upgrade(db_url, "0002")
-    exp_id = seed_rows(engine)
     assert "workers" not in table_names(engine)
 
-    migrate.upgrade(db_url)
+    migrate.upgrade(db_url, "0003")
 
-    assert migrate.is_current(engine)
     assert "workers" in table_names(engine)
     assert {i["name"] for i in sa.inspect(engine).get_indexes("workers")} == {
         "ix_workers_expires_at"
     }
+    assert raw_ids(engine, "experiments") == set(ids.values()) and count(engine, Point) == 2
+    migrate.upgrade(db_url)
+    assert migrate.is_current(engine)
     with Session(engine) as s:
-        assert s.get(Experiment, exp_id) is not None and count(engine, Point) == 2
         # a GPU's memory does not fit 32 bits; the queues are a JSON list
         s.add(
             Worker(
@@ -517,7 +526,6 @@ def test_0003_downgrade_drops_the_workers_table_with_its_rows(db_url, migrated):
 
     assert "workers" not in table_names(migrated)
     assert not migrate.is_current(migrated)
-    with Session(migrated) as s:
-        assert s.get(Experiment, exp_id) is not None
+    assert raw_ids(migrated, "experiments") == {exp_id}
     migrate.upgrade(db_url)
     assert migrate.is_current(migrated) and count(migrated, Worker) == 0
