@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import hsl_engine as he
+
 from . import client, studies
 from .client import TERMINAL
 
@@ -22,13 +24,17 @@ def _value(text: str) -> Any:
         return text
 
 
+def usage_error(message: str) -> SystemExit:
+    """Print ``message`` and exit with status 2 (bad input on the command line)."""
+    print(f"hsl: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
 def parse_axis(text: str) -> tuple[str, list[Any]]:
     """``model.gamma=0.4,0.6`` -> ``("model.gamma", [0.4, 0.6])``; exit 2 when malformed."""
     path, sep, values = text.partition("=")
     if not sep or not path.strip() or not values.strip():
-        raise SystemExit(
-            f"hsl: --axis {text!r}: expected PATH=V1,V2,... (e.g. model.gamma=0.4,0.6)"
-        )
+        raise usage_error(f"--axis {text!r}: expected PATH=V1,V2,... (e.g. model.gamma=0.4,0.6)")
     return path.strip(), [_value(v.strip()) for v in values.split(",")]
 
 
@@ -46,11 +52,16 @@ def study_body(spec_arg: str, axes: list[str], name: str | None) -> dict[str, An
         path, values = parse_axis(text)
         body["axes"][path] = values
     if not body["axes"]:
-        raise SystemExit(
-            "hsl: a study needs at least one --axis PATH=V1,V2,... (or a study preset: "
+        raise usage_error(
+            "a study needs at least one --axis PATH=V1,V2,... (or a study preset: "
             + ", ".join(studies.study_preset_names())
             + ")"
         )
+    try:  # the service checks it again; bad axes fail here before anything is sent
+        studies.expand(he.parse_spec(body["base"]), body["axes"], max_members=4096)
+    except studies.StudyError as exc:
+        lines = "\n".join(f"  {e['field']}: {e['message']}" for e in exc.errors)
+        raise usage_error(f"invalid study:\n{lines}") from None
     if name:
         body["name"] = name
     return body
@@ -221,7 +232,7 @@ def compare_table(doc: dict[str, Any]) -> str:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     if len(args.ids) < 2:
-        raise SystemExit("hsl: compare needs at least two experiment ids")
+        raise usage_error("compare needs at least two experiment ids")
     c = client._client(args)
     ids = ",".join(args.ids)
     doc = c.request("GET", "/v1/compare", params={"ids": ids}).json()
