@@ -10,14 +10,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
 import hsl_engine as he
 from hsl import studies, study_plots
 
 from .. import labels, limits
-from ..db import Experiment, Study
+from ..db import Experiment, Run, Study
 from ..deps import PublisherDep, SessionDep, SettingsDep, TenantDep
 from ..errors import BadRequest, InvalidSpec, NotFound, TooLarge, UnsupportedMediaType
 from ..experiments import routes as exp_routes
@@ -174,14 +174,42 @@ def study_status(study: Study, statuses: list[str]) -> str:
     return "cancelled"
 
 
-def _eta(session, live_ids: list[str], running: int) -> float | None:
+def _eta(session, ids: list[str], live_ids: list[str]) -> float | None:
+    """Seconds left: the unfinished points of the live members times the time per sample
+    (per method) of the study's points so far, over the runs executing at once. A member
+    without points borrows the rate of the others; null before the study's first point."""
     if not live_ids:
         return 0.0
-    rows = session.execute(exp_status.versions().where(Experiment.id.in_(live_ids))).all()
-    etas = [json.loads(r.body)["progress"]["eta_seconds"] for r in exp_status.render(session, rows)]
-    if any(e is None for e in etas):
+    timings = exp_status._timings(session, ids)
+    pooled = [t for ts in timings.values() for t in ts]
+    if not pooled:
         return None
-    return sum(etas) / max(1, running)
+
+    def rate(points) -> dict[str, float]:
+        acc: dict[str, list[float]] = {}
+        for t in points:
+            a = acc.setdefault(t.method, [0.0, 0.0])
+            a[0] += t.seconds
+            a[1] += t.n
+        return {m: sec / max(1.0, n) for m, (sec, n) in acc.items()}
+
+    overall = sum(t.seconds for t in pooled) / max(1.0, sum(t.n for t in pooled))
+    study_rates = rate(pooled)
+    left = 0.0
+    for exp in session.execute(select(Experiment).where(Experiment.id.in_(live_ids))).scalars():
+        spec = exp_status._spec(exp)
+        own = timings.get(exp.id, [])
+        rates = {**study_rates, **rate(own)}
+        done = {(t.method, t.seed, t.n) for t in own}
+        for method, seed in he.runs(spec):
+            r = rates.get(method, overall)
+            left += sum(r * n for n, _ in spec.sample_sizes() if (method, seed, n) not in done)
+    running = session.execute(
+        select(func.count())
+        .select_from(Run)
+        .where(Run.experiment_id.in_(live_ids), Run.status == "running")
+    ).scalar_one()
+    return left / max(1, running)
 
 
 def document(session, study: Study) -> dict[str, Any]:
@@ -215,7 +243,7 @@ def document(session, study: Study) -> dict[str, Any]:
     for s in statuses:
         counts[s] = counts.get(s, 0) + 1
     live_ids = [r.id for r in rows.values() if r.status in LIVE]
-    eta = None if status == "cancelled" else _eta(session, live_ids, counts.get("running", 0))
+    eta = None if status == "cancelled" else _eta(session, ids, live_ids)
     started = [r.started_at for r in rows.values() if r.started_at is not None]
     finished = [r.finished_at for r in rows.values() if r.finished_at is not None]
     terminal = status in TERMINAL and not live_ids

@@ -48,8 +48,9 @@ class StudyProgress(BaseModel):
     points_total: int
     fraction: float
     eta_seconds: float | None = Field(
-        description="seconds left: the members' ETAs over the members running at once; null "
-        "until every unfinished member has stored a point"
+        description="seconds left: the unfinished points times the time per sample of the "
+        "study's points so far (members without points borrow it), over the runs executing at "
+        "once; null before the first point"
     )
     members: dict[str, int] = Field(description="members by status")
 

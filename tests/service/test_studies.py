@@ -108,6 +108,9 @@ def test_status_and_progress_follow_the_members(client):
     assert mid["progress"]["points_done"] == 2 and mid["progress"]["points_total"] == 8
     assert mid["progress"]["members"] == {"running": 1, "queued": 1}
     assert mid["started_at"] is not None and mid["finished_at"] is None
+    # 6 points left; the queued member borrows the time per sample of the stored ones
+    assert mid["progress"]["eta_seconds"] > 0
+    assert doc["progress"]["eta_seconds"] is None  # before the first point
 
     execute_all(client.app, first)
     execute_all(client.app, second)
