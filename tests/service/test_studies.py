@@ -379,3 +379,21 @@ def test_study_presets(client):
     with client.app.state.sessions() as s:
         runs = s.execute(select(func.count()).select_from(Run)).scalar_one()
     assert runs == 6 * 2  # 2 seeds each
+
+
+def test_a_member_submitted_on_its_own_later_survives_the_study(client, publisher):
+    doc = submit(client)
+    member = doc["members"][1]["experiment_id"]  # gamma 0.6
+    published = len(publisher.published)
+    resp = client.post(
+        "/v1/experiments", json=tiny_spec(model={**tiny_spec()["model"], "gamma": 0.6})
+    )
+    assert resp.status_code == 200 and resp.json()["id"] == member  # the same experiment
+    assert len(publisher.published) == published  # nothing published again
+
+    assert client.post(f"/v1/studies/{doc['id']}/cancel").status_code == 200
+    assert client.get(f"/v1/experiments/{member}").json()["status"] == "queued"
+    assert client.delete(f"/v1/studies/{doc['id']}").status_code == 204
+    assert client.get(f"/v1/experiments/{member}").status_code == 200
+    first = doc["members"][0]["experiment_id"]  # only the study's: cancelled, then deleted
+    assert_problem(client.get(f"/v1/experiments/{first}"), 404)
