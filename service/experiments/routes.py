@@ -514,9 +514,9 @@ def remove(experiment_id: str, session: SessionDep, tenant_id: TenantDep) -> Res
     return Response(status_code=204)
 
 
-def labels_body(patch: LabelsPatch) -> dict[str, Any]:
+def labels_body(patch: LabelsPatch | None) -> dict[str, Any]:
     """The validated changes of a PATCH body: the fields it gives."""
-    given = patch.model_dump(exclude_unset=True)
+    given = patch.model_dump(exclude_unset=True) if patch is not None else {}
     if not given:
         raise InvalidSpec(
             "give tags, notes or both",
@@ -535,11 +535,16 @@ def labels_body(patch: LabelsPatch) -> dict[str, Any]:
 
 
 @router.patch("/{experiment_id}", response_model=StatusDocument, responses=ERRORS)
-def patch(experiment_id: str, body: LabelsPatch, session: SessionDep, tenant_id: TenantDep) -> Any:
+def patch(
+    experiment_id: str,
+    session: SessionDep,
+    tenant_id: TenantDep,
+    body: LabelsPatch | None = None,
+) -> Any:
     """Edit the experiment's ``tags`` (replaced as a whole) and ``notes`` (null clears
     them). Neither is part of the spec: the spec hash and the results do not change."""
+    exp = repo.get(session, tenant_id, experiment_id)  # another tenant's: 404 first
     changes = labels_body(body)
-    exp = repo.get(session, tenant_id, experiment_id)
     repo.set_labels(session, exp, changes)
     session.commit()
     session.refresh(exp)

@@ -389,10 +389,12 @@ def get_study(study_id: str, session: SessionDep, tenant_id: TenantDep) -> Any:
 
 
 @router.patch("/{study_id}", response_model=StudyDocument, responses=ERRORS)
-def patch(study_id: str, body: LabelsPatch, session: SessionDep, tenant_id: TenantDep) -> Any:
+def patch(
+    study_id: str, session: SessionDep, tenant_id: TenantDep, body: LabelsPatch | None = None
+) -> Any:
     """Edit the study's ``tags`` (replaced as a whole) and ``notes`` (null clears them)."""
+    study = repo.get(session, tenant_id, study_id)  # another tenant's: 404 first
     changes = labels_body(body)
-    study = repo.get(session, tenant_id, study_id)
     exp_routes.repo.set_labels(session, study, changes)
     session.commit()
     session.refresh(study)
