@@ -108,6 +108,7 @@ def _strategies(
     headers,
     known: dict[str, list[dict]],
     queries: dict[str, list[dict]] | None = None,
+    bodies: dict[str, list[Any]] | None = None,
 ):
     """Generated cases; positive ones also on existing experiments, studies and presets (and
     with known query values where an operation needs them, e.g. the ids to compare), so that
@@ -119,6 +120,11 @@ def _strategies(
     label = operation.method.upper() + " " + operation.path
     names = {p.name for p in operation.iter_parameters() if p.location == "path"}
     fixed = [pp for pp in known.get(label, known["*"]) if set(pp) <= names]
+    body = (bodies or {}).get(label)
+    if body:  # random bodies that are also valid are too rare (a study's axes name spec paths)
+        return base | st.sampled_from(body).flatmap(
+            lambda b: operation.as_strategy(generation_mode=mode, headers=headers, body=b)
+        )
     query = (queries or {}).get(label)
     if query:
         combos = [(pp, q) for pp in (fixed if names else [{}]) for q in query]
@@ -261,6 +267,12 @@ def test_every_operation_conforms_to_the_openapi_document(start_server, scenario
         "GET /v1/compare": [{"ids": ",".join(ids)}],
         "GET /v1/compare/plots/{filename}": [{"ids": ",".join(ids)}],
     }
+    bodies = {
+        "POST /v1/studies": [
+            {"base": tiny_spec(name="fuzz"), "axes": {"model.gamma": [0.6, 1.0]}},
+            {"name": "fuzz", "base": "fig3-cpu", "axes": {"sweep.seeds": [1]}, "tags": ["a"]},
+        ]
+    }
 
     # the document as the server serves it; every case sent over loopback
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", timeout=30)
@@ -269,7 +281,7 @@ def test_every_operation_conforms_to_the_openapi_document(start_server, scenario
     with requests.Session() as session:
         for operation in operations:
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-                strategy = _strategies(operation, mode, headers, known, queries)
+                strategy = _strategies(operation, mode, headers, known, queries, bodies)
                 fuzz(operation, mode, strategy, tally, server.url, session)
     server.procs.assert_alive()
     # the experiments the cases submitted, cancelled (the invariant check wants them terminal)
