@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 import hsl_engine as he
 
-from . import client, document, server
+from . import cli_study, client, document, server
 
 
 def load_spec(arg: str) -> he.ExperimentSpec:
@@ -307,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.set_defaults(func=lambda a: server.keys_revoke(a.prefix))
 
     client.add_commands(sub)
+    cli_study.add_commands(sub)
     return parser
 
 

@@ -24,6 +24,9 @@ from .deps import Publisher
 from .experiments import routes as experiments
 from .experiments.schemas import Problem
 from .guards import RequestGuard
+from .studies import compare as studies_compare
+from .studies import routes as studies
+from .studies.schemas import StudySubmission
 from .web import router as web_router
 
 # the OpenAPI description (Swagger UI and ReDoc show it above the operations); the guides
@@ -119,6 +122,10 @@ def create_app(settings: Settings, make_publisher: MakePublisher) -> FastAPI:
     app.add_middleware(RequestGuard, settings=settings)
     app.include_router(health.router)
     app.include_router(experiments.router)
+    app.include_router(studies.router)
+    app.include_router(studies_compare.router)
+    # before the experiment presets: /v1/presets/studies is not a preset named 'studies'
+    app.include_router(studies_compare.presets_router)
     app.include_router(presets.router)
     app.include_router(web_router)
     docs.install(app)
@@ -142,6 +149,21 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.update(spec_schema.pop("$defs", {}))
     components["ExperimentSpec"] = spec_schema
+    # the experiment body: the spec plus the labels that are no part of it
+    submission = dict(spec_schema)
+    submission["title"] = "ExperimentSubmission"
+    submission["properties"] = {
+        **spec_schema.get("properties", {}),
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 20},
+        "notes": {"type": ["string", "null"], "maxLength": 10000},
+    }
+    components["ExperimentSubmission"] = submission
+    study_schema = StudySubmission.model_json_schema(ref_template="#/components/schemas/{model}")
+    study_schema["properties"]["base"] = {
+        "anyOf": [{"$ref": "#/components/schemas/ExperimentSpec"}, {"type": "string"}],
+        "description": study_schema["properties"]["base"].get("description", ""),
+    }
+    components["StudySubmission"] = study_schema
     problem_schema = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
     components.update(problem_schema.pop("$defs", {}))
     components["Problem"] = problem_schema

@@ -127,6 +127,13 @@ class Settings(BaseSettings):
     max_memory_bytes: float = Field(64 * 2.0**30, gt=0)
     max_flops: float = Field(1e18, gt=0)
     max_points: int = Field(100_000, ge=1)
+    max_study_members: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="Members (grid points) of one study; every member also meets the limits "
+        "above, and so does the study's total work and point count",
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted")
 
     # capacity of one API process (README "Capacity and slow clients")

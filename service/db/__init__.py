@@ -1,6 +1,6 @@
 """The database layer: typed models, engine/session factories, migrations. FastAPI-free."""
 
-from .models import ApiKey, Base, Experiment, Point, Run, Tenant, Worker
+from .models import ApiKey, Base, Experiment, Point, Run, Study, StudyMember, Tenant, Worker
 from .session import make_engine, make_session_factory, utcnow
 
 __all__ = [
@@ -9,6 +9,8 @@ __all__ = [
     "Experiment",
     "Point",
     "Run",
+    "Study",
+    "StudyMember",
     "Tenant",
     "Worker",
     "make_engine",

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -111,10 +112,66 @@ class Experiment(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # labels of the researcher's: not part of the spec, so not of its hash; editable (PATCH)
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    notes: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # submitted through POST /v1/experiments (not only created as a study's member): deleting
+    # a study never deletes such an experiment
+    standalone: Mapped[bool] = mapped_column(Boolean, default=True)
 
     runs: Mapped[list[Run]] = relationship(
         back_populates="experiment", cascade="all, delete-orphan", passive_deletes=True
     )
+
+
+class Study(Base):
+    """A grid of experiments: a base spec and axes over its fields (the grid product). Its
+    status and progress follow from its members'; its members are experiments, shared with
+    other studies or submitted on their own when their spec is the same (deduplicated by
+    spec hash)."""
+
+    __tablename__ = "studies"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key"),
+        Index("ix_studies_tenant_created", "tenant_id", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    base: Mapped[dict[str, Any]] = mapped_column(JSON)  # the base spec, defaults filled in
+    axes: Mapped[dict[str, Any]] = mapped_column(JSON)  # dotted path -> list of values
+    study_hash: Mapped[str] = mapped_column(String(80))  # of (base, axes): Idempotency-Key
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    notes: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    members: Mapped[list[StudyMember]] = relationship(
+        back_populates="study",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        order_by="StudyMember.position",
+    )
+
+
+class StudyMember(Base):
+    """One point of a study's grid: its parameters and the experiment that computes it
+    (null once that experiment was deleted on its own)."""
+
+    __tablename__ = "study_members"
+
+    study_id: Mapped[str] = mapped_column(
+        ForeignKey("studies.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    experiment_id: Mapped[str | None] = mapped_column(
+        ForeignKey("experiments.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)  # dotted path -> value
+
+    study: Mapped[Study] = relationship(back_populates="members")
 
 
 class Run(Base):

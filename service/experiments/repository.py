@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 import hsl_engine as he
 from hsl.document import PROVENANCE_FIELDS, point_from_dict
 
+from .. import labels
 from ..config import DEFAULT_GPU_MEMORY_BYTES, DEFAULT_GPU_ROUTE_FLOPS
 from ..db import Experiment, Point, Run, state, utcnow, workers
 from ..errors import BadRequest, Conflict, NotFound
@@ -136,6 +137,9 @@ def create(
     idempotency_key: str | None,
     admit: Callable[[], None] | None = None,
     queue: str | None = None,
+    tags: list[str] | None = None,
+    notes: str | None = None,
+    standalone: bool = True,
 ) -> tuple[Experiment, bool]:
     """Store an experiment and its runs; or return the tenant's existing one.
 
@@ -145,6 +149,8 @@ def create(
     was accepted under this engine version returns that one. ``admit`` runs only when a new
     experiment is about to be stored (it may refuse it by raising). ``queue``: where its runs
     go (default `queue_for` without an estimate: ``cuda`` to gpu, everything else to cpu).
+    ``tags``, ``notes``: the new experiment's labels; ``standalone``: submitted on its own
+    (False for one created only as a study's member).
     """
     engine_version = he.ENGINE_VERSION
     if idempotency_key is not None:
@@ -174,6 +180,9 @@ def create(
         cancel_requested=False,
         points_total=he.points_total(spec),
         created_at=utcnow(),
+        tags=list(tags or []),
+        notes=notes,
+        standalone=standalone,
     )
     queue = queue or queue_for(spec)
     exp.runs = [
@@ -253,14 +262,18 @@ def list_page(
     limit: int,
     cursor: str | None,
     query: Any = None,
+    tag: str | None = None,
 ) -> tuple[list[Any], str | None]:
     """Newest first; keyset pagination on (created_at, id). ``query``: what to select
-    (default the experiments; rows then are experiments), e.g. experiments with a count."""
+    (default the experiments; rows then are experiments), e.g. experiments with a count.
+    ``tag``: only experiments carrying this tag."""
     q = (select(Experiment) if query is None else query).where(Experiment.tenant_id == tenant_id)
     if status is not None:
         q = q.where(Experiment.status == status)
     if name is not None:
         q = q.where(Experiment.name == name)
+    if tag is not None:
+        q = q.where(labels.has_tag(Experiment.tags, tag, session.get_bind().dialect.name))
     if cursor is not None:
         created, exp_id = _decode_cursor(cursor)
         q = q.where(
@@ -322,6 +335,15 @@ def points_count(session: Session, experiment_id: str) -> int:
 
 def cancel(session: Session, exp: Experiment) -> None:
     state.request_cancel(session, exp.id)
+
+
+def set_labels(session: Session, row: Any, changes: dict[str, Any]) -> None:
+    """Apply a validated ``{tags?, notes?}`` to an experiment or a study row."""
+    if "tags" in changes:
+        row.tags = list(changes["tags"])
+    if "notes" in changes:
+        row.notes = changes["notes"]
+    session.flush()
 
 
 def remove(session: Session, exp: Experiment) -> None:

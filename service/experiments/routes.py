@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 import hsl_engine as he
 from hsl import document, plots
 
-from .. import limits
+from .. import labels, limits
 from ..db import Experiment, keys, state
 from ..deps import PublisherDep, SessionDep, SettingsDep, TenantDep, resolve_tenant
 from ..errors import (
@@ -30,7 +30,7 @@ from ..errors import (
 )
 from . import events, status
 from . import repository as repo
-from .schemas import ExperimentList, Status, StatusDocument
+from .schemas import ExperimentList, LabelsPatch, Status, StatusDocument
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"])
 
@@ -173,7 +173,9 @@ def place(session, spec: he.ExperimentSpec, est: he.ResourceEstimate, settings) 
         "requestBody": {
             "required": True,
             "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/ExperimentSpec"}}
+                "application/json": {
+                    "schema": {"$ref": "#/components/schemas/ExperimentSubmission"}
+                }
             },
         }
     },
@@ -198,12 +200,16 @@ async def submit(
         )
     body = await _read_body(request, settings.max_body_bytes)
     try:
-        json.loads(body)
+        data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # nesting too deep: 400
         raise BadRequest(
             f"the body is not valid JSON: {exc}",
             errors=[{"field": "body", "message": "invalid JSON"}],
         ) from None
+    # tags and notes ride along with the spec but are no part of it (nor of its hash)
+    given = split_labels(data)
+    if given:
+        body = json.dumps(data).encode()
     try:
         spec = he.parse_spec(body)
     except he.SpecError as exc:
@@ -226,7 +232,19 @@ async def submit(
             # spec nor the retry of an Idempotency-Key already answered
             admit=lambda: limits.check_quota(session, tenant_id, settings.max_active_experiments),
             queue=queue,
+            tags=given.get("tags"),
+            notes=given.get("notes"),
         )
+        if not created:
+            # the same spec again: now also submitted on its own; new tags are added and
+            # given notes replace the stored ones
+            if not exp.standalone:
+                exp.standalone = True
+            if given:
+                merged = dict(given)
+                if "tags" in given:
+                    merged["tags"] = labels.check_tags([*exp.tags, *given["tags"]])
+                repo.set_labels(session, exp, merged)
         session.commit()
         runs = [(r.id, r.queue) for r in exp.runs] if created else []
         return status_document(session, exp), created, runs
@@ -237,6 +255,18 @@ async def submit(
     response.status_code = 201 if created else 200
     response.headers["Location"] = doc["links"]["self"]
     return doc
+
+
+def split_labels(data: Any) -> dict[str, Any]:
+    """Take ``tags`` and ``notes`` out of a submitted JSON object (changed in place) and
+    return them validated (422 naming the field)."""
+    given: dict[str, Any] = {}
+    if isinstance(data, dict):
+        if "tags" in data:
+            given["tags"] = labels.check_tags(data.pop("tags"))
+        if "notes" in data:
+            given["notes"] = labels.check_notes(data.pop("notes"))
+    return given
 
 
 def _publish(request: Request, publisher, runs: list[tuple[int, str]]) -> None:
@@ -267,9 +297,12 @@ async def list_experiments(
     name: Annotated[he.Name | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
+    tag: Annotated[
+        str | None, Query(max_length=labels.MAX_TAG_LENGTH, pattern=labels.TAG_PATTERN)
+    ] = None,
     authorization: AuthorizationHeader = None,
 ) -> Any:
-    """The tenant's experiments, newest first."""
+    """The tenant's experiments, newest first; ``tag``: only those carrying this tag."""
     state_ = request.app.state
 
     def page() -> bytes:
@@ -285,6 +318,7 @@ async def list_experiments(
                 limit=limit,
                 cursor=cursor,
                 query=status.versions(),
+                tag=tag,
             )
             return status.list_body(status.render(session, rows), next_cursor)
 
@@ -574,3 +608,40 @@ def remove(experiment_id: str, session: SessionDep, tenant_id: TenantDep) -> Res
     repo.remove(session, exp)
     session.commit()
     return Response(status_code=204)
+
+
+def labels_body(patch: LabelsPatch | None) -> dict[str, Any]:
+    """The validated changes of a PATCH body: the fields it gives."""
+    given = patch.model_dump(exclude_unset=True) if patch is not None else {}
+    if not given:
+        raise InvalidSpec(
+            "give tags, notes or both",
+            errors=[{"field": "body", "message": "give tags, notes or both"}],
+        )
+    if "tags" in given:
+        if given["tags"] is None:
+            raise InvalidSpec(
+                "tags: must be a list (an empty list clears them)",
+                errors=[{"field": "tags", "message": "must be a list"}],
+            )
+        given["tags"] = labels.check_tags(given["tags"])
+    if "notes" in given:
+        given["notes"] = labels.check_notes(given["notes"])
+    return given
+
+
+@router.patch("/{experiment_id}", response_model=StatusDocument, responses=ERRORS)
+def patch(
+    experiment_id: str,
+    session: SessionDep,
+    tenant_id: TenantDep,
+    body: LabelsPatch | None = None,
+) -> Any:
+    """Edit the experiment's ``tags`` (replaced as a whole) and ``notes`` (null clears
+    them). Neither is part of the spec: the spec hash and the results do not change."""
+    exp = repo.get(session, tenant_id, experiment_id)  # another tenant's: 404 first
+    changes = labels_body(body)
+    repo.set_labels(session, exp, changes)
+    session.commit()
+    session.refresh(exp)
+    return status_document(session, exp)

@@ -62,7 +62,23 @@ class StatusDocument(BaseModel):
         description="while runs are queued and no live worker serves the queue, why: e.g. "
         "'waiting for a GPU worker (none is registered)'; null otherwise",
     )
+    tags: list[str] = Field(
+        default_factory=list, description="labels (not part of the spec or its hash)"
+    )
+    notes: str | None = Field(None, description="free text (not part of the spec)")
     links: Links
+
+
+class LabelsPatch(BaseModel):
+    """``PATCH`` body of an experiment or a study: the fields given replace the stored ones
+    (``notes: null`` clears the notes); fields left out are kept."""
+
+    model_config = {"extra": "forbid"}
+
+    tags: list[str] | None = Field(
+        None, description="at most 20 tags of 1-64 characters: letters, digits, - _ . : / + ="
+    )
+    notes: str | None = Field(None, description="text up to 10000 characters; null clears")
 
 
 class ExperimentList(BaseModel):

@@ -126,6 +126,8 @@ def versions():
         Experiment.engine_version,
         Experiment.started_at,
         Experiment.finished_at,
+        Experiment.tags,
+        Experiment.notes,
         points,
         queue,
         *(runs(st) for st in RUN_STATUSES),
@@ -169,6 +171,8 @@ def version_of(row: Any, waiting: str | None) -> tuple[Any, ...]:
         row.points_done,
         row.queue,
         *(getattr(row, f"runs_{st}") for st in RUN_STATUSES),
+        tuple(row.tags or ()),
+        row.notes,
         waiting,
     )
 
@@ -250,6 +254,8 @@ def _document(
         "error": exp.error,
         "queue": queue,
         "waiting": waiting,
+        "tags": list(exp.tags or []),
+        "notes": exp.notes,
         "links": {
             "self": base,
             "results": f"{base}/results",

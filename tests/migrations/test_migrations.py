@@ -21,7 +21,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.db import migrate
-from service.db.models import ApiKey, Base, Experiment, Point, Run, Tenant, Worker
+from service.db.models import (
+    ApiKey,
+    Base,
+    Experiment,
+    Point,
+    Run,
+    Study,
+    StudyMember,
+    Tenant,
+    Worker,
+)
 from service.db.session import make_engine
 
 VERSIONS = Path(migrate.SCRIPT_LOCATION) / "versions"
@@ -458,20 +468,29 @@ def test_0002_downgrade_keeps_the_newest_live_experiment_of_a_spec(db_url, migra
 # 7. revision 0003: registered workers ---------------------------------------------------
 
 
+def raw_ids(engine: sa.Engine, table: str) -> set[str]:
+    """The ids of a table's rows, read without the models (which may be ahead of the
+    schema under test)."""
+    with engine.connect() as conn:
+        return set(conn.execute(sa.select(sa.table(table, sa.column("id")).c.id)).scalars())
+
+
 def test_0003_adds_the_workers_table_and_keeps_the_data(db_url, engine):
+    migrate.upgrade(db_url, "0001")
+    ids = insert_at_0001(engine)  # rows of an older schema: the models are ahead of it
     migrate.upgrade(db_url, "0002")
-    exp_id = seed_rows(engine)
     assert "workers" not in table_names(engine)
 
-    migrate.upgrade(db_url)
+    migrate.upgrade(db_url, "0003")
 
-    assert migrate.is_current(engine)
     assert "workers" in table_names(engine)
     assert {i["name"] for i in sa.inspect(engine).get_indexes("workers")} == {
         "ix_workers_expires_at"
     }
+    assert raw_ids(engine, "experiments") == set(ids.values()) and count(engine, Point) == 2
+    migrate.upgrade(db_url)
+    assert migrate.is_current(engine)
     with Session(engine) as s:
-        assert s.get(Experiment, exp_id) is not None and count(engine, Point) == 2
         # a GPU's memory does not fit 32 bits; the queues are a JSON list
         s.add(
             Worker(
@@ -517,7 +536,104 @@ def test_0003_downgrade_drops_the_workers_table_with_its_rows(db_url, migrated):
 
     assert "workers" not in table_names(migrated)
     assert not migrate.is_current(migrated)
-    with Session(migrated) as s:
-        assert s.get(Experiment, exp_id) is not None
+    assert raw_ids(migrated, "experiments") == {exp_id}
     migrate.upgrade(db_url)
     assert migrate.is_current(migrated) and count(migrated, Worker) == 0
+
+
+# 8. revision 0004: studies, tags and notes ----------------------------------------------
+
+
+def new_study(session: Session, tenant: Tenant, **kw) -> Study:
+    study = Study(
+        id=uuid.uuid4().hex,
+        tenant_id=tenant.id,
+        name="gammas",
+        base={"name": "t"},
+        axes={"model.gamma": [0.4, 1.0]},
+        study_hash="sha256:" + "1" * 64,
+        cancel_requested=False,
+        tags=["scan"],
+        notes="why",
+        created_at=T0,
+        **kw,
+    )
+    session.add(study)
+    session.flush()
+    return study
+
+
+def test_0004_adds_studies_and_labels_and_keeps_the_data(db_url, engine):
+    migrate.upgrade(db_url, "0001")
+    ids = insert_at_0001(engine)
+    migrate.upgrade(db_url, "0003")
+    assert "studies" not in table_names(engine)
+
+    migrate.upgrade(db_url)
+
+    assert migrate.is_current(engine)
+    assert {"studies", "study_members"} <= table_names(engine)
+    with Session(engine) as s:
+        # the experiments already stored: no tags, no notes, submitted on their own
+        exps = s.scalars(sa.select(Experiment).order_by(Experiment.name)).all()
+        assert {e.id for e in exps} == set(ids.values())
+        assert [(e.tags, e.notes, e.standalone) for e in exps] == [([], None, True)] * 2
+        tenant = s.get(Tenant, 1)
+        study = new_study(s, tenant)
+        for position, exp in enumerate(exps):
+            s.add(
+                StudyMember(
+                    study_id=study.id,
+                    position=position,
+                    experiment_id=exp.id,
+                    params={"model.gamma": [0.4, 1.0][position]},
+                )
+            )
+        exps[0].tags = ["a", "b"]
+        s.commit()
+        study_id = study.id
+    with Session(engine) as s:
+        study = s.get(Study, study_id)
+        assert [m.params for m in study.members] == [{"model.gamma": 0.4}, {"model.gamma": 1.0}]
+        assert study.tags == ["scan"] and study.created_at == T0
+    # an experiment deleted on its own leaves its member with a null experiment
+    with engine.begin() as conn:
+        conn.execute(sa.delete(Experiment).where(Experiment.id == ids["recorded"]))
+    with Session(engine) as s:
+        members = s.get(Study, study_id).members
+        assert [m.experiment_id for m in members] == [None, ids["unrecorded"]]
+    # a study deleted: its members go, the experiments stay
+    with engine.begin() as conn:
+        conn.execute(sa.delete(Study))
+    assert count(engine, StudyMember) == 0 and count(engine, Experiment) == 1
+
+
+def test_0004_study_idempotency_keys_are_unique_per_tenant(migrated):
+    with Session(migrated) as s, s.begin():
+        acme, other = new_tenant(s, "acme"), new_tenant(s, "other")
+        new_study(s, acme, idempotency_key="k")
+        new_study(s, other, idempotency_key="k")
+        new_study(s, acme)
+        new_study(s, acme)
+        acme_id = acme.id
+    with Session(migrated) as s, pytest.raises(IntegrityError):
+        new_study(s, s.get(Tenant, acme_id), idempotency_key="k")
+
+
+def test_0004_downgrade_drops_studies_and_labels_and_keeps_experiments(db_url, migrated):
+    exp_id = seed_rows(migrated)
+    with Session(migrated) as s, s.begin():
+        study = new_study(s, s.scalars(sa.select(Tenant)).one())
+        s.add(StudyMember(study_id=study.id, position=0, experiment_id=exp_id, params={}))
+
+    migrate.downgrade(db_url, "0003")
+
+    assert not {"studies", "study_members"} & table_names(migrated)
+    columns = {c["name"] for c in sa.inspect(migrated).get_columns("experiments")}
+    assert not {"tags", "notes", "standalone"} & columns
+    assert raw_ids(migrated, "experiments") == {exp_id} and count(migrated, Point) == 2
+    migrate.upgrade(db_url)
+    assert migrate.is_current(migrated) and count(migrated, Study) == 0
+    with Session(migrated) as s:
+        exp = s.get(Experiment, exp_id)
+        assert (exp.tags, exp.notes, exp.standalone) == ([], None, True)

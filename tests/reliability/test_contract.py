@@ -37,6 +37,7 @@ from schemathesis import checks as st_checks
 from schemathesis.core.failures import FailureGroup
 
 import hsl_engine as he
+from hsl import studies
 from tests.integration.processes import wait_status
 from tests.reliability.server import cancel_everything
 from tests.service.api import tiny_spec
@@ -101,18 +102,40 @@ def problem_errors(status: int, content_type: str, body: bytes) -> list[str]:
 # Schemathesis: every operation, positive and negative data
 
 
-def _strategies(operation, mode: GenerationMode, headers, known: dict[str, list[dict]]):
-    """Generated cases; positive ones also on existing experiments and presets, so that the
-    success answers (status documents, results, CSV, plots) are checked too, not only 404s."""
+def _strategies(
+    operation,
+    mode: GenerationMode,
+    headers,
+    known: dict[str, list[dict]],
+    queries: dict[str, list[dict]] | None = None,
+    bodies: dict[str, list[Any]] | None = None,
+):
+    """Generated cases; positive ones also on existing experiments, studies and presets (and
+    with known query values where an operation needs them, e.g. the ids to compare), so that
+    the success answers (status documents, results, CSV, plots) are checked too, not only
+    404s."""
     base = operation.as_strategy(generation_mode=mode, headers=headers)
     if mode is not GenerationMode.POSITIVE:
         return base
+    label = operation.method.upper() + " " + operation.path
     names = {p.name for p in operation.iter_parameters() if p.location == "path"}
-    fixed = [
-        pp
-        for pp in known.get(operation.method.upper() + " " + operation.path, known["*"])
-        if set(pp) <= names
-    ]
+    fixed = [pp for pp in known.get(label, known["*"]) if set(pp) <= names]
+    body = (bodies or {}).get(label)
+    if body:  # random bodies that are also valid are too rare (a study's axes name spec paths)
+        return base | st.sampled_from(body).flatmap(
+            lambda b: operation.as_strategy(generation_mode=mode, headers=headers, body=b)
+        )
+    query = (queries or {}).get(label)
+    if query:
+        combos = [(pp, q) for pp in (fixed if names else [{}]) for q in query]
+        return base | st.sampled_from(combos).flatmap(
+            lambda c: operation.as_strategy(
+                generation_mode=mode,
+                headers=headers,
+                path_parameters=c[0] or None,
+                query=c[1],
+            )
+        )
     if not names or not fixed:
         return base
     return base | st.sampled_from(fixed).flatmap(
@@ -213,17 +236,45 @@ def test_every_operation_conforms_to_the_openapi_document(start_server, scenario
             "/v1/experiments", json=tiny_spec(name="doomed", sweep={"alphas": [2.0], "seeds": 1})
         )
         assert [r.status_code for r in (queued, doomed)] == [201, 201]
+        # a study whose one member is the finished experiment (reused: its spec), so that
+        # its results and figures answer 200; and one to be deleted
+        study = client.post(
+            "/v1/studies",
+            json={"base": tiny_spec(name="done"), "axes": {"sweep.seeds": [2]}},
+        )
+        doomed_study = client.post(
+            "/v1/studies", json={"base": tiny_spec(name="doomed"), "axes": {"sweep.seeds": [1]}}
+        )
+        assert [r.status_code for r in (study, doomed_study)] == [201, 201]
+        assert study.json()["members"][0]["experiment_id"] == done.json()["id"]
     ids = [done.json()["id"], queued.json()["id"]]
     plots = [f"{n}.{f}" for n in ("mse", "overlap", "cos2", "spectrum") for f in ("png", "svg")]
+    study_plots = [f"{n}.{f}" for n in ("mse", "exponent", "collapse") for f in ("png", "svg")]
+    compare_plots = [f"{n}.{f}" for n in ("mse", "overlap") for f in ("png", "svg")]
+    study_id = study.json()["id"]
     known = {
         "*": [{"experiment_id": i} for i in ids]
         + [{"experiment_id": i, "filename": p} for i in ids for p in plots]
-        + [{"name": n} for n in he.preset_names()],
+        + [{"name": n} for n in he.preset_names() + studies.study_preset_names()]
+        + [{"study_id": study_id}]
+        + [{"study_id": study_id, "filename": p} for p in study_plots]
+        + [{"filename": p} for p in compare_plots],
         # deleting one of the others would turn the later operations' cases into 404s
         "DELETE /v1/experiments/{experiment_id}": [{"experiment_id": doomed.json()["id"]}],
         # the event stream of a live experiment stays open until it ends (here: never, no
         # worker): only the finished one, whose stream replays its points and ends
         "GET /v1/experiments/{experiment_id}/events": [{"experiment_id": ids[0]}],
+        "DELETE /v1/studies/{study_id}": [{"study_id": doomed_study.json()["id"]}],
+    }
+    queries = {
+        "GET /v1/compare": [{"ids": ",".join(ids)}],
+        "GET /v1/compare/plots/{filename}": [{"ids": ",".join(ids)}],
+    }
+    bodies = {
+        "POST /v1/studies": [
+            {"base": tiny_spec(name="fuzz"), "axes": {"model.gamma": [0.6, 1.0]}},
+            {"name": "fuzz", "base": "fig3-cpu", "axes": {"sweep.seeds": [1]}, "tags": ["a"]},
+        ]
     }
 
     # the document as the server serves it; every case sent over loopback
@@ -233,7 +284,7 @@ def test_every_operation_conforms_to_the_openapi_document(start_server, scenario
     with requests.Session() as session:
         for operation in operations:
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-                strategy = _strategies(operation, mode, headers, known)
+                strategy = _strategies(operation, mode, headers, known, queries, bodies)
                 fuzz(operation, mode, strategy, tally, server.url, session)
     server.procs.assert_alive()
     # the experiments the cases submitted, cancelled (the invariant check wants them terminal)

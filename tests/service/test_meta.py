@@ -11,13 +11,22 @@ from .api import RecordingPublisher, assert_problem
 
 CONTRACT_PATHS = {
     "/v1/experiments": {"get", "post"},
-    "/v1/experiments/{experiment_id}": {"get", "delete"},
+    "/v1/experiments/{experiment_id}": {"get", "delete", "patch"},
     "/v1/experiments/{experiment_id}/results": {"get"},
     "/v1/experiments/{experiment_id}/results.csv": {"get"},
     "/v1/experiments/{experiment_id}/plots/{filename}": {"get"},
     "/v1/experiments/{experiment_id}/cancel": {"post"},
     "/v1/presets": {"get"},
     "/v1/presets/{name}": {"get"},
+    "/v1/presets/studies": {"get"},
+    "/v1/presets/studies/{name}": {"get"},
+    "/v1/studies": {"get", "post"},
+    "/v1/studies/{study_id}": {"get", "delete", "patch"},
+    "/v1/studies/{study_id}/results": {"get"},
+    "/v1/studies/{study_id}/plots/{filename}": {"get"},
+    "/v1/studies/{study_id}/cancel": {"post"},
+    "/v1/compare": {"get"},
+    "/v1/compare/plots/{filename}": {"get"},
     "/healthz": {"get"},
     "/readyz": {"get"},
 }
@@ -98,8 +107,21 @@ def test_openapi_lists_the_contract_and_the_spec_schema(client):
     assert {"name", "model", "sweep", "methods"} <= set(components["ExperimentSpec"]["properties"])
     body = schema["paths"]["/v1/experiments"]["post"]["requestBody"]
     assert body["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/ExperimentSpec"
+        "$ref": "#/components/schemas/ExperimentSubmission"
     }
+    # the spec's fields plus the labels that are no part of it
+    submission = components["ExperimentSubmission"]["properties"]
+    assert set(submission) == set(components["ExperimentSpec"]["properties"]) | {"tags", "notes"}
+    study_body = schema["paths"]["/v1/studies"]["post"]["requestBody"]
+    assert study_body["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/StudySubmission"
+    }
+    assert {"base", "axes"} <= set(components["StudySubmission"]["required"])
+    # every new route declares its errors as problem+json
+    for path in [p for p in CONTRACT_PATHS if p.startswith(("/v1/studies", "/v1/compare"))]:
+        for op in schema["paths"][path].values():
+            for code in ("401", "404", "422"):
+                assert set(op["responses"][code]["content"]) == {"application/problem+json"}
     status = components["StatusDocument"]
     assert "engine_version" in status["required"]
     assert status["properties"]["engine_version"]["type"] == "string"
@@ -126,7 +148,8 @@ def test_unknown_route_is_a_404_problem(client, path):
     ("method", "path"),
     [
         ("PUT", "/v1/experiments"),
-        ("PATCH", "/v1/experiments/x"),
+        ("PUT", "/v1/experiments/x"),
+        ("PUT", "/v1/studies/x"),
         ("GET", "/v1/experiments/x/cancel"),
         ("POST", "/healthz"),
         ("DELETE", "/v1/presets/fig2-cpu"),

@@ -1,0 +1,1 @@
+"""The studies resource: grids of experiments over spec fields (issue 13)."""
