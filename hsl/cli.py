@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -15,24 +19,45 @@ import hsl_engine as he
 from . import cli_study, client, document, server
 
 
+class UsageError(Exception):
+    """A bad spec, spec file or argument: reported on stderr, exit status 2."""
+
+
 def load_spec(arg: str) -> he.ExperimentSpec:
-    """A spec from a JSON file path or a preset name."""
+    """A spec from a JSON file path or a preset name.
+
+    Raises
+    ------
+    UsageError
+        For a file that cannot be read or is not JSON (naming the line and column), or a
+        name that is neither a file nor a preset.
+    hsl_engine.SpecError
+        For a spec that breaks the rules (each bad field and its allowed range).
+    """
     path = Path(arg)
     if path.suffix == ".json" or path.exists():
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise SystemExit(f"hsl: cannot read spec file {arg}: {exc.strerror}") from None
-        try:
-            return he.parse_spec(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise SystemExit(f"hsl: {arg} is not valid JSON: {exc}") from None
+        return he.parse_spec(read_json(path, "spec file"))
     try:
         return he.preset(arg)
     except KeyError:
-        raise SystemExit(
-            f"hsl: {arg!r} is neither a spec file nor a preset; presets: "
-            + ", ".join(he.preset_names())
+        raise UsageError(
+            f"{arg!r} is neither a spec file nor a preset; presets: " + ", ".join(he.preset_names())
+        ) from None
+
+
+def read_json(path: Path, what: str) -> Any:
+    """The JSON value in ``path``; `UsageError` naming the file and the problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} {path} is not UTF-8 text: {exc.reason}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"{what} {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
 
 
@@ -48,12 +73,26 @@ def _duration(seconds: float | None) -> str:
 
 
 class Progress:
-    """A one-line progress bar on a terminal; one line per point otherwise."""
+    """A one-line progress bar on a terminal; one line per point otherwise.
 
-    def __init__(self, spec: he.ExperimentSpec, stream: TextIO, *, enabled: bool = True):
+    The ETA is the engine's (`hsl_engine.expected_seconds`, the service's too): the
+    estimated work of the points left at the seconds per unit of work measured so far.
+    ``done`` are points measured before (a resumed run): counted, and used to calibrate.
+    """
+
+    def __init__(
+        self,
+        spec: he.ExperimentSpec,
+        stream: TextIO,
+        *,
+        enabled: bool = True,
+        done: list[he.Point] | None = None,
+        estimate: he.ResourceEstimate | None = None,
+    ):
         self.spec = spec
         self.total = he.points_total(spec)
-        self.done: list[he.Point] = []
+        self.done: list[he.Point] = list(done or [])
+        self.estimate = estimate or he.estimate_resources(spec)
         self.stream = stream
         self.enabled = enabled
         self.tty = stream.isatty()
@@ -64,7 +103,7 @@ class Progress:
         if not self.enabled:
             return
         k = len(self.done)
-        eta = he.expected_seconds(self.spec, self.done)
+        eta = he.expected_seconds(self.spec, self.done, estimate=self.estimate)
         width = 28
         fill = int(width * k / self.total)
         bar = "#" * fill + "." * (width - fill)
@@ -139,6 +178,12 @@ CPU_FLOPS = {"float32": 1.2e11, "float64": 6e10}
 GPU_FLOPS = 3e13
 
 
+def cpu_seconds(spec: he.ExperimentSpec, est: he.ResourceEstimate) -> float:
+    """Estimated seconds on 2 CPU cores: the work and a fixed cost per point (the cost model
+    of the ETA, `hsl_engine.expected_seconds`) at the operator's rate."""
+    return (est.flops + est.points * he.POINT_OVERHEAD_FLOPS) / CPU_FLOPS[spec.solver.dtype]
+
+
 def _work_time(seconds: float) -> str:
     """A long duration in its largest unit: ``19.5 h``, ``663 days``."""
     for unit, size in (("days", 86400.0), ("h", 3600.0), ("min", 60.0)):
@@ -150,7 +195,7 @@ def _work_time(seconds: float) -> str:
 def hardware_quote(spec: he.ExperimentSpec, est: he.ResourceEstimate) -> str:
     """Estimated peak memory and work, and the time that work takes on 2 CPU cores and on
     one GPU, so a user sees which hardware a spec needs before it starts."""
-    cpu = est.flops / CPU_FLOPS[spec.solver.dtype]
+    cpu = cpu_seconds(spec, est)
     gpu = est.flops / GPU_FLOPS
     streamed = ", samples streamed" if est.streamed else ""
     return (
@@ -168,35 +213,122 @@ def with_device(spec: he.ExperimentSpec, device: str | None, backend: str | None
         data["device"] = device
     if backend is not None:
         data["solver"]["backend"] = backend
-    try:
-        return he.parse_spec(data)
-    except he.SpecError as exc:
-        raise SystemExit(f"hsl: {exc}") from None
+    return he.parse_spec(data)  # a SpecError exits 2, naming the field
+
+
+class StopAtBoundary:
+    """SIGINT (Ctrl-C) asks the run to stop at the next point boundary; a second one stops
+    it at once (KeyboardInterrupt). Installed for the duration of a ``with`` block."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+        self.requested = False
+        self._previous: Any = None
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        self.stream.write(
+            "\nhsl: interrupted: stopping after the point in progress (Ctrl-C again to stop now)\n"
+        )
+        self.stream.flush()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self) -> StopAtBoundary:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def write_document(path: Path, doc: dict[str, Any]) -> None:
+    """Write ``doc`` to ``path`` atomically: a reader (or a crash) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def load_partial(path: Path) -> tuple[he.ExperimentSpec, list[he.Point]]:
+    """The spec and points of a results document written by ``hsl run`` (to resume it)."""
+    doc = read_json(path, "results document")
+    if not isinstance(doc, dict) or not isinstance(doc.get("spec"), dict):
+        raise UsageError(f"{path} is not a results document of 'hsl run' (no spec)")
+    spec = he.parse_spec(doc["spec"])
+    sizes = {n for n, _ in spec.sample_sizes()}
+    methods = {m.name for m in spec.methods}
+    points = []
+    for i, raw in enumerate(doc.get("points") or []):
+        try:
+            p = document.point_from_dict(raw)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"{path}: points[{i}] is not a point: {exc}") from None
+        if p.method not in methods or p.n not in sizes or not 0 <= p.seed < spec.sweep.seeds:
+            raise UsageError(
+                f"{path}: points[{i}] ({p.method}, seed {p.seed}, n={p.n}) is not a point of "
+                "its spec"
+            )
+        points.append(p)
+    return spec, points
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    spec = with_device(load_spec(args.spec), args.device, args.backend)
+    if (args.spec is None) == (args.resume is None):
+        raise UsageError("give a spec file or preset, or --resume FILE (not both)")
+    done: list[he.Point] = []
+    if args.resume is not None:
+        spec, done = load_partial(Path(args.resume))
+    else:
+        spec = load_spec(args.spec)
+    spec = with_device(spec, args.device, args.backend)
     try:  # a device this machine lacks fails here, before anything runs
         backend = he.spec_backend(spec, threads=args.threads)
     except he.DeviceError as exc:
         print(f"hsl: {exc}", file=sys.stderr)
         return 2
     est = he.estimate_resources(spec, device=backend.device)
+    resumed = f", {len(done)} stored in {args.resume}" if args.resume else ""
     print(
-        f"hsl run {spec.name} on {backend.device} ({backend.array_backend}): {est.points} points, "
-        f"{hardware_quote(spec, est)}",
+        f"hsl run {spec.name} on {backend.device} ({backend.array_backend}): {est.points} points"
+        f"{resumed}, {hardware_quote(spec, est)}",
         file=sys.stderr,
     )
-    progress = Progress(spec, sys.stderr, enabled=not args.quiet)
-    try:
-        result = he.run_experiment(spec, on_point=progress, threads=args.threads)
-    except he.EngineError as exc:
-        print(f"hsl: {exc}", file=sys.stderr)
-        return 2
-    doc = document.results_document(spec, result.points, complete=True)
-    out = Path(args.out) if args.out else Path(f"{spec.name}-results.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
+    out = Path(args.out or args.resume or f"{spec.name}-results.json")
+    progress = Progress(spec, sys.stderr, enabled=not args.quiet, done=done, estimate=est)
+    points = list(done)
+
+    def on_point(p: he.Point) -> None:
+        points.append(p)
+        # the document on disk always holds every point measured: an interruption, even a
+        # kill, loses at most the point in progress
+        write_document(out, document.results_document(spec, points, complete=False))
+        progress(p)
+
+    with StopAtBoundary(sys.stderr) as stop:
+        try:
+            result = he.run_experiment(
+                spec, on_point=on_point, threads=args.threads, done=done, should_stop=stop
+            )
+        except he.EngineError as exc:
+            print(f"hsl: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            result = None
+    complete = result is not None and len(result.points) == est.points
+    doc = document.results_document(spec, points, complete=complete)
+    write_document(out, doc)
+    if not complete:
+        print(
+            f"hsl: stopped at a point boundary: {len(points)} of {est.points} points in {out}; "
+            f"continue with: hsl run --resume {out}",
+            file=sys.stderr,
+        )
+        return 130  # 128 + SIGINT, as a shell reports an interrupted command
     print(summary_text(doc))
     print(f"\nresults: {out}")
     if args.plots:
@@ -211,16 +343,33 @@ def cmd_presets(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({n: he.PRESETS[n] for n in he.preset_names()}, indent=1))
         return 0
+    print(
+        f"{'preset':<16} {'points':>6}  {'memory':>9}  {'work':>9}  {'time on 2 cores':>15}  "
+        "description"
+    )
     for name in he.preset_names():
         spec = he.preset(name)
         est = he.estimate_resources(spec)
-        cpu = _work_time(est.flops / CPU_FLOPS[spec.solver.dtype])
         print(
-            f"{name:<16} {est.points:>4} points  ~{est.flops:8.1e} flops  "
-            f"{est.peak_bytes / 2**30:6.2f} GiB  ~{cpu:>10} on 2 cores  "
+            f"{name:<16} {est.points:>6}  {est.peak_bytes / 2**30:>5.2f} GiB  "
+            f"{est.flops:>9.2e}  {'~' + _work_time(cpu_seconds(spec, est)):>15}  "
             f"{he.preset_description(name)}"
         )
+    print(
+        "\nmemory: estimated peak of one run; work: estimated flops of the whole experiment; "
+        "time: that work plus a fixed cost per point at the operator's measured rate on 2 cores"
+    )
     return 0
+
+
+def version_text() -> str:
+    """The package's and the engine's versions (they may differ: the engine's numbers change
+    only with its own version)."""
+    try:
+        package = metadata.version("hsl")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        package = "unknown (not installed)"
+    return f"hsl {package} (engine {he.ENGINE_VERSION})"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -237,11 +386,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hsl", description="Simulate the hierarchical scaling-law model."
     )
+    parser.add_argument(
+        "--version", action="version", version=version_text(), help="print the versions"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a spec or preset locally, with a progress bar")
-    run.add_argument("spec", help="a spec JSON file or a preset name (see 'hsl presets')")
-    run.add_argument("--out", help="results JSON path (default: NAME-results.json)")
+    run = sub.add_parser(
+        "run",
+        help="run a spec or preset locally, with a progress bar",
+        description="Run a spec or preset in this process. The results document is written "
+        "after every point; Ctrl-C stops at the next point boundary (twice: at once) and "
+        "--resume continues from the document without computing its points again.",
+    )
+    run.add_argument(
+        "spec", nargs="?", help="a spec JSON file or a preset name (see 'hsl presets')"
+    )
+    run.add_argument(
+        "--resume",
+        metavar="FILE",
+        help="continue the partial results document FILE (written by an interrupted run)",
+    )
+    run.add_argument(
+        "--out", help="results JSON path (default: FILE with --resume, else NAME-results.json)"
+    )
     run.add_argument("--plots", metavar="DIR", help="write PNG and SVG figures to DIR")
     run.add_argument("--threads", type=int, default=None, help="worker threads (default: cores)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
@@ -315,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"hsl: {exc}", file=sys.stderr)
+        return 2
     except he.SpecError as exc:
         print("hsl: invalid spec:", file=sys.stderr)
         for err in exc.errors:

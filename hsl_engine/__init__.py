@@ -25,6 +25,7 @@ from ._data import (
 from ._errors import ConvergenceError, ConvergenceWarning, DeviceError, EngineError, SpecError
 from ._estimate import ResourceEstimate, estimate_resources
 from ._experiment import (
+    POINT_OVERHEAD_FLOPS,
     ExperimentResult,
     expected_seconds,
     iter_run,
@@ -52,6 +53,7 @@ __version__ = ENGINE_VERSION
 
 __all__ = [
     "ENGINE_VERSION",
+    "POINT_OVERHEAD_FLOPS",
     "PRESETS",
     "Backend",
     "ConvergenceError",

@@ -12,7 +12,7 @@ which the work estimate counts as extra passes of sample generation.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ._data import LABEL_SHARE, SAMPLE_BUDGET_BYTES
 from ._eigen import DEFAULT_EXPAND, DEFAULT_MAX_BASIS
@@ -55,6 +55,9 @@ class ResourceEstimate:
         Number of (method, seed, n) points.
     streamed : bool
         Whether some training samples are regenerated per pass (beyond the sample budget).
+    point_flops : dict
+        Method name -> the work of each of its points of one seed, in ascending n (the
+        order of ``spec.sample_sizes()``); ``flops`` is their sum times the seeds.
     """
 
     feature_dim: float
@@ -63,6 +66,7 @@ class ResourceEstimate:
     flops: float
     points: int
     streamed: bool = False
+    point_flops: dict[str, list[float]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def log10_peak_bytes(self) -> float:
@@ -132,6 +136,7 @@ def estimate_resources(
         ns = [_exp(a * log_d) for a in spec.sweep.alphas]
     else:
         ns = [float(n) for n in spec.sweep.n_values or []]
+    ns.sort()  # the order the points run in
     n_max = max(ns)
     n_test = float(spec.sweep.n_test)
     width = dim if m.features == "gaussian" else d  # floats per sample
@@ -161,9 +166,11 @@ def estimate_resources(
     test = 8.0 * width * n_test + 8.0 * d1 * n_test
 
     peak = 0.0
-    flops = 0.0
+    # the work of each point of one seed: method -> flops per n, ascending n
+    work: dict[str, list[float]] = {}
     for method in spec.methods:
         run_peak = stored + test + working
+        per_n = [0.0] * len(ns)
         if method.name in ("layerwise_spectral", "latent_rbf"):
             dense_bytes = 6.0 * 8.0 * dim * dim  # two sums, the matrix, eigensolver copies
             # (choose_solver needs the exact D, which is only formed when it is modest)
@@ -178,25 +185,33 @@ def estimate_resources(
             run_peak += min(cache, 8.0 * (d1 + 1) * n_max)
             vectors = krylov_vectors(d1)
             passes = vectors / DEFAULT_EXPAND + 1.0
-            krylov = 0.0
-            for n in ns:
+            previous = 0.0
+            for i, n in enumerate(ns):
                 regen = regen_flops(n)
-                krylov += vectors * n * per_vector_per_sample + passes * regen
                 # label statistics and the passes of steps 3-4 over the second batch
-                flops += 3.0 * 2.0 * n * d1 * (d * d if q2 else dim) + 4.0 * regen
-                flops += 2.0 * n_test * d1 * (d * d if q2 else dim)
-            dense_flops = 4.0 * n_max * dim * dim + len(ns) * 10.0 * dim**3
-            flops += dense_flops if dense else krylov
+                per_n[i] += 3.0 * 2.0 * n * d1 * (d * d if q2 else dim) + 4.0 * regen
+                per_n[i] += 2.0 * n_test * d1 * (d * d if q2 else dim)
+                if dense:  # the new samples accumulated, then one dense eigensolve
+                    per_n[i] += 4.0 * (n - previous) * dim * dim + 10.0 * dim**3
+                else:
+                    per_n[i] += vectors * n * per_vector_per_sample + passes * regen
+                previous = n
         if method.name in ("kernel_rbf", "kernel_poly", "latent_rbf"):
             lm = float(method.n_landmarks)
             kernel_width = d1 if method.name == "latent_rbf" else width
             run_peak += 8.0 * (4.0 * lm * lm + 2.0 * 4096.0 * lm)
+            # the kernels on inputs add the new samples of nested sizes; latent_rbf refits
+            # on all n samples at each size (new features)
             nested = method.name != "latent_rbf"
-            total_rows = n_max if nested else sum(ns)
-            flops += 2.0 * total_rows * lm * (kernel_width + lm)
-            flops += 2.0 * len(ns) * n_test * lm * (kernel_width + 1)
-            flops += regen_flops(total_rows)
+            rows = 0.0
+            for i, n in enumerate(ns):
+                new_rows = n - (ns[i - 1] if i else 0.0) if nested else n
+                per_n[i] += 2.0 * new_rows * lm * (kernel_width + lm)
+                per_n[i] += 2.0 * n_test * lm * (kernel_width + 1)
+                per_n[i] += regen_flops(rows + new_rows) - regen_flops(rows)
+                rows += new_rows
+        work[method.name] = per_n
         peak = max(peak, run_peak)
-    flops *= spec.sweep.seeds
+    flops = spec.sweep.seeds * sum(sum(per_n) for per_n in work.values())
     points = len(spec.methods) * spec.sweep.seeds * len(ns)
-    return ResourceEstimate(dim, n_max, BASELINE_BYTES + peak, flops, points, streamed)
+    return ResourceEstimate(dim, n_max, BASELINE_BYTES + peak, flops, points, streamed, work)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ._backend import Backend, spec_backend
 from ._data import SeedData, make_seed_data
+from ._estimate import ResourceEstimate, estimate_resources
 from ._kernels import KernelRidgeSweep
 from ._spec import ExperimentSpec, parse_spec
 from ._spectral import (
@@ -223,43 +225,98 @@ def run_experiment(
     *,
     on_point: Callable[[Point], None] | None = None,
     threads: int | None = None,
+    done: Iterable[Point] = (),
+    should_stop: Callable[[], bool] | None = None,
 ) -> ExperimentResult:
     """Run every (method, seed) of a spec in this process and summarise.
 
     Seeds run one after another; the methods of a seed share its teacher and samples.
+
+    Parameters
+    ----------
+    done : iterable of Point
+        Points already measured (a resumed experiment): not measured again, and part of the
+        result. A seed whose points are all there is not even set up.
+    should_stop : callable, optional
+        Checked before each point; True ends the experiment at that point boundary (the
+        result then holds the points measured so far).
     """
     spec = parse_spec(spec)
     backend = spec_backend(spec, threads=threads)
-    points: list[Point] = []
+    points: list[Point] = list(done)
+    stored = {(p.method, p.seed, p.n) for p in points}
+    sizes = [n for n, _ in spec.sample_sizes()]
     for seed in range(spec.sweep.seeds):
+        skips = {m.name: {n for n in sizes if (m.name, seed, n) in stored} for m in spec.methods}
+        if all(len(skip) == len(sizes) for skip in skips.values()):
+            continue
+        if should_stop is not None and should_stop():
+            break
         data = make_seed_data(
             spec, seed, sample_budget_bytes=backend.sample_budget_bytes, backend=backend
         )
         for m in spec.methods:
-            for p in iter_run(spec, m.name, seed, data=data, backend=backend):
+            for p in iter_run(
+                spec,
+                m.name,
+                seed,
+                skip=skips[m.name],
+                data=data,
+                backend=backend,
+                should_stop=should_stop,
+            ):
                 points.append(p)
                 if on_point is not None:
                     on_point(p)
+            if should_stop is not None and should_stop():
+                break
     return ExperimentResult(spec, points, summarize(spec, points, rng=summary_rng(spec)))
 
 
-def expected_seconds(spec: ExperimentSpec, done: list[Point]) -> float | None:
-    """Seconds left, from each method's time per training sample so far (cost ~ n).
+# A point's fixed cost beyond its estimated work, in flops' worth: the per-pass and
+# per-chunk bookkeeping of its Krylov passes, thread hand-offs, the eigensolver's small dense
+# algebra and the readout. Chosen on runs of the CPU presets recorded on a loaded 2-core
+# machine (tests/engine/data/recorded_runs.json), where the smallest points ran at a few
+# percent of the largest ones' flop rate: it minimises the worst error of the first ETA.
+POINT_OVERHEAD_FLOPS = 5e9
 
-    A method without finished points borrows the rate of all points together.
+
+def expected_seconds(
+    spec: ExperimentSpec, done: Iterable[Any], *, estimate: ResourceEstimate | None = None
+) -> float | None:
+    """Seconds left to compute the points not in ``done``, from the engine's cost model.
+
+    Each point's work is its share of `estimate_resources` (``point_flops``) plus
+    `POINT_OVERHEAD_FLOPS`; the seconds per unit of work are calibrated on the points
+    measured so far (``done``: objects with ``method``, ``seed``, ``n`` and ``seconds``),
+    per method once it has points, else on all of them. None before the first point.
     """
-    if not done:
-        return None
+    est = estimate or estimate_resources(spec)
+    sizes = {n: i for i, (n, _) in enumerate(spec.sample_sizes())}
+
+    def work(method: str, n: int) -> float | None:
+        per_n = est.point_flops.get(method)
+        i = sizes.get(n)
+        return None if per_n is None or i is None else per_n[i] + POINT_OVERHEAD_FLOPS
+
     spent: dict[str, list[float]] = {}
+    keys = set()
     for p in done:
+        w = work(p.method, p.n)
+        if w is None or p.seconds is None:
+            continue
+        keys.add((p.method, p.seed, p.n))
         acc = spent.setdefault(p.method, [0.0, 0.0])
-        acc[0] += p.seconds
-        acc[1] += p.n
-    overall = sum(a[0] for a in spent.values()) / max(1.0, sum(a[1] for a in spent.values()))
-    done_keys = {(p.method, p.seed, p.n) for p in done}
+        acc[0] += float(p.seconds)
+        acc[1] += w
+    if not spent:
+        return None
+    overall = sum(a[0] for a in spent.values()) / sum(a[1] for a in spent.values())
     left = 0.0
     for method, seed in runs(spec):
         acc = spent.get(method)
-        rate = acc[0] / max(1.0, acc[1]) if acc else overall
-        left += sum(rate * n for n, _ in spec.sample_sizes() if (method, seed, n) not in done_keys)
+        rate = acc[0] / acc[1] if acc else overall
+        for n, _ in spec.sample_sizes():
+            if (method, seed, n) not in keys:
+                left += rate * work(method, n)
     return left if math.isfinite(left) else None

@@ -8,6 +8,7 @@ scikit-learn's ``global_random_seed``.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -24,3 +25,17 @@ def _seeds() -> list[int]:
 @pytest.fixture(params=_seeds())
 def seed(request) -> int:
     return request.param
+
+
+# Whole directories marked ``slow`` (left out by ``-m "not slow"``, the newcomer's fast
+# subset): the reliability scenarios start real servers, brokers and databases and drive them
+# for 2-45 s each, and the integration tests start whole stacks (workers, reapers, Redis).
+SLOW_DIRECTORIES = ("reliability", "integration")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    root = Path(__file__).parent
+    for item in items:
+        parts = Path(str(item.path)).relative_to(root).parts
+        if parts and parts[0] in SLOW_DIRECTORIES:
+            item.add_marker(pytest.mark.slow)

@@ -8,7 +8,9 @@ not depend on the thread count; and a streamed run's memory does not grow with n
 """
 
 import dataclasses
+import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -231,3 +233,110 @@ def test_memory_of_a_streamed_run_does_not_grow_with_n(tmp_path):
 
     small, large = peak(50_000), peak(800_000)
     assert large - small < 16 * 2**20, (small, large)
+
+
+# Reads every variant of a seed's training samples and prints the SHA-256 of their inputs and
+# labels per spec and n: stored, streamed (regenerated at every read), partly kept (a prefix
+# whole, the labels of the next chunks), read by the backend's threads in reverse chunk order
+# and drawn in one call.
+_DIGESTS = r"""
+import hashlib, json, os, sys
+import numpy as np
+import hsl_engine as he
+
+threads = int(os.environ["HSL_THREADS"])
+backend = he.get_backend("cpu", threads=threads)
+out = {}
+for i, (raw, ns) in enumerate(json.loads(sys.argv[1])):
+    spec = he.parse_spec(raw)
+    rows = he.make_seed_data(spec, 0).train.rows
+    per_sample = spec.model.feature_dim * 4 + 8
+    budgets = {"stored": None, "streamed": 0, "partial": 2 * rows * per_sample / 0.75}
+    for name, budget in budgets.items():
+        data = he.make_seed_data(spec, 0, sample_budget_bytes=budget, backend=backend)
+        for n in ns:
+            view = data.train.view(n)
+            last = view.n_chunks() - 1
+            chunks = backend.map_ordered(lambda c: view.block(last - c), last + 1)[::-1]
+            x = np.concatenate([c[0] for c in chunks])
+            y = np.concatenate([c[1] for c in chunks])
+            x1, y1 = data.train.take(n)
+            assert np.array_equal(x, x1) and np.array_equal(y, y1), (name, n)
+            arrays = (x, y, data.test_labels)
+            out[f"{i}:{name}:{n}"] = [hashlib.sha256(a.tobytes()).hexdigest() for a in arrays]
+print(json.dumps(out))
+"""
+
+
+def test_samples_are_bit_for_bit_the_same_whatever_the_thread_count(seed):
+    """Inputs and labels of sample i are a function of (seed, i) alone, bit for bit: the same
+    digests for every n (none a multiple of the chunk), with every sample stored, streamed
+    or partly kept, read in threads in any order, in processes with HSL_THREADS=1 and 2
+    (and BLAS as many threads), for q = 2 and 3, Hermite and Gaussian features: the labels'
+    GEMMs see whole fixed chunks under single-threaded BLAS, never a batch shaped by n or by
+    the reader."""
+    specs = [
+        he.parse_spec(
+            {
+                "model": {"d": d, "q": q, "features": features, "noise_std": 0.3},
+                "sweep": {"n_values": [100], "seed": seed, "n_test": 500},
+                "solver": {"dtype": "float32"},
+            }
+        )
+        for d, q, features in [(14, 2, "hermite"), (9, 2, "gaussian"), (7, 3, "hermite")]
+    ]
+    cases = []
+    for spec in specs:
+        rows = he.make_seed_data(spec, 0).train.rows
+        ns = [1, 37, rows - 1, rows + 1, 3 * rows + 5, 2 * rows - 7]
+        assert all(n % rows for n in ns)
+        cases.append((spec, ns))
+    arg = json.dumps([(spec.model_dump(mode="json"), ns) for spec, ns in cases])
+    digests = []
+    for threads in (1, 2):
+        env = {
+            **os.environ,
+            "HSL_THREADS": str(threads),
+            "OPENBLAS_NUM_THREADS": str(threads),
+            "OMP_NUM_THREADS": str(threads),
+        }
+        out = subprocess.run(
+            [sys.executable, "-c", _DIGESTS, arg], capture_output=True, text=True, env=env
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        digests.append(json.loads(out.stdout))
+    assert digests[0] == digests[1]
+    found = digests[0]
+    for i, (spec, ns) in enumerate(cases):
+        for n in ns:  # stored, streamed and partly kept samples are the same numbers
+            assert found[f"{i}:stored:{n}"] == found[f"{i}:streamed:{n}"], (i, n)
+            assert found[f"{i}:stored:{n}"] == found[f"{i}:partial:{n}"], (i, n)
+        # and the same as this process draws, the largest n holding every smaller one
+        data = he.make_seed_data(spec, 0)
+        x_all, y_all = data.train.take(max(ns))
+        for n in ns:
+            x, y = data.train.take(n)
+            assert_array_equal(x, x_all[:n])
+            assert_array_equal(y, y_all[:n])
+            arrays = (x, y, data.test_labels)
+            digest = [hashlib.sha256(a.tobytes()).hexdigest() for a in arrays]
+            assert digest == found[f"{i}:stored:{n}"], (i, n)
+
+
+def test_the_torch_cpu_backend_reads_the_same_samples(seed):
+    """The PyTorch CPU backend reads NumPy's streams: the same inputs and labels, bit for bit."""
+    pytest.importorskip("torch")
+    spec = he.parse_spec(
+        {
+            "model": {"d": 11, "noise_std": 0.3},
+            "sweep": {"n_values": [100], "seed": seed},
+            "solver": {"dtype": "float32"},
+        }
+    )
+    rows = he.make_seed_data(spec, 0).train.rows
+    n = 2 * rows + 19
+    x, y = he.make_seed_data(spec, 0, sample_budget_bytes=0).train.take(n)
+    torch_cpu = he.get_backend("cpu", backend="torch")
+    tx, ty = he.make_seed_data(spec, 0, backend=torch_cpu).train.take(n)
+    assert_array_equal(tx.numpy(), x)
+    assert_array_equal(ty.numpy(), y)
