@@ -1,4 +1,4 @@
-"""Request and response schemas of the studies and compare resources (shared/API.md)."""
+"""Request and response schemas of the studies and compare resources (docs/reference.md)."""
 
 from __future__ import annotations
 
