@@ -184,6 +184,9 @@ def estimate_resources(
                 krylov += vectors * n * per_vector_per_sample + passes * regen
                 # label statistics and the passes of steps 3-4 over the second batch
                 flops += 3.0 * 2.0 * n * d1 * (d * d if q2 else dim) + 4.0 * regen
+                if getattr(method, "sample_split", False):
+                    # the readout batch: n more samples, drawn, labelled and projected
+                    flops += 2.0 * 2.0 * n * d1 * (d * d if q2 else dim) + 2.0 * regen
                 flops += 2.0 * n_test * d1 * (d * d if q2 else dim)
             dense_flops = 4.0 * n_max * dim * dim + len(ns) * 10.0 * dim**3
             flops += dense_flops if dense else krylov
@@ -192,7 +195,8 @@ def estimate_resources(
             kernel_width = d1 if method.name == "latent_rbf" else width
             run_peak += 8.0 * (4.0 * lm * lm + 2.0 * 4096.0 * lm)
             nested = method.name != "latent_rbf"
-            total_rows = n_max if nested else sum(ns)
+            cap = float(method.max_train) if method.max_train is not None else math.inf
+            total_rows = min(n_max, cap) if nested else sum(min(n, cap) for n in ns)
             flops += 2.0 * total_rows * lm * (kernel_width + lm)
             flops += 2.0 * len(ns) * n_test * lm * (kernel_width + 1)
             flops += regen_flops(total_rows)
