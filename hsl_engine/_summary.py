@@ -409,8 +409,9 @@ def summarize(
         max(ns),
         th.bulk_edge(max(ns)),
         tuple(float(s) for s in th.spikes(max(ns))),
-        "gaussian-equivalent" if spec.model.features == "gaussian" else "gaussian-equivalent, "
-        f"Var(h2) = 1 + 12/d = {th.h2_var:.3f}",
+        "gaussian-equivalent"
+        if spec.model.features == "gaussian"
+        else f"gaussian-equivalent, Var(h2) = 1 + 12/d = {th.h2_var:.3f}",
     )
     return Summary(curve_map, ths, pl, theory_curve(spec, th), spectrum)
 

@@ -158,8 +158,9 @@ def test_nonlinear_spikes_match_monte_carlo_with_their_signs(activation):
     # Monte Carlo estimate (2e6 samples, error ~ 2e-3) on one teacher with mixed signs
     from hsl_engine._theory import label_moments
 
-    spec = gaussian_spec(model={"d": 30, "d1": 6, "gamma": 0.6, "activation": activation},
-                         sweep={"alphas": [2]})
+    spec = gaussian_spec(
+        model={"d": 30, "d1": 6, "gamma": 0.6, "activation": activation}, sweep={"alphas": [2]}
+    )
     lam = he.theory(spec.model).weights * np.array([1, -1, 1, -1, -1, 1])
     got = label_moments(spec.model, lam)
     rng = np.random.default_rng(7)
