@@ -94,6 +94,8 @@ def choose_solver(spec: ExperimentSpec) -> str:
     choice = spec.solver.eigensolver
     if choice != "auto":
         return choice
+    if any(getattr(meth, "spectrum", "top") == "full" for meth in spec.methods):
+        return "dense"  # every eigenvalue: a dense eigendecomposition
     m = spec.model
     dim = m.feature_dim
     if 2 * 8 * dim * dim > DENSE_SUM_BYTES:

@@ -36,6 +36,8 @@ MAX_N = 10**9
 MIN_N = 10
 MAX_SEEDS = 1000
 MAX_SWEEP_POINTS = 200
+# largest D whose whole spectrum a point may store (a dense D x D eigendecomposition)
+MAX_FULL_SPECTRUM_DIM = 20_000
 
 
 def _range(lo: float, hi: float, *, lo_open: bool = False):
@@ -210,6 +212,11 @@ class LayerwiseSpectral(_Strict):
         | None
     ) = None
     readout_ridge: Float(0.0, 1e6, description="ridge penalty of the readout, per sample") = 1e-3
+    spectrum: Literal["top", "full"] = Field(
+        "top",
+        description="eigenvalues stored per point: top = the d1 + 10 largest by magnitude; "
+        "full = all D (for a histogram; dense solver, D <= 20000)",
+    )
 
     @field_validator("readout_degree")
     @classmethod
@@ -336,6 +343,27 @@ class ExperimentSpec(_Strict):
                 "'torch' or 'auto'",
                 {"device": self.device, "field": "solver.backend"},
             )
+        for k, m in enumerate(self.methods):
+            if getattr(m, "spectrum", "top") != "full":
+                continue
+            if self.solver.eigensolver == "krylov":
+                raise PydanticCustomError(
+                    "full_spectrum",
+                    "spectrum 'full' needs the dense eigensolver, got solver.eigensolver "
+                    "'krylov'",
+                    {"field": f"methods.{k}.spectrum"},
+                )
+            if self.model.log_feature_dim > math.log(MAX_FULL_SPECTRUM_DIM):
+                raise PydanticCustomError(
+                    "full_spectrum",
+                    "spectrum 'full' stores all D eigenvalues: D must be <= {limit}, got "
+                    "D = C(d + q - 1, q) = {dim}",
+                    {
+                        "limit": MAX_FULL_SPECTRUM_DIM,
+                        "dim": self.model.feature_dim,
+                        "field": f"methods.{k}.spectrum",
+                    },
+                )
         log_d = math.log(self.model.d)
         if self.sweep.alphas is not None:
             ns = []

@@ -104,8 +104,16 @@ class FirstLayerSolver:
       (``4 n_max D^2`` flops against the Krylov estimate), else krylov. See `choose_solver`.
     """
 
-    def __init__(self, spec: ExperimentSpec, backend: Backend, *, rng: np.random.Generator):
+    def __init__(
+        self,
+        spec: ExperimentSpec,
+        backend: Backend,
+        *,
+        rng: np.random.Generator,
+        full_spectrum: bool = False,
+    ):
         self.spec = spec
+        self.full_spectrum = full_spectrum
         self.backend = backend
         self.rng = rng
         self.d1 = spec.model.hidden_dim
@@ -139,6 +147,7 @@ class FirstLayerSolver:
                 v0=self._warm,
                 rng=self.rng,
                 backend=self.backend,
+                all_values=self.full_spectrum,
             )
         else:
             res = self._krylov(op)
@@ -371,7 +380,9 @@ class LayerwiseSpectral:
         self.spec = spec
         self.method = method
         self.data = data
-        self.first = FirstLayerSolver(spec, backend, rng=rng)
+        self.first = FirstLayerSolver(
+            spec, backend, rng=rng, full_spectrum=method.spectrum == "full"
+        )
         degree = method.readout_degree
         if degree is None:
             degree = 1 if spec.model.activation == "id" else 5
