@@ -15,7 +15,6 @@ from typing import Any
 
 from ._spec import ExperimentSpec, parse_spec
 
-
 # the paper's estimator: no sample split, the in-sample h2_hat rescaled to unit std
 PAPER_SPECTRAL: dict[str, Any] = {
     "name": "layerwise_spectral",

@@ -349,8 +349,7 @@ class ExperimentSpec(_Strict):
             if self.solver.eigensolver == "krylov":
                 raise PydanticCustomError(
                     "full_spectrum",
-                    "spectrum 'full' needs the dense eigensolver, got solver.eigensolver "
-                    "'krylov'",
+                    "spectrum 'full' needs the dense eigensolver, got solver.eigensolver 'krylov'",
                     {"field": f"methods.{k}.spectrum"},
                 )
             if self.model.log_feature_dim > math.log(MAX_FULL_SPECTRUM_DIM):
