@@ -606,14 +606,27 @@ def _plot_cos2(doc: Mapping):
                 label=label,
                 zorder=3,
             )
+            # the index beside the curve where it crosses 1/2 (curves are spread apart
+            # there), else at its last point
+            at = next((k for k in range(1, len(pts)) if pts[k - 1][1] < 0.5 <= pts[k][1]), None)
+            if at is None:
+                xy, offset, ha = pts[-1], (4, 0), "left"
+            else:
+                (x0, y0), (x1, y1) = pts[at - 1], pts[at]
+                frac = (0.5 - y0) / (y1 - y0)
+                xy = (x0 * (x1 / x0) ** frac, 0.5)
+                offset, ha = (-3, 5), "right"
             ax.annotate(
                 str(i + 1),
-                (pts[-1][0], pts[-1][1]),
-                xytext=(4, 0),
+                xy,
+                xytext=offset,
                 textcoords="offset points",
                 fontsize=7,
+                fontweight="bold",
                 color=colour[i],
                 va="center",
+                ha=ha,
+                zorder=5,
             )
             drawn = True
         for tlabel, trows, _style in theories:
@@ -809,8 +822,14 @@ def _spectrum_histogram(ax, doc: Mapping, eig: list[float], k: int, n: float) ->
     vals = [v for v in eig if _ok(v)]
     _xlabel(ax, doc, "eigenvalue of the moment matrix C_hat")
     ax.set_ylabel("count")
-    ax.hist(vals, bins=120, color="0.6", label=f"all {len(vals)} eigenvalues")
+    counts, _, _ = ax.hist(
+        vals,
+        bins=int(min(120, max(20, len(vals) // 4))),
+        color="0.6",
+        label=f"all {len(vals)} eigenvalues",
+    )
     ax.set_yscale("log")
+    ax.set_ylim(0.5, max(2.0, float(max(counts, default=1.0))) * 40)  # room for the legend
     top = [v for v in eig[:k] if _ok(v)]
     if top:
         ax.plot(
@@ -843,7 +862,7 @@ def _spectrum_histogram(ax, doc: Mapping, eig: list[float], k: int, n: float) ->
                 alpha=0.8,
                 label=f"{name} outliers, predicted sign" if j == 0 else None,
             )
-    _legend(ax, fontsize=6.5, loc="upper right")
+    _legend(ax, fontsize=6.5, loc="upper left")
 
 
 _BUILDERS = {
