@@ -33,7 +33,7 @@ from ._experiment import (
     runs,
 )
 from ._features import feature_dim, lift, sym_to_vec, vec_to_sym
-from ._presets import PRESETS, preset, preset_description, preset_names
+from ._presets import ALIASES, PRESETS, preset, preset_description, preset_names
 from ._spec import NAME_FORBIDDEN, ExperimentSpec, Name, parse_spec
 from ._summary import (
     CurvePoint,
@@ -51,6 +51,7 @@ __version__ = ENGINE_VERSION
 
 __all__ = [
     "ENGINE_VERSION",
+    "ALIASES",
     "PRESETS",
     "Backend",
     "ConvergenceError",

@@ -248,7 +248,7 @@ def test_mse_plot_shows_data(doc):
     assert "n→∞ exponent -0.50".encode() in svg
     assert b"layerwise_spectral" in svg and b"kernel_rbf" in svg
     assert "mean ± SEM over 2 seeds".encode() in svg
-    assert "test MSE / Var(y)".encode() in svg
+    assert b"test MSE / Var(y)" in svg
     assert b"unit-doc: d=20, q=2, gamma=1.0, id, hermite" in svg
     assert b"no data yet" not in svg
 
