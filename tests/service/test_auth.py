@@ -174,9 +174,9 @@ def test_concurrent_key_creation_for_a_new_tenant_makes_one_tenant(app):
         minted = list(pool.map(mint, range(8)))
     assert len(set(minted)) == 8
     with app.state.sessions() as session:
-        tenants = (
-            session.execute(select(Tenant.id).where(Tenant.name == "racing-tenant")).scalars().all()
-        )
+        tenants = session.execute(
+            select(Tenant.id).where(Tenant.name == "racing-tenant")
+        ).scalars().all()
         assert len(tenants) == 1
         held = session.execute(
             select(func.count()).select_from(ApiKey).where(ApiKey.tenant_id == tenants[0])
