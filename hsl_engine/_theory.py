@@ -359,21 +359,34 @@ def _n_half(th: Theory) -> np.ndarray:
 def teacher_signs(spec, seeds: int | None = None) -> np.ndarray | None:
     """Signs of the weights of the first ``seeds`` seeds' teachers (at most `SIGN_PATTERNS`),
     shape (P, d1), drawn as `make_teacher` draws them; None when redrawing them would cost
-    more than `SIGN_DRAW_LIMIT` normal draws each."""
-    from ._data import seed_rng
-
+    more than `SIGN_DRAW_LIMIT` normal draws each. Cached per (model, root seed, count)."""
     model = spec.model
-    d1 = model.hidden_dim
-    dim = model.feature_dim
-    if dim * d1 > SIGN_DRAW_LIMIT:
+    if model.feature_dim * model.hidden_dim > SIGN_DRAW_LIMIT:
         return None
     count = min(spec.sweep.seeds if seeds is None else seeds, SIGN_PATTERNS)
+    return _teacher_signs(model.model_dump_json(), spec.sweep.seed, count)
+
+
+@lru_cache(maxsize=32)
+def _teacher_signs(model_json: str, root_seed: int, count: int) -> np.ndarray:
+    from ._data import seed_rng
+    from ._spec import ExperimentSpec
+
+    spec = ExperimentSpec.model_validate(
+        {
+            "model": ModelSpec.model_validate_json(model_json),
+            "sweep": {"n_values": [10], "seed": root_seed},
+        }
+    )
+    model = spec.model
     out = []
     for k in range(count):
         rng = seed_rng(spec, k).spawn(5)[0]
-        rng.standard_normal((dim, d1))  # the directions, drawn first
-        out.append(rng.choice(np.array([-1.0, 1.0]), size=d1))
-    return np.array(out)
+        rng.standard_normal((model.feature_dim, model.hidden_dim))  # the directions, first
+        out.append(rng.choice(np.array([-1.0, 1.0]), size=model.hidden_dim))
+    signs = np.array(out)
+    signs.setflags(write=False)
+    return signs
 
 
 def _label_var(name: str) -> float:

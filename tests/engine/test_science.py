@@ -177,3 +177,26 @@ def test_nonlinear_spikes_match_monte_carlo_with_their_signs(activation):
         # -sqrt2/4 nearly cancels, a positive one adds
         assert got.spike[0] > math.sqrt(2) * lam[0] / math.sqrt(3)
         assert abs(got.spike[1]) < math.sqrt(2) * abs(lam[1]) / math.sqrt(3)
+
+
+def test_predicted_outliers_carry_the_measured_signs(seed):
+    # Gaussian mode, every direction past its onset at n = 100 D: the predicted outliers of
+    # seed 0's teacher have the signs (and, within 10 %, the values) of the measured top d1
+    from hsl_engine._data import make_seed_data
+    from hsl_engine._theory import teacher_signs
+
+    dim = 136
+    spec = gaussian_spec(
+        model={"d": 16, "d1": 4, "gamma": 0.5},
+        sweep={"n_values": [100 * dim], "seeds": 2, "seed": seed},
+    )
+    signs = teacher_signs(spec)
+    for k in range(2):
+        assert np.array_equal(signs[k], np.sign(make_seed_data(spec, k).teacher.weights))
+    result = he.run_experiment(spec)
+    measured = next(p for p in result.points if p.seed == 0).eigenvalues[:4]
+    predicted = np.array(result.summary.spectrum.spikes)
+    order = np.argsort(-np.abs(measured))
+    assert predicted.size == 4
+    assert np.array_equal(np.sign(predicted), np.sign(np.array(measured)[order]))
+    np.testing.assert_allclose(predicted, np.array(measured)[order], rtol=0.1)
