@@ -176,7 +176,8 @@ def _build() -> dict[str, dict[str, Any]]:
 
     # -- CPU-sized versions ---------------------------------------------------------------------
     presets["recovery-vs-kernel-cpu"] = {
-        "description": "CPU Fig. 2: sequential recovery and power-law MSE at d = 60, gamma 1",
+        "description": "Sequential recovery of the strongest directions and a falling MSE "
+        "at d = 60 (Hermite features, gamma 1), against an RBF kernel on x that stays near MSE 1",
         "spec": {
             "name": "recovery-vs-kernel-cpu",
             "model": {
@@ -216,8 +217,8 @@ def _build() -> dict[str, dict[str, Any]]:
         },
     }
     presets["power-law-gaussian-cpu"] = {
-        "description": "CPU Fig. 3: the MSE exponent depends on gamma (Gaussian-equivalent, "
-        "d = 30, gamma 1.0)",
+        "description": "Power-law MSE in Gaussian-equivalent mode (d = 30, d1 = 8, gamma 1.0): the "
+        "fitted exponent against the theory curves over the same window",
         "spec": {
             "name": "power-law-gaussian-cpu",
             "model": {"d": 30, "d1": 8, "gamma": 1.0, "features": "gaussian"},
@@ -226,7 +227,7 @@ def _build() -> dict[str, dict[str, Any]]:
         },
     }
     presets["cos2-vs-theory-gaussian-cpu"] = {
-        "description": "CPU Fig. 4: per-direction cos2 against the BBP curves "
+        "description": "Per-direction cos2 against the theory curves on a fine alpha grid "
         "(Gaussian-equivalent, d = 30, d1 = 8, gamma 0.6)",
         "spec": {
             "name": "cos2-vs-theory-gaussian-cpu",
