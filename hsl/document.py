@@ -1,4 +1,4 @@
-"""The results document of shared/API.md, built from an engine spec and points.
+"""The results document of docs/reference.md, built from an engine spec and points.
 
 The engine returns dataclasses; turning them into JSON is this adapter's job. The same
 function serves ``hsl run`` and the service, so both produce identical documents.

@@ -1,4 +1,4 @@
-"""hsl_engine: the simulator of the hierarchical scaling-law model (see shared/MODEL.md).
+"""hsl_engine: the simulator of the hierarchical scaling-law model (see docs/model.md).
 
 NumPy/SciPy, plus PyTorch for the optional torch backend (CPU or CUDA); no I/O, no
 environment variables, no global random state.

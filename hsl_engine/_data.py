@@ -1,4 +1,4 @@
-"""Teacher and data: the hierarchical target of MODEL.md section 1.
+"""Teacher and data: the hierarchical target of docs/model.md section 1.
 
 All randomness comes from an explicit ``numpy.random.Generator``. Training samples come from
 chunk-keyed streams: chunk c of a stream is drawn from its own generator, so the first n

@@ -1,4 +1,4 @@
-"""The moment operator ``C_hat = (1/n) sum_mu y_mu (F_mu F_mu^T - I_D)`` (MODEL.md section 2).
+"""The moment operator ``C_hat = (1/n) sum_mu y_mu (F_mu F_mu^T - I_D)`` (docs/model.md section 2).
 
 Applied to blocks of vectors without ever forming the D x D matrix, one chunk of samples at a
 time (stored, or regenerated from the chunk-keyed stream: see `hsl_engine._data`):

@@ -1,6 +1,6 @@
 """Named specs: the paper's experiments (GPU-sized) and CPU-sized versions of them.
 
-The paper's settings (MODEL.md section 5): q = 2, epsilon = 0.5, Hermite features, 10 seeds,
+The paper's settings (docs/model.md section 5): q = 2, epsilon = 0.5, Hermite features, 10 seeds,
 n = round(d**alpha), no sample split, the paper's readout (the in-sample h2_hat rescaled to
 unit std: ``readout: "rescale"``), n_test = 5000; kernels with ridge 1e-4 trained on at most
 4000 samples. The ``-cpu`` presets keep the phenomenon and shrink d, the sweep and the seeds
@@ -249,6 +249,16 @@ def _build() -> dict[str, dict[str, Any]]:
                 {"name": "kernel_poly", "n_landmarks": 1500},
                 {"name": "latent_rbf", "n_landmarks": 1000},
             ],
+        },
+    }
+    presets["smoke"] = {
+        "description": "Smoke check: a few seconds on one core (Gaussian-equivalent, d = 16, "
+        "d1 = 4, gamma 1, 4 sample sizes, 2 seeds); shows every figure, not a science result",
+        "spec": {
+            "name": "smoke",
+            "model": {"d": 16, "d1": 4, "gamma": 1.0, "features": "gaussian"},
+            "sweep": {"alphas": [2.0, 2.5, 3.0, 3.5], "seeds": 2, "n_test": 1000},
+            "methods": [{"name": "layerwise_spectral"}],
         },
     }
     return presets

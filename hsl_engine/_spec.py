@@ -131,7 +131,7 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    """The teacher: data distribution and hierarchical target (MODEL.md section 1)."""
+    """The teacher: data distribution and hierarchical target (docs/model.md section 1)."""
 
     d: Int(2, MAX_D, description="input dimension") = 60
     q: Literal[2, 3] = Field(2, description="degree of the Hermite feature lift")
@@ -197,7 +197,7 @@ class SweepSpec(_Strict):
 
 
 class LayerwiseSpectral(_Strict):
-    """The layer-wise spectral method (MODEL.md section 2)."""
+    """The layer-wise spectral method (docs/model.md section 2)."""
 
     name: Literal["layerwise_spectral"]
     sample_split: bool = True

@@ -1,4 +1,4 @@
-"""The layer-wise spectral method (MODEL.md section 2) and the metrics of section 3."""
+"""The layer-wise spectral method (docs/model.md section 2) and the metrics of section 3."""
 
 from __future__ import annotations
 

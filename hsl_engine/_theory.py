@@ -1,4 +1,4 @@
-"""Asymptotic theory overlays (MODEL.md section 4): spikes, onsets, cos2 tails, MSE, exponents.
+"""Asymptotic theory overlays (docs/model.md section 4): spikes, onsets, cos2 tails, MSE, exponents.
 
 These are the large-n/D predictions of first-order perturbation theory for the spectral
 estimator ``C_hat = (1/n) sum y (z z^T - I)`` (Gaussian-equivalent mode), corrected per

@@ -17,13 +17,32 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import hsl_engine as he
 
-from . import errors, health, limits, presets, shedding
+from . import docs, errors, health, limits, presets, shedding
 from .config import Settings
 from .db import keys, make_engine, make_session_factory, migrate
 from .deps import Publisher
 from .experiments import routes as experiments
 from .experiments.schemas import Problem
 from .guards import RequestGuard
+from .web import router as web_router
+
+# the OpenAPI description (Swagger UI and ReDoc show it above the operations); the guides
+# are files of the source tree, named by path since the service does not serve them
+DESCRIPTION = """\
+Submit an experiment spec, follow its progress, and fetch its results document, CSV and
+figures. Errors are `application/problem+json` (RFC 9457).
+
+The guides are in the `docs/` folder of the hsl source tree:
+
+- `docs/model.md`: the model, the layer-wise spectral method and what is measured;
+- `docs/theory.md`: the exact finite-size theory drawn over the measurements;
+- `docs/reference.md`: every spec field with its type, default and limits, the results
+  document, these routes and the command line;
+- `docs/reliability.md`: what the service promises under faults, and how it is tested.
+
+Every `/v1` route takes `Authorization: Bearer <key>`, except on the embedded service bound to
+loopback, which runs keyless for its local user.
+"""
 
 MakePublisher = Callable[[sessionmaker[Session], Settings], Publisher]
 
@@ -69,7 +88,11 @@ def create_app(settings: Settings, make_publisher: MakePublisher) -> FastAPI:
         title="hsl",
         version=he.ENGINE_VERSION,
         summary="Simulation as a service for a solvable model of neural scaling laws",
+        description=DESCRIPTION,
         lifespan=lifespan,
+        # served from the installed package, not a CDN (service/docs.py)
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -94,6 +117,8 @@ def create_app(settings: Settings, make_publisher: MakePublisher) -> FastAPI:
     app.include_router(health.router)
     app.include_router(experiments.router)
     app.include_router(presets.router)
+    app.include_router(web_router)
+    docs.install(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -104,7 +129,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(
-        title=app.title, version=app.version, summary=app.summary, routes=app.routes
+        title=app.title,
+        version=app.version,
+        summary=app.summary,
+        description=app.description,
+        routes=app.routes,
     )
     spec_schema = he.ExperimentSpec.model_json_schema(ref_template="#/components/schemas/{model}")
     components = schema.setdefault("components", {}).setdefault("schemas", {})

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="The client's key (hsl submit/status/...)")
     url: str = Field("http://127.0.0.1:8000", description="The service the client talks to")
 
-    # durability (shared/RELIABILITY.md)
+    # durability (docs/reliability.md)
     lease_seconds: float = Field(30.0, gt=0, description="A run's lease; heartbeats renew it")
     reaper_interval: float = Field(5.0, gt=0, description="Seconds between reaper sweeps")
     republish_after: float = Field(

@@ -1,6 +1,6 @@
 """The Celery adapter: ``make_celery(settings)`` and one thin task over `execute_run`.
 
-Settings follow shared/RELIABILITY.md: late acknowledgement, redelivery when a child dies,
+Settings follow docs/reliability.md: late acknowledgement, redelivery when a child dies,
 one message prefetched per process, JSON only, and a visibility timeout above the hard
 time limit so Redis never hands a live run's message to a second worker.
 

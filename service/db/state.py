@@ -1,4 +1,4 @@
-"""State changes of runs and experiments, each a conditional UPDATE (shared/RELIABILITY.md).
+"""State changes of runs and experiments, each a conditional UPDATE (docs/reliability.md).
 
 Every function takes a session and never commits: the caller owns the transaction. The
 conditions in the WHERE clauses are the concurrency control: a duplicate delivery, a stale

@@ -1,4 +1,4 @@
-"""Response schemas of the experiments resource (shared/API.md)."""
+"""Response schemas of the experiments resource (docs/reference.md)."""
 
 from __future__ import annotations
 

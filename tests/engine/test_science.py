@@ -1,4 +1,4 @@
-"""Checks that would catch a wrong simulator: the physics of MODEL.md section 4.
+"""Checks that would catch a wrong simulator: the physics of docs/model.md section 4.
 
 Regimes: the BBP overlap formula is asymptotic in n/D; at n/D of a few the measured n_half is
 1.2-3x the BBP value (finite-size smoothing), so the curve itself is tested only at large
@@ -20,7 +20,7 @@ def gaussian_spec(**kw):
 
 def test_gaussian_cos2_follows_corrected_tail_at_large_n_over_d(seed):
     # D = 136, d1 = 4, gamma = 1/2, n/D = 40 and 160 (every direction at >= 9x its onset).
-    # The corrected tail 1 - cos2_i = (n_i/n) E[y^2 h_i^2] (MODEL.md section 4) is measured
+    # The corrected tail 1 - cos2_i = (n_i/n) E[y^2 h_i^2] (docs/model.md section 4) is measured
     # within 0.018 of the seed mean (seeds 0-2), where the bare 1 - n_i/n is off by 0.03-0.06
     # at n/D = 40: the corrected curve must be within D/n + 0.01 and 3x closer than the bare.
     dim = 136
@@ -99,7 +99,8 @@ def test_kernels_stay_near_one_far_below_d_to_the_2q_while_spectral_learns(seed)
 def test_nonlinear_targets_are_learned_in_gaussian_mode(seed, activation):
     # Only the strongest direction is required: for g with g'' != 0 the moment matrix also
     # carries E[g''] lambda_i^2 terms that can cancel the first-order spike of a direction
-    # with a negative weight (for quadratic g at |lambda| = sqrt2/4), beyond MODEL.md's theory.
+    # with a negative weight (for quadratic g at |lambda| = sqrt2/4), beyond the first-order
+    # theory of docs/model.md.
     spec = gaussian_spec(
         model={"d": 12, "activation": activation},
         sweep={"alphas": [2.0, 4.2], "seeds": 1, "seed": seed},

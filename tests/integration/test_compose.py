@@ -282,5 +282,5 @@ def _run_experiment_through_roles(services, ep: c.Endpoints, procs: Processes) -
     local = _local_results()
     assert remote["spec_hash"] == local["spec_hash"] == status["spec_hash"]
     # The same points, each once, with identical numbers: same spec, engine, device and dtype
-    # (shared/API.md), so ==.
+    # (docs/reference.md), so ==.
     same_numbers(remote, local)

@@ -1,4 +1,4 @@
-"""The reliability scenarios of issue 4 / shared/RELIABILITY.md.
+"""The reliability scenarios of issue 4 (docs/reliability.md).
 
 Each scenario test takes the ``scenario`` fixture, names itself, adds its figures, and
 registers the databases (and service URLs) it used. After the test, the fixture runs the

@@ -5,7 +5,7 @@ under property tests.
   (positive) and schema-invalid (negative) ones, with a valid test key, and checks each
   answer: no 5xx, status code, content type and body as the document declares them, negative
   data rejected with a 4xx, and every error ``application/problem+json`` with ``type, title,
-  status, detail`` (shared/RELIABILITY.md, promise 7).
+  status, detail`` (docs/reliability.md, promise 7).
 - Hypothesis throws arbitrary JSON and mutated valid specs at ``hsl_engine.parse_spec``: it
   either returns a spec or raises ``SpecError`` naming the offending field, never anything
   else; valid specs round-trip with the same hash; and the same bodies POSTed to the service
@@ -71,7 +71,7 @@ GENEROUS = {"submit_rate": 1e6, "submit_burst": 10**6, "max_active_experiments":
 
 
 def problem_errors(status: int, content_type: str, body: bytes) -> list[str]:
-    """What is wrong with an error response, measured against RFC 9457 and shared/API.md."""
+    """What is wrong with an error response, measured against RFC 9457 and docs/reference.md."""
     if status < 400:
         return []
     wrong = []

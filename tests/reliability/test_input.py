@@ -1,5 +1,5 @@
 """Hostile and absurd input, API keys, tenant isolation and per-tenant limits (issue 4,
-scenarios 09-13 of shared/RELIABILITY.md).
+scenarios 09-13; docs/reliability.md).
 
 Scenario 09 measures the submit path in process (the app from ``create_app`` behind the
 starlette test client), so the handling time is the server's and not the network's, and
