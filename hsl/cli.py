@@ -138,22 +138,25 @@ def summary_text(doc: dict[str, Any]) -> str:
     lines.append("per-feature recovery threshold (n where seed-mean cos2 reaches 1/2)")
     lines.append(f"{'i':>3} {'|lambda_i|':>10} {'n_half':>10} {'theory':>10} {'ratio':>6}")
     for t in doc["thresholds"]:
-        ratio = t["n_half"] / t["n_half_theory"] if t["n_half"] else None
+        ratio = t["n_half"] / t["n_half_theory"] if t["n_half"] and t["n_half_theory"] else None
         mark = " (<=, already at the first n)" if t.get("censored") == "left" else ""
         lines.append(
             f"{t['feature']:>3} {t['weight']:>10.4f} {_fmt(t['n_half'], '>10.4g')} "
-            f"{t['n_half_theory']:>10.4g} {_fmt(ratio, '>6.2f')}{mark}"
+            f"{_fmt(t['n_half_theory'], '>10.4g')} {_fmt(ratio, '>6.2f')}{mark}"
         )
     lines.append("")
     pl = doc.get("power_law")
     if pl is None:
         lines.append("power law: not enough points in the recovery window yet")
+    elif pl.get("exponent") is None:
+        lines.append(f"power law ({pl['method']}): not fitted: {pl.get('reason')}")
     else:
         ci = pl["exponent_ci"]
         ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
         lines.append(
             f"power law ({pl['method']}, n in [{pl['n_range'][0]}, {pl['n_range'][1]}], "
-            f"{pl['n_points']} points): exponent {pl['exponent']:.3f}{ci_text}"
+            f"{pl['n_points']} points, {len(pl.get('seeds') or [])} seeds): exponent "
+            f"{pl['exponent']:.3f}{ci_text} (95 % t interval over seeds)"
         )
         lines.append(
             f"  theory: asymptotic {_fmt(pl['exponent_theory'], '.3f')}, "

@@ -30,7 +30,8 @@ FORMATS: tuple[str, ...] = ("png", "svg")
 
 PRIMARY_METHOD = "layerwise_spectral"
 FIGSIZE = (6.4, 4.2)
-DPI = 120
+DPI = 120  # on screen; PNG files are written at PNG_DPI
+PNG_DPI = 240  # paper resolution
 MAX_DIRECTIONS = 10
 NO_DATA = "no data yet"
 
@@ -240,48 +241,147 @@ def _errorbar(ax, xs, ys, es, *, log_y: bool, **kw) -> None:
     ax.errorbar(xs, ys, yerr=np.vstack([lower, e]), capsize=2.5, elinewidth=0.9, **kw)
 
 
+# --------------------------------------------------------------------------- theory
+
+ASYMPTOTIC = "asymptotic theory (BBP, corrected tail)"
+FINITE_SIZE = "finite-size theory (exact, Gaussian-equivalent)"
+HERMITE_NOTE = (
+    "Hermite features: both theories are Gaussian-equivalent (Var h2 = 1 + 12/d);\n"
+    "at d <~ 100 the lift adds noise eigenvalues above their bulk, so recovery lags them"
+)
+MSE_LABEL = "test MSE / Var(y)"
+
+
+def _finite_rows(doc: Mapping) -> list[Mapping]:
+    """Rows of ``theory.finite_size`` (a curve list, or a mapping with ``curve``)."""
+    fs = _dict(doc.get("theory")).get("finite_size")
+    rows = _list(fs) if not isinstance(fs, Mapping) else _list(fs.get("curve"))
+    rows = [r for r in rows if isinstance(r, Mapping)]
+    rows = [r for r in rows if _ok(_num(r.get("n"))) and _num(r.get("n")) > 0]
+    return sorted(rows, key=lambda r: _num(r.get("n")))
+
+
+def _theories(doc: Mapping) -> list[tuple[str, list[Mapping], dict]]:
+    """(label, rows, line style) of each theory curve the document carries."""
+    out = []
+    rows = _theory_rows(doc)
+    if rows:
+        out.append((ASYMPTOTIC, rows, {"linestyle": "--", "color": "0.15", "linewidth": 1.1}))
+    rows = _finite_rows(doc)
+    if rows:
+        out.append((FINITE_SIZE, rows, {"linestyle": "-.", "color": "C3", "linewidth": 1.3}))
+    return out
+
+
+def _hermite(doc: Mapping) -> bool:
+    model = _dict(_dict(doc.get("spec")).get("model"))
+    return model.get("features", "hermite") == "hermite" and bool(model)
+
+
+def _xlabel(ax, doc: Mapping, text: str = "sample size n", *, note: bool = True) -> None:
+    if note and _hermite(doc):
+        ax.set_xlabel(f"{text}\n{HERMITE_NOTE}", fontsize=7.5)
+    else:
+        ax.set_xlabel(text)
+
+
+def _method_label(doc: Mapping, method: str, rows: Sequence[Mapping]) -> str:
+    """The method's name, how many seeds its bars average, and the samples a split uses."""
+    seeds = [int(_num(r.get("n_seeds"))) for r in rows if _ok(_num(r.get("n_seeds")))]
+    parts = []
+    if seeds:
+        lo, hi = min(seeds), max(seeds)
+        count = f"{hi}" if lo == hi else f"{lo}-{hi}"
+        parts.append(f"mean ± SEM over {count} seed{'s' if hi > 1 else ''}")
+    for m in _list(_dict(doc.get("spec")).get("methods")):
+        if isinstance(m, Mapping) and str(m.get("name")) == method and m.get("sample_split"):
+            used = "3n" if method == PRIMARY_METHOD else "2n"
+            parts.append(f"sample split: uses {used} samples")
+    label = _mathsafe(method)
+    return f"{label} ({'; '.join(parts)})" if parts else label
+
+
+def _slope_over(rows: Sequence[Mapping], key: str, lo: float, hi: float) -> float | None:
+    """Least-squares slope of log(key) on log n over the rows with n in [lo, hi]."""
+    import numpy as np
+
+    pts = [
+        (_num(r.get("n")), _num(r.get(key)))
+        for r in rows
+        if lo * (1 - 1e-9) <= _num(r.get("n")) <= hi * (1 + 1e-9)
+    ]
+    pts = [(n, v) for n, v in pts if _ok(v) and v > 0]
+    if len(pts) < 2 or min(p[0] for p in pts) == max(p[0] for p in pts):
+        return None
+    x = np.log([p[0] for p in pts])
+    y = np.log([p[1] for p in pts])
+    return float(np.polyfit(x, y, 1)[0])
+
+
 # --------------------------------------------------------------------------- figures
 
 
 def _plot_mse(doc: Mapping):
+    from matplotlib.lines import Line2D
+
     fig, ax = _new_axes()
     ax.set_title(_title(doc), fontsize=10)
-    ax.set_xlabel("sample size n")
-    ax.set_ylabel("test MSE")
+    _xlabel(ax, doc)
+    ax.set_ylabel(MSE_LABEL)
     curves = _curves(doc)
     colors = _colors(curves)
     drawn = False
+    labels = {}
 
-    for method, rows in curves.items():
+    for k, (method, rows) in enumerate(curves.items()):
         xs, ys, es = _series(rows, "mse", log_y=True)
         if xs:
+            labels[method] = _method_label(doc, method, rows)
             _errorbar(
                 ax,
                 xs,
                 ys,
                 es,
                 log_y=True,
-                marker="o",
+                marker="osD^v"[k % 5],
                 markersize=4,
                 linewidth=1.3,
                 color=colors[method],
-                label=_mathsafe(method),
+                label=labels[method],
+                zorder=3,
             )
             drawn = True
 
-    tx, ty = [], []
-    for r in _theory_rows(doc):
-        n, m = _num(r.get("n")), _num(r.get("mse"))
-        if _ok(m) and m > 0:
-            tx.append(n)
-            ty.append(m)
-    if tx:
-        ax.plot(tx, ty, linestyle="--", color="0.2", linewidth=1.2, label="theory")
+    pl = _dict(doc.get("power_law"))
+    window = [_num(v) for v in _list(pl.get("n_range"))]
+    has_window = len(window) == 2 and all(_ok(v) and v > 0 for v in window)
+    fitted = _ok(_num(pl.get("exponent")))
+    theory_labels = []
+    for label, rows, style in _theories(doc):
+        tx, ty = [], []
+        for r in rows:
+            n, m = _num(r.get("n")), _num(r.get("mse"))
+            if _ok(m) and m > 0:
+                tx.append(n)
+                ty.append(m)
+        if not tx:
+            continue
+        extra = []
+        if fitted and has_window:
+            slope = _slope_over(rows, "mse", min(window), max(window))
+            if slope is not None:
+                extra.append(f"slope {slope:.2f} over the fit window")
+        if label == ASYMPTOTIC and _ok(_num(pl.get("exponent_theory"))):
+            extra.append(f"n→∞ exponent {_num(pl.get('exponent_theory')):.2f}")
+        full = label + (f": {', '.join(extra)}" if extra else "")
+        ax.plot(tx, ty, label=full, zorder=2, **style)
+        theory_labels.append(full)
         drawn = True
 
     fit = _fit_line(doc, curves)
+    fit_label = None
     if fit is not None:
-        fx, fy, label, method = fit
+        fx, fy, fit_label, method = fit
         # a wide translucent band under the data, in the colour of the fitted method
         ax.plot(
             fx,
@@ -292,9 +392,12 @@ def _plot_mse(doc: Mapping):
             alpha=0.25,
             solid_capstyle="butt",
             zorder=1.5,
-            label=label,
+            label=fit_label,
         )
         drawn = True
+    elif pl and not fitted and pl.get("reason"):
+        fit_label = _mathsafe(f"no power-law fit: {pl.get('reason')}")
+        ax.add_line(Line2D([], [], linestyle="none", label=fit_label))
 
     if not drawn:
         _no_data(ax)
@@ -302,7 +405,8 @@ def _plot_mse(doc: Mapping):
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.grid(True, which="minor", alpha=0.12, linewidth=0.4)
-    _legend(ax, order=[_mathsafe(m) for m in curves], fontsize=8, loc="best")
+    order = [labels[m] for m in curves if m in labels] + theory_labels
+    _legend(ax, order=order, fontsize=6.5, loc="lower left")
     return fig
 
 
@@ -333,58 +437,60 @@ def _fit_line(doc: Mapping, curves: Mapping[str, list]) -> tuple | None:
     label = f"fit: slope {slope:.2f}"
     ci = [_num(v) for v in _list(pl.get("exponent_ci"))]
     if len(ci) == 2 and all(_ok(v) for v in ci):
-        label += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
-    theory = _num(pl.get("exponent_theory"))
-    theory_curve = _num(pl.get("exponent_theory_curve"))
-    if _ok(theory):
-        label += f" (theory {theory:.2f})"
-    elif _ok(theory_curve):
-        label += f" (theory curve {theory_curve:.2f})"
+        label += f" [{ci[0]:.2f}, {ci[1]:.2f}] (95 % t over seeds)"
+    points = _num(pl.get("n_points"))
+    label += f", n in [{lo:.3g}, {hi:.3g}]"
+    if _ok(points) and points > 0:
+        label += f", {int(points)} points"
     return xs[keep], ys[keep], label, method
 
 
 def _plot_overlap(doc: Mapping):
     fig, ax = _new_axes()
     ax.set_title(_title(doc), fontsize=10)
-    ax.set_xlabel("sample size n")
-    ax.set_ylabel("overlap with teacher")
+    _xlabel(ax, doc)
+    ax.set_ylabel("overlap: mean over directions of cos²")
     curves = _curves(doc)
     colors = _colors(curves)
     drawn = False
+    labels = {}
 
-    for method, rows in curves.items():
+    for k, (method, rows) in enumerate(curves.items()):
         xs, ys, es = _series(rows, "overlap", log_y=False)
         if xs:
+            labels[method] = _method_label(doc, method, rows)
             _errorbar(
                 ax,
                 xs,
                 ys,
                 es,
                 log_y=False,
-                marker="o",
+                marker="osD^v"[k % 5],
                 markersize=4,
                 linewidth=1.3,
                 color=colors[method],
-                label=_mathsafe(method),
+                label=labels[method],
+                zorder=3,
             )
             drawn = True
 
-    tx, ty = [], []
-    for r in _theory_rows(doc):
-        v = _num(r.get("overlap"))
-        if _ok(v):
-            tx.append(_num(r.get("n")))
-            ty.append(v)
-    if tx:
-        ax.plot(tx, ty, linestyle="--", color="0.2", linewidth=1.2, label="theory")
-        drawn = True
+    for label, rows, style in _theories(doc):
+        tx, ty = [], []
+        for r in rows:
+            v = _num(r.get("overlap"))
+            if _ok(v):
+                tx.append(_num(r.get("n")))
+                ty.append(v)
+        if tx:
+            ax.plot(tx, ty, label=label, zorder=2, **style)
+            drawn = True
 
     if not drawn:
         _no_data(ax)
         return fig
     ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
-    _legend(ax, order=[_mathsafe(m) for m in curves], fontsize=8, loc="best")
+    _legend(ax, order=[labels[m] for m in curves if m in labels], fontsize=7, loc="upper left")
     return fig
 
 
@@ -428,6 +534,15 @@ def _direction_indices(d1: int) -> list[int]:
     return sorted(idx)
 
 
+def _cos2_rows(rows: Sequence[Mapping]) -> list[tuple[float, list[float]]]:
+    out = []
+    for r in rows:
+        c = _list(r.get("cos2"))
+        if c:
+            out.append((_num(r.get("n")), [_num(v) for v in c]))
+    return out
+
+
 def _plot_cos2(doc: Mapping):
     from matplotlib import colormaps
     from matplotlib.lines import Line2D
@@ -446,32 +561,34 @@ def _plot_cos2(doc: Mapping):
                     rows = _cos2_from_points(doc, method)
                     break
     ax.set_title(_title(doc), fontsize=10)
-    ax.set_xlabel("sample size n")
-    ax.set_ylabel(f"cos² with teacher direction ({_mathsafe(method)})")
+    _xlabel(ax, doc)
+    seeds = [int(_num(r.get("n_seeds"))) for r in rows if _ok(_num(r.get("n_seeds")))]
+    what = f"mean over {max(seeds)} seeds" if seeds and max(seeds) > 1 else "seed mean"
+    ax.set_ylabel(f"cos² with teacher direction i\n({_mathsafe(method)}, {what})")
 
     emp: list[tuple[float, list[float]]] = []
     for r in rows:
         n, c = _num(r.get("n")), _list(r.get("cos2_mean"))
         if _ok(n) and n > 0 and c:
             emp.append((n, [_num(v) for v in c]))
-    theory: list[tuple[float, list[float]]] = []
-    for r in _theory_rows(doc):
-        c = _list(r.get("cos2"))
-        if c:
-            theory.append((_num(r.get("n")), [_num(v) for v in c]))
+    theories = [(label, _cos2_rows(rs), style) for label, rs, style in _theories(doc)]
+    theories = [t for t in theories if t[1]]
 
     d1 = _d1(doc)
     if d1 is None:
-        d1 = max([len(c) for _, c in emp + theory], default=0)
-    if d1 == 0 or not (emp or theory):
+        d1 = max([len(c) for _, c in emp] + [len(c) for t in theories for _, c in t[1]], default=0)
+    if d1 == 0 or not (emp or theories):
         _no_data(ax)
         return fig
 
     weights = _weights(doc)
     directions = _direction_indices(d1)
-    cmap = colormaps["viridis"]
+    # a sequential map from dark (strongest) to light, its pale end cut off so every curve
+    # stays visible on white; each curve also carries its index at its right end
+    cmap = colormaps["plasma"]
     span = max(len(directions) - 1, 1)
-    colour = {i: cmap(0.88 * k / span) for k, i in enumerate(directions)}
+    colour = {i: cmap(0.82 * k / span) for k, i in enumerate(directions)}
+    dashes = {ASYMPTOTIC: "--", FINITE_SIZE: ":"}
 
     drawn = False
     for i in directions:
@@ -484,30 +601,56 @@ def _plot_cos2(doc: Mapping):
                 [p[1] for p in pts],
                 marker="o",
                 markersize=3.5,
-                linewidth=1.3,
+                linewidth=1.5,
                 color=colour[i],
                 label=label,
+                zorder=3,
             )
-            drawn = True
-        tpts = [(n, c[i]) for n, c in theory if i < len(c) and _ok(c[i])]
-        if tpts:
-            ax.plot(
-                [p[0] for p in tpts],
-                [p[1] for p in tpts],
-                linestyle="--",
-                linewidth=1.0,
+            # the index beside the curve where it crosses 1/2 (curves are spread apart
+            # there), else at its last point
+            at = next((k for k in range(1, len(pts)) if pts[k - 1][1] < 0.5 <= pts[k][1]), None)
+            if at is None:
+                xy, offset, ha = pts[-1], (4, 0), "left"
+            else:
+                (x0, y0), (x1, y1) = pts[at - 1], pts[at]
+                frac = (0.5 - y0) / (y1 - y0)
+                xy = (x0 * (x1 / x0) ** frac, 0.5)
+                offset, ha = (-3, 5), "right"
+            ax.annotate(
+                str(i + 1),
+                xy,
+                xytext=offset,
+                textcoords="offset points",
+                fontsize=7,
+                fontweight="bold",
                 color=colour[i],
-                alpha=0.85,
-                label=None if pts else label,
+                va="center",
+                ha=ha,
+                zorder=5,
             )
             drawn = True
+        for tlabel, trows, _style in theories:
+            tpts = [(n, c[i]) for n, c in trows if i < len(c) and _ok(c[i])]
+            if tpts:
+                ax.plot(
+                    [p[0] for p in tpts],
+                    [p[1] for p in tpts],
+                    linestyle=dashes.get(tlabel, "--"),
+                    linewidth=1.0,
+                    color=colour[i],
+                    alpha=0.9,
+                    label=None if pts else label,
+                    zorder=2,
+                )
+                drawn = True
+                pts = pts or tpts
     if not drawn:
         _no_data(ax)
         return fig
 
     extra = []
-    if theory:
-        extra.append(Line2D([], [], linestyle="--", color="0.35", label="theory"))
+    for tlabel, _rows, _style in theories:
+        extra.append(Line2D([], [], linestyle=dashes.get(tlabel, "--"), color="0.35", label=tlabel))
     any_half = False
     for t in _list(doc.get("thresholds")):
         if not isinstance(t, Mapping):
@@ -515,10 +658,12 @@ def _plot_cos2(doc: Mapping):
         feature, n_half = _num(t.get("feature")), _num(t.get("n_half"))
         i = int(feature) - 1 if _ok(feature) else -1
         if i in colour and _ok(n_half) and n_half > 0:
-            ax.axvline(n_half, linestyle=":", linewidth=1.0, color=colour[i], alpha=0.9)
+            ax.plot([n_half], [0.5], marker="|", markersize=9, color=colour[i], zorder=4)
             any_half = True
     if any_half:
-        extra.append(Line2D([], [], linestyle=":", color="0.35", label="empirical n½"))
+        extra.append(
+            Line2D([], [], linestyle="none", marker="|", color="0.35", label="empirical n½")
+        )
     ax.axhline(0.5, color="0.5", linewidth=0.8, linestyle="-", alpha=0.7)
 
     ax.set_xscale("log")
@@ -530,7 +675,7 @@ def _plot_cos2(doc: Mapping):
     ax.legend(
         handles,
         labels,
-        fontsize=7,
+        fontsize=6.5,
         loc="center left",
         bbox_to_anchor=(1.01, 0.5),
         title=title,
@@ -566,13 +711,32 @@ def _spectrum_point(doc: Mapping) -> Mapping | None:
     return min(at_max, key=seed_key)
 
 
+def _spectrum_theories(doc: Mapping) -> list[tuple[str, float, list[float], float, str]]:
+    """(name, bulk edge, signed spikes, n, model) of the asymptotic and finite-size spectra."""
+    theory = _dict(doc.get("theory"))
+    out = []
+    fs = theory.get("finite_size")
+    sources = [("asymptotic", _dict(theory.get("spectrum")))]
+    if isinstance(fs, Mapping):
+        sources.append(("finite-size", _dict(fs.get("spectrum"))))
+    for name, sp in sources:
+        if not sp:
+            continue
+        edge = _num(sp.get("bulk_edge"))
+        spikes = [_num(v) for v in _list(sp.get("spikes", sp.get("outliers")))]
+        spikes = sorted((v for v in spikes if _ok(v)), key=abs, reverse=True)
+        model = str(sp.get("model") or "gaussian-equivalent")
+        out.append((name, edge, spikes, _num(sp.get("n")), model))
+    return out
+
+
 def _plot_spectrum(doc: Mapping):
     fig, ax = _new_axes()
     title = _title(doc)
-    ax.set_xlabel("rank (by |eigenvalue|)")
-    ax.set_ylabel("eigenvalue of moment matrix")
     point = _spectrum_point(doc)
     if point is None:
+        ax.set_xlabel("rank (by |eigenvalue|)")
+        ax.set_ylabel("eigenvalue of moment matrix")
         ax.set_title(title, fontsize=10)
         _no_data(ax)
         return fig
@@ -580,13 +744,30 @@ def _plot_spectrum(doc: Mapping):
     n = _num(point.get("n"))
     method = str(point.get("method"))
     seed = point.get("seed")
-    sub = f"top eigenvalues at n={n:g} ({_mathsafe(method)}"
-    sub += f", seed {seed})" if seed is not None else ")"
-    ax.set_title(f"{title}\n{sub}", fontsize=10)
-
     eig = [_num(v) for v in _list(point.get("eigenvalues"))]
     d1 = _d1(doc)
     k = min(d1 if d1 is not None else 0, len(eig))
+    full = len(eig) > max(60, 3 * (k + 10))
+    sub = f"{'all' if full else 'top'} eigenvalues at n={n:g} ({_mathsafe(method)}"
+    sub += f", seed {seed})" if seed is not None else ")"
+    ax.set_title(f"{title}\n{sub}", fontsize=10)
+    if full:
+        _spectrum_histogram(ax, doc, eig, k, n)
+    else:
+        _spectrum_stems(ax, doc, eig, k, n)
+    return fig
+
+
+def _edge_label(name: str, model: str, n_theory: float, n: float) -> str:
+    label = f"{name} bulk edge ±2√(D E[y²]/n) ({_mathsafe(model)})"
+    if _ok(n_theory) and n_theory != n:
+        label += f" at n={n_theory:g}"
+    return label
+
+
+def _spectrum_stems(ax, doc: Mapping, eig: list[float], k: int, n: float) -> None:
+    _xlabel(ax, doc, "rank (by |eigenvalue|)")
+    ax.set_ylabel("eigenvalue of the moment matrix C_hat")
     ranks = list(range(1, len(eig) + 1))
     groups = [
         (ranks[:k], eig[:k], "C0", f"top d1 = {k} (learned)"),
@@ -601,33 +782,87 @@ def _plot_spectrum(doc: Mapping):
         ax.plot(px, py, "o", color=color, markersize=5, label=label)
     ax.axhline(0, color="0.3", linewidth=0.7)
 
-    spectrum = _dict(_dict(doc.get("theory")).get("spectrum"))
-    edge = _num(spectrum.get("bulk_edge"))
-    if _ok(edge) and edge > 0:
-        ax.axhline(edge, color="C3", linestyle="--", linewidth=1.0, label="bulk edge ±2√(D/n)")
-        ax.axhline(-edge, color="C3", linestyle="--", linewidth=1.0)
-    spikes = [_num(v) for v in _list(spectrum.get("spikes"))]
-    spikes = sorted((s for s in spikes if _ok(s)), key=abs, reverse=True)
-    if spikes:
-        label = "theory spikes"
-        tn = _num(spectrum.get("n"))
-        if _ok(tn) and tn != n:
-            label += f" (n={tn:g})"
-        ax.plot(
-            range(1, len(spikes) + 1),
-            spikes,
-            "x",
-            color="C1",
-            markersize=8,
-            markeredgewidth=1.8,
-            label=label,
-        )
+    n_spikes = 0
+    styles = {"asymptotic": ("C3", "--", "x", 0.0), "finite-size": ("C2", ":", "+", 0.18)}
+    for name, edge, spikes, tn, model in _spectrum_theories(doc):
+        color, ls, marker, shift = styles[name]
+        if _ok(edge) and edge > 0:
+            ax.axhline(
+                edge,
+                color=color,
+                linestyle=ls,
+                linewidth=1.0,
+                label=_edge_label(name, model, tn, n),
+            )
+            ax.axhline(-edge, color=color, linestyle=ls, linewidth=1.0)
+        if spikes:
+            label = f"{name} outliers, predicted sign"
+            if _ok(tn) and tn != n:
+                label += f" (n={tn:g})"
+            ax.plot(
+                [r + shift for r in range(1, len(spikes) + 1)],
+                spikes,
+                marker,
+                color="C1" if name == "asymptotic" else color,
+                markersize=8,
+                markeredgewidth=1.8,
+                label=label,
+            )
+            n_spikes = max(n_spikes, len(spikes))
 
-    ax.set_xlim(0.3, max(len(eig), len(spikes)) + 0.7)
+    ax.set_xlim(0.3, max(len(eig), n_spikes) + 0.7)
     if len(ranks) <= 25:
         ax.set_xticks(ranks if len(ranks) <= 12 else ranks[::2])
-    _legend(ax, fontsize=8, loc="best")
-    return fig
+    _legend(ax, fontsize=6.5, loc="best")
+
+
+def _spectrum_histogram(ax, doc: Mapping, eig: list[float], k: int, n: float) -> None:
+    """Every eigenvalue: a histogram, the learned top d1 as a rug, the theories' edges and
+    signed outliers as vertical lines."""
+    vals = [v for v in eig if _ok(v)]
+    _xlabel(ax, doc, "eigenvalue of the moment matrix C_hat")
+    ax.set_ylabel("count")
+    counts, _, _ = ax.hist(
+        vals,
+        bins=int(min(120, max(20, len(vals) // 4))),
+        color="0.6",
+        label=f"all {len(vals)} eigenvalues",
+    )
+    ax.set_yscale("log")
+    ax.set_ylim(0.5, max(2.0, float(max(counts, default=1.0))) * 40)  # room for the legend
+    top = [v for v in eig[:k] if _ok(v)]
+    if top:
+        ax.plot(
+            top,
+            [0.8] * len(top),
+            "|",
+            color="C0",
+            markersize=14,
+            markeredgewidth=1.5,
+            label=f"top d1 = {k} (learned)",
+        )
+    styles = {"asymptotic": ("C3", "--"), "finite-size": ("C2", ":")}
+    for name, edge, spikes, tn, model in _spectrum_theories(doc):
+        color, ls = styles[name]
+        if _ok(edge) and edge > 0:
+            ax.axvline(
+                edge,
+                color=color,
+                linestyle=ls,
+                linewidth=1.0,
+                label=_edge_label(name, model, tn, n),
+            )
+            ax.axvline(-edge, color=color, linestyle=ls, linewidth=1.0)
+        for j, v in enumerate(spikes):
+            ax.axvline(
+                v,
+                color="C1" if name == "asymptotic" else color,
+                linestyle=ls,
+                linewidth=0.8,
+                alpha=0.8,
+                label=f"{name} outliers, predicted sign" if j == 0 else None,
+            )
+    _legend(ax, fontsize=6.5, loc="upper left")
 
 
 _BUILDERS = {
@@ -661,7 +896,7 @@ def render(doc: dict, name: str, fmt: str = "png") -> bytes:
     fig = _BUILDERS[name](doc)
     buf = io.BytesIO()
     if fmt == "png":
-        fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+        fig.savefig(buf, format="png", dpi=PNG_DPI, metadata={"Software": None})
     else:
         # no date in the file, so identical documents give identical SVGs
         fig.savefig(buf, format="svg", metadata={"Date": None})

@@ -35,7 +35,7 @@ from ._experiment import (
 )
 from ._features import feature_dim, lift, sym_to_vec, vec_to_sym
 from ._finite_size import FiniteSizePoint, finite_size_curve, n_half_finite_size, teacher_signs
-from ._presets import PRESETS, preset, preset_description, preset_names
+from ._presets import ALIASES, PRESETS, preset, preset_description, preset_names
 from ._spec import NAME_FORBIDDEN, ExperimentSpec, Name, parse_spec
 from ._summary import (
     CurvePoint,
@@ -54,6 +54,7 @@ __version__ = ENGINE_VERSION
 __all__ = [
     "ENGINE_VERSION",
     "POINT_OVERHEAD_FLOPS",
+    "ALIASES",
     "PRESETS",
     "Backend",
     "ConvergenceError",

@@ -87,8 +87,12 @@ def dense_top(
     v0=None,
     rng: np.random.Generator | None = None,
     backend: Backend | None = None,
+    all_values: bool = False,
 ) -> EigResult:
     """Top ``max(k_values, k_block)`` eigenpairs by |theta| of a dense symmetric matrix.
+
+    With ``all_values`` a full eigendecomposition is made and ``values`` holds every
+    eigenvalue by decreasing magnitude (``residuals`` still the top ``k_values``).
 
     NumPy: a full ``eigh`` when D <= `FULL_EIGH_DIM`, else ARPACK (``eigsh``, largest
     magnitude) to machine precision, started from the warm vectors ``v0`` (summed) or from
@@ -103,7 +107,7 @@ def dense_top(
     if be.is_torch:
         theta_d, u = xp.linalg.eigh(c)
         theta = be.to_numpy(theta_d)
-    elif dim > FULL_EIGH_DIM and k < dim // 4:
+    elif dim > FULL_EIGH_DIM and k < dim // 4 and not all_values:
         if v0 is not None and v0.shape[1]:
             start = np.asarray(v0).sum(axis=1)
         else:
@@ -116,11 +120,13 @@ def dense_top(
             theta = None
     if theta is None:
         theta, u = scipy.linalg.eigh(c)
-    order = _by_magnitude(theta)[:k]
+    everything = _by_magnitude(theta)
+    order = everything[:k]
     vals = theta[order]
     vecs = xp.take(u, be.asarray(order), axis=1)
     res = be.to_numpy(xp.linalg.vector_norm(c @ vecs - vecs * be.asarray(vals)[None, :], axis=0))
-    return EigResult(vals[:k_values], vecs[:, :k_block], res[:k_values], 1, True)
+    values = np.asarray(theta)[everything] if all_values else vals[:k_values]
+    return EigResult(values, vecs[:, :k_block], res[:k_values], 1, True)
 
 
 def _orthonormalise(z, basis, drop: float, xp):

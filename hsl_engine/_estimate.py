@@ -98,6 +98,8 @@ def choose_solver(spec: ExperimentSpec) -> str:
     choice = spec.solver.eigensolver
     if choice != "auto":
         return choice
+    if any(getattr(meth, "spectrum", "top") == "full" for meth in spec.methods):
+        return "dense"  # every eigenvalue: a dense eigendecomposition
     m = spec.model
     dim = m.feature_dim
     if 2 * 8 * dim * dim > DENSE_SUM_BYTES:
@@ -190,6 +192,9 @@ def estimate_resources(
                 regen = regen_flops(n)
                 # label statistics and the passes of steps 3-4 over the second batch
                 per_n[i] += 3.0 * 2.0 * n * d1 * (d * d if q2 else dim) + 4.0 * regen
+                if getattr(method, "sample_split", False):
+                    # the readout batch: n more samples, drawn, labelled and projected
+                    per_n[i] += 2.0 * 2.0 * n * d1 * (d * d if q2 else dim) + 2.0 * regen
                 per_n[i] += 2.0 * n_test * d1 * (d * d if q2 else dim)
                 if dense:  # the new samples accumulated, then one dense eigensolve
                     per_n[i] += 4.0 * (n - previous) * dim * dim + 10.0 * dim**3
@@ -203,9 +208,12 @@ def estimate_resources(
             # the kernels on inputs add the new samples of nested sizes; latent_rbf refits
             # on all n samples at each size (new features)
             nested = method.name != "latent_rbf"
+            # kernels trained on at most max_train samples (the authors' cap)
+            cap = float(method.max_train) if method.max_train is not None else math.inf
             rows = 0.0
             for i, n in enumerate(ns):
-                new_rows = n - (ns[i - 1] if i else 0.0) if nested else n
+                used = min(n, cap)
+                new_rows = used - (min(ns[i - 1], cap) if i else 0.0) if nested else used
                 per_n[i] += 2.0 * new_rows * lm * (kernel_width + lm)
                 per_n[i] += 2.0 * n_test * lm * (kernel_width + 1)
                 per_n[i] += regen_flops(rows + new_rows) - regen_flops(rows)

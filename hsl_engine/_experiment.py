@@ -57,11 +57,17 @@ class _Spectral:
         )
 
 
+def _capped(n: int, max_train: int | None) -> int:
+    """Training samples of a kernel fit: n, or the first ``max_train`` of them."""
+    return n if max_train is None else min(n, max_train)
+
+
 class _KernelOnInputs:
     """kernel_rbf / kernel_poly on the raw inputs (x, or z in Gaussian mode)."""
 
     def __init__(self, spec, method, data: SeedData, backend: Backend, rng):
         self.data = data
+        self.max_train = method.max_train
         if method.name == "kernel_rbf":
             kw = {"bandwidth": method.bandwidth}
             kernel = "rbf"
@@ -78,7 +84,7 @@ class _KernelOnInputs:
         )
 
     def measure(self, n: int) -> Measurement:
-        view = self.data.train.view(n)
+        view = self.data.train.view(_capped(n, self.max_train))
         fit = self.krr.fit_predict(view, view.y, self.data.test_inputs)
         return Measurement(
             normalised_mse(fit.predictions, self.data.test_labels),
@@ -110,7 +116,7 @@ class _LatentRBF:
     def measure(self, n: int) -> Measurement:
         first = self.first.fit(self.data.train.view(n))
         stream = self.data.second if self.method.sample_split else self.data.train
-        second = stream.view(n)
+        second = stream.view(_capped(n, self.method.max_train))
         h = HiddenView(self.spec, second, first.directions)
         h_test = hidden_features(self.spec, self.data.test_inputs, first.directions)
         fit = self.krr.fit_predict(h, second.y, h_test)

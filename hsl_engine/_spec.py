@@ -21,6 +21,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -34,6 +36,8 @@ MAX_N = 10**9
 MIN_N = 10
 MAX_SEEDS = 1000
 MAX_SWEEP_POINTS = 200
+# largest D whose whole spectrum a point may store (a dense D x D eigendecomposition)
+MAX_FULL_SPECTRUM_DIM = 20_000
 
 
 def _range(lo: float, hi: float, *, lo_open: bool = False):
@@ -197,11 +201,33 @@ class LayerwiseSpectral(_Strict):
 
     name: Literal["layerwise_spectral"]
     sample_split: bool = True
+    readout: Literal["fit", "rescale"] = Field(
+        "fit",
+        description="fit: ridge polynomial of y on the standardised h2_hat (readout_degree, "
+        "readout_ridge); rescale: the paper's readout, prediction g(t) with t the h2_hat of "
+        "the readout samples rescaled to zero mean and unit std (no fitted parameter)",
+    )
     readout_degree: (
         Int(1, 9, description="polynomial degree of the readout; default 1 for id, 5 otherwise")
         | None
     ) = None
     readout_ridge: Float(0.0, 1e6, description="ridge penalty of the readout, per sample") = 1e-3
+    spectrum: Literal["top", "full"] = Field(
+        "top",
+        description="eigenvalues stored per point: top = the d1 + 10 largest by magnitude; "
+        "full = all D (for a histogram; dense solver, D <= 20000)",
+    )
+
+    @field_validator("readout_degree")
+    @classmethod
+    def _degree_needs_fit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("readout") == "rescale":
+            raise PydanticCustomError(
+                "readout_degree",
+                "readout 'rescale' fits no polynomial: leave readout_degree unset (got {value})",
+                {"value": value},
+            )
+        return value
 
 
 class _KernelBase(_Strict):
@@ -211,6 +237,15 @@ class _KernelBase(_Strict):
         20_000,
         description="Nystroem landmarks; exact solve at or below this many training samples",
     ) = 2000
+    max_train: (
+        Int(
+            10,
+            MAX_N,
+            description="train on at most this many samples (the first ones of the n; the "
+            "paper capped kernel training at 4000); unset: all n, Nystroem past n_landmarks",
+        )
+        | None
+    ) = None
 
 
 class KernelRBF(_KernelBase):
@@ -308,6 +343,26 @@ class ExperimentSpec(_Strict):
                 "'torch' or 'auto'",
                 {"device": self.device, "field": "solver.backend"},
             )
+        for k, m in enumerate(self.methods):
+            if getattr(m, "spectrum", "top") != "full":
+                continue
+            if self.solver.eigensolver == "krylov":
+                raise PydanticCustomError(
+                    "full_spectrum",
+                    "spectrum 'full' needs the dense eigensolver, got solver.eigensolver 'krylov'",
+                    {"field": f"methods.{k}.spectrum"},
+                )
+            if self.model.log_feature_dim > math.log(MAX_FULL_SPECTRUM_DIM):
+                raise PydanticCustomError(
+                    "full_spectrum",
+                    "spectrum 'full' stores all D eigenvalues: D must be <= {limit}, got "
+                    "D = C(d + q - 1, q) = {dim}",
+                    {
+                        "limit": MAX_FULL_SPECTRUM_DIM,
+                        "dim": self.model.feature_dim,
+                        "field": f"methods.{k}.spectrum",
+                    },
+                )
         log_d = math.log(self.model.d)
         if self.sweep.alphas is not None:
             ns = []

@@ -151,7 +151,8 @@ def test_partial_document_while_running():
     points = he.run_experiment(spec).points[:2]  # two sizes: too few for a fit
     doc = document.results_document(spec, points, experiment_id="x", complete=False)
     assert doc["complete"] is False and doc["experiment_id"] == "x"
-    assert doc["power_law"] is None
+    # too few points: no exponent, and the reason
+    assert doc["power_law"]["exponent"] is None and doc["power_law"]["reason"]
     assert json.loads(json.dumps(doc, allow_nan=False)) == doc  # strict JSON, no NaN
 
 

@@ -137,6 +137,7 @@ def _make_doc() -> dict:
             "exponent_theory": -0.5,
             "exponent_theory_curve": -0.6,
             "n_range": [400, 6400],
+            "n_points": 3,
         },
         "theory": {
             "curve": theory_curve,
@@ -238,8 +239,16 @@ def test_points_without_curves_are_aggregated(doc):
 
 def test_mse_plot_shows_data(doc):
     svg = plots.render(doc, "mse", "svg")
-    assert b"fit: slope -0.48 [-0.55, -0.41] (theory -0.50)" in svg
+    assert (
+        b"fit: slope -0.48 [-0.55, -0.41] (95 % t over seeds), n in [400, 6.4e+03], 3 points" in svg
+    )
+    # the theory curve's own slope over the fit window (-0.50 for 1.9 n^-0.5), named, and
+    # the asymptotic exponent beside it
+    assert b"asymptotic theory (BBP, corrected tail): slope -0.50 over the fit window" in svg
+    assert "n→∞ exponent -0.50".encode() in svg
     assert b"layerwise_spectral" in svg and b"kernel_rbf" in svg
+    assert "mean ± SEM over 2 seeds".encode() in svg
+    assert b"test MSE / Var(y)" in svg
     assert b"unit-doc: d=20, q=2, gamma=1.0, id, hermite" in svg
     assert b"no data yet" not in svg
 
@@ -251,9 +260,9 @@ def test_mse_legend_lists_methods_first(doc):
         row["mse_sem"] = None
     svg = plots.render(doc, "mse", "svg")
     keys = [
-        b"<!-- layerwise_spectral -->",
-        b"<!-- kernel_rbf -->",
-        b"<!-- theory -->",
+        b"<!-- layerwise_spectral (",
+        b"<!-- kernel_rbf (",
+        b"<!-- asymptotic theory",
         b"<!-- fit:",
     ]
     positions = [svg.index(k) for k in keys]
@@ -265,7 +274,7 @@ def test_mse_fit_label_without_ci_or_theory(doc):
     doc["power_law"]["exponent_theory"] = None
     doc["power_law"]["exponent_theory_curve"] = None
     svg = plots.render(doc, "mse", "svg")
-    assert b"fit: slope -0.48 -->" in svg or b"fit: slope -0.48<" in svg
+    assert b"fit: slope -0.48, n in [400, 6.4e+03], 3 points -->" in svg
 
 
 def test_mse_drops_nonpositive_values(doc):
@@ -332,3 +341,101 @@ def test_missing_matplotlib_message(doc, monkeypatch):
         monkeypatch.setitem(sys.modules, mod, None)
     with pytest.raises(RuntimeError, match=r"pip install 'hsl\[plots\]'"):
         plots.render(doc, "mse")
+
+
+def _finite_size(doc: dict) -> list[dict]:
+    """A finite-size theory curve in the shape of the results document: rows with n, mse,
+    overlap, recovered and cos2 per direction (here: the asymptotic one, shifted)."""
+    return [
+        {**row, "mse": row["mse"] * 1.15, "cos2": [0.9 * c for c in row["cos2"]]}
+        for row in doc["theory"]["curve"]
+    ]
+
+
+def test_both_theories_are_drawn_and_named(doc):
+    doc["theory"]["finite_size"] = _finite_size(doc)
+    for name in ("mse", "overlap", "cos2"):
+        svg = plots.render(doc, name, "svg")
+        assert b"asymptotic theory (BBP, corrected tail)" in svg, name
+        assert b"finite-size theory (exact, Gaussian-equivalent)" in svg, name
+    # the finite-size curve's slope over the fit window is in the MSE legend too
+    mse = plots.render(doc, "mse", "svg")
+    assert b"finite-size theory (exact, Gaussian-equivalent): slope -0.50 over the fit" in mse
+    # a mapping with the curve under "curve" works as well
+    doc["theory"]["finite_size"] = {"curve": _finite_size(doc)}
+    assert b"finite-size theory" in plots.render(doc, "cos2", "svg")
+
+
+def test_no_power_law_says_why(doc):
+    doc["power_law"] = {
+        "method": "layerwise_spectral",
+        "exponent": None,
+        "intercept": None,
+        "exponent_ci": None,
+        "n_range": None,
+        "n_points": 0,
+        "reason": "no recovery window: no direction reaches seed-mean cos2 1/2 in the sweep",
+    }
+    svg = plots.render(doc, "mse", "svg")
+    assert b"no power-law fit: no recovery window" in svg
+    assert b"fit: slope" not in svg
+
+
+def test_spectrum_draws_signed_spikes_and_names_the_edge_model(doc):
+    doc["theory"]["spectrum"] = {
+        "n": 6400,
+        "bulk_edge": 0.18,
+        "spikes": [-0.92, 0.7, -0.5],
+        "model": "gaussian-equivalent, Var(h2) = 1 + 12/d = 1.600",
+    }
+    svg = plots.render(doc, "spectrum", "svg")
+    assert b"asymptotic outliers, predicted sign" in svg
+    assert b"(gaussian-equivalent, Var(h2) = 1 + 12/d = 1.600)" in svg
+    # Hermite features: the figure says which model the curves are and why data lag them
+    assert b"Hermite features: both theories are Gaussian-equivalent" in svg
+    fig = plots._plot_spectrum(doc)
+    ys = sorted(
+        float(y)
+        for line in fig.axes[0].lines
+        if "outliers" in str(line.get_label())
+        for y in line.get_ydata()
+    )
+    assert ys == [-0.92, -0.5, 0.7]
+    doc["spec"]["model"]["features"] = "gaussian"
+    assert b"Hermite features" not in plots.render(doc, "spectrum", "svg")
+
+
+def test_full_spectrum_is_a_histogram(doc):
+    point = doc["points"][-2]  # layerwise_spectral, seed 1, largest n
+    for p in doc["points"]:
+        if p["method"] == "layerwise_spectral" and p["n"] == NS[-1] and p["seed"] == 0:
+            point = p
+    point["eigenvalues"] = [0.9, -0.7, 0.6, 0.5] + [0.1 * math.sin(k) for k in range(200)]
+    svg = plots.render(doc, "spectrum", "svg")
+    assert b"all eigenvalues at n=6400" in svg
+    assert b"all 204 eigenvalues" in svg
+
+
+def test_png_at_paper_resolution(doc):
+    import io
+
+    from matplotlib.image import imread
+
+    png = plots.render(doc, "mse", "png")
+    height, width = imread(io.BytesIO(png)).shape[:2]
+    assert width == round(plots.FIGSIZE[0] * plots.PNG_DPI) and plots.PNG_DPI >= 200
+    assert height == round(plots.FIGSIZE[1] * plots.PNG_DPI)
+
+
+def test_split_methods_say_which_samples_they_used(doc):
+    doc["spec"]["methods"][0]["sample_split"] = True
+    svg = plots.render(doc, "mse", "svg")
+    assert b"sample split: uses 3n samples" in svg
+
+
+def test_cos2_curves_carry_direct_labels(doc):
+    fig = plots._plot_cos2(doc)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["1", "2", "3", "4"]
+    colours = {line.get_color() for line in fig.axes[0].lines if line.get_label().startswith("i=")}
+    assert len(colours) == D1  # one distinct colour per direction

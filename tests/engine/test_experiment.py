@@ -49,7 +49,8 @@ def test_points_have_the_contract_fields():
     assert len(sp.cos2) == d1 and len(sp.eigenvalues) == d1 + 10
     assert sp.recovered == sum(c > 0.5 for c in sp.cos2)
     assert sp.overlap == pytest.approx(np.mean(sp.cos2))
-    assert sp.n_train_used == 2 * sp.n  # sample split: a fresh batch for steps 3-4
+    # sample split: a fresh batch for A2 and another for the readout
+    assert sp.n_train_used == 3 * sp.n
     assert np.all(np.diff(np.abs(sp.eigenvalues)) <= 1e-12)
     assert sp.extra["converged"] is True
     assert pts["kernel_rbf"].cos2 is None and pts["kernel_rbf"].n_train_used == sp.n
@@ -158,14 +159,14 @@ def test_power_law_fit_is_exact_on_an_exact_power_law():
     spec = he.parse_spec(
         {
             "model": {"d": 10, "d1": 2, "gamma": 1.0},
-            "sweep": {"n_values": [100, 200, 400, 800, 1600], "seeds": 3},
+            "sweep": {"n_values": [100, 200, 400, 800, 1600, 3200], "seeds": 3},
         }
     )
 
-    # cos2 linear in log n: direction 1 crosses 1/2 at n = 141, direction 2 at n = 1131,
-    # so interpolation is exact and the window is [200, 800]
+    # cos2 linear in log n: direction 1 crosses 1/2 at n = 141, direction 2 at n = 2262,
+    # so interpolation is exact and the window is [200, 1600] (4 points)
     def cos2(n, s):
-        return [float(np.clip(0.5 + 0.25 * np.log2(n / m), 0, 1)) for m in (141.0, 1131.0)]
+        return [float(np.clip(0.5 + 0.25 * np.log2(n / m), 0, 1)) for m in (141.0, 2262.0)]
 
     pts = synthetic_points(spec, mse_fn=lambda n, s: 3.0 * n**-0.5, cos2_fn=cos2, seeds=range(3))
     summary = he.summarize(spec, pts, rng=he.summary_rng(spec))
@@ -173,10 +174,10 @@ def test_power_law_fit_is_exact_on_an_exact_power_law():
     assert pl.exponent == pytest.approx(-0.5, abs=1e-12)
     assert pl.intercept == pytest.approx(np.log(3.0), abs=1e-12)
     assert pl.exponent_ci == pytest.approx((-0.5, -0.5), abs=1e-12)
-    assert pl.n_range == (200, 800)
+    assert pl.n_range == (200, 1600) and pl.n_points == 4 and pl.seeds == (0, 1, 2)
     assert [t.n_half for t in summary.thresholds] == [
         pytest.approx(141.0, rel=1e-12),
-        pytest.approx(1131.0, rel=1e-12),
+        pytest.approx(2262.0, rel=1e-12),
     ]
 
 

@@ -24,8 +24,10 @@ def test_defaults_are_filled_and_hash_is_stable():
         {
             "name": "layerwise_spectral",
             "sample_split": True,
+            "readout": "fit",
             "readout_degree": None,
             "readout_ridge": 1e-3,
+            "spectrum": "top",
         }
     ]
     assert dumped["solver"] == {
@@ -174,7 +176,10 @@ def test_every_preset_validates():
     assert {"fig2-cpu", "fig3-cpu", "fig4-cpu", "kernels-cpu", "fig2-d120", "kernels"} <= set(names)
     for name in names:
         spec = he.preset(name)
-        assert spec.name == name
+        # an alias gives the same spec as the preset it names
+        assert spec.name == he.ALIASES.get(name, name)
+    for alias, target in he.ALIASES.items():
+        assert he.preset(alias).spec_hash == he.preset(target).spec_hash
     with pytest.raises(KeyError, match="fig2-cpu"):
         he.preset("nope")
 
@@ -237,3 +242,17 @@ def test_name_length_and_json_schema_pattern():
         and not pattern.match("a\x00")
         and not pattern.match("\u202e")
     )
+
+
+def test_presets_follow_the_paper():
+    # the paper's estimator (no split, rescaled h2) in every GPU preset
+    for name in ("fig2-d120", "fig3-gamma0.4", "fig4", "fig5-d120", "kernels"):
+        spectral = he.preset(name).method("layerwise_spectral")
+        assert spectral.sample_split is False and spectral.readout == "rescale", name
+    kernels = he.preset("kernels")
+    for method in ("kernel_rbf", "latent_rbf"):
+        m = kernels.method(method)
+        assert (m.ridge, m.max_train) == (1e-4, 4000), method
+    assert he.preset("kernels-nystroem").method("kernel_rbf").max_train is None
+    assert he.preset("fig2-spectrum").method("layerwise_spectral").spectrum == "full"
+    assert max(a for a in he.preset("fig4-staircase").sweep.alphas) == pytest.approx(3.1)
