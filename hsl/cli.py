@@ -346,15 +346,16 @@ def cmd_presets(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({n: he.PRESETS[n] for n in he.preset_names()}, indent=1))
         return 0
+    width = max(len(n) for n in he.preset_names())
     print(
-        f"{'preset':<16} {'points':>6}  {'memory':>9}  {'work':>9}  {'time on 2 cores':>15}  "
+        f"{'preset':<{width}} {'points':>6}  {'memory':>9}  {'work':>9}  {'time on 2 cores':>15}  "
         "description"
     )
     for name in he.preset_names():
         spec = he.preset(name)
         est = he.estimate_resources(spec)
         print(
-            f"{name:<16} {est.points:>6}  {est.peak_bytes / 2**30:>5.2f} GiB  "
+            f"{name:<{width}} {est.points:>6}  {est.peak_bytes / 2**30:>5.2f} GiB  "
             f"{est.flops:>9.2e}  {'~' + _work_time(cpu_seconds(spec, est)):>15}  "
             f"{he.preset_description(name)}"
         )
@@ -495,6 +496,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except client.HslError as exc:  # the client's typed errors: a message and an exit code
         return client.report(exc)
+    except BrokenPipeError:
+        # the reader went away ('hsl presets | head'): no traceback; stdout goes to /dev/null
+        # so that the interpreter's final flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -243,6 +243,28 @@ def test_presets_show_memory_work_and_time(capsys):
     assert "~" + cli._work_time(cli.cpu_seconds(he.preset("fig2-cpu"), est)) in row
     # the time includes each point's fixed cost on top of the work at the operator's rate
     assert cli.cpu_seconds(he.preset("fig2-cpu"), est) > est.flops / cli.CPU_FLOPS["float64"]
+    # every name fits its column: the memory figures end where the header's "memory" ends
+    header = lines[0]
+    longest = max(he.preset_names(), key=len)
+    row = next(line for line in lines if line.startswith(longest + " "))
+    assert row.index(" GiB") + len(" GiB") == header.index("memory") + len("memory")
+
+
+def test_a_reader_that_goes_away_gets_no_traceback():
+    """'hsl presets | head -1': the reader has gone; hsl exits quietly with 141."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write: EPIPE, deterministically
+    hsl = [sys.executable, "-c", "import sys; from hsl.cli import main; sys.exit(main())"]
+    try:
+        proc = subprocess.run([*hsl, "presets"], stdout=write_end, stderr=subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    assert b"Traceback" not in proc.stderr, proc.stderr.decode()
+    assert proc.returncode == 141
 
 
 RESUMABLE = {
