@@ -136,14 +136,29 @@ def summary_text(doc: dict[str, Any]) -> str:
     )
     lines.append("")
     lines.append("per-feature recovery threshold (n where seed-mean cos2 reaches 1/2)")
-    lines.append(f"{'i':>3} {'|lambda_i|':>10} {'n_half':>10} {'theory':>10} {'ratio':>6}")
+    exact = any(t.get("n_half_finite_size") is not None for t in doc["thresholds"])
+    lines.append(
+        f"{'i':>3} {'|lambda_i|':>10} {'n_half':>10} {'asymptotic':>10} {'ratio':>6}"
+        + (f" {'exact':>10} {'ratio':>6}" if exact else "")
+    )
     for t in doc["thresholds"]:
         ratio = t["n_half"] / t["n_half_theory"] if t["n_half"] and t["n_half_theory"] else None
         mark = " (<=, already at the first n)" if t.get("censored") == "left" else ""
-        lines.append(
+        row = (
             f"{t['feature']:>3} {t['weight']:>10.4f} {_fmt(t['n_half'], '>10.4g')} "
-            f"{_fmt(t['n_half_theory'], '>10.4g')} {_fmt(ratio, '>6.2f')}{mark}"
+            f"{_fmt(t['n_half_theory'], '>10.4g')} {_fmt(ratio, '>6.2f')}"
         )
+        if exact:
+            fs = t.get("n_half_finite_size")
+            fs_ratio = t["n_half"] / fs if t["n_half"] and fs else None
+            row += f" {_fmt(fs, '>10.4g')} {_fmt(fs_ratio, '>6.2f')}"
+        lines.append(row + mark)
+    if exact:
+        lines.append(
+            "  asymptotic: the BBP formula; exact: the finite-size theory (docs/theory.md)"
+        )
+    elif doc.get("theory", {}).get("finite_size_note"):
+        lines.append(f"  no exact finite-size theory: {doc['theory']['finite_size_note']}")
     lines.append("")
     pl = doc.get("power_law")
     if pl is None:

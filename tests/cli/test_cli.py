@@ -358,3 +358,43 @@ def test_resume_refuses_a_file_that_is_not_a_results_document(tmp_path, capsys):
     assert "points[0] (kernel_rbf, seed 0, n=2000) is not a point of its spec" in (
         capsys.readouterr().err
     )
+
+
+def _summary_doc(exact: list[float | None] | None) -> dict:
+    thresholds = [
+        {
+            "feature": i + 1,
+            "weight": w,
+            "n_half": 1000.0 * (i + 1),
+            "n_half_theory": 800.0 * (i + 1),
+        }
+        for i, w in enumerate((0.7, 0.4))
+    ]
+    if exact is not None:
+        for t, x in zip(thresholds, exact):
+            t["n_half_finite_size"] = x
+    model = {"d": 20, "q": 2, "gamma": 1.0, "activation": "id", "features": "gaussian"}
+    return {
+        "spec": {"name": "s", "model": model},
+        "d1": 2,
+        "feature_dim": 210,
+        "thresholds": thresholds,
+        "power_law": None,
+        "curves": {},
+        "theory": {"finite_size_note": None if exact else "Hermite features: not exact"},
+    }
+
+
+def test_summary_prints_both_theories_thresholds():
+    text = cli.summary_text(_summary_doc([2000.0, None]))
+    header = next(line for line in text.splitlines() if "n_half" in line)
+    assert "asymptotic" in header and "exact" in header
+    row1 = next(line for line in text.splitlines() if line.strip().startswith("1 "))
+    # measured 1000 against asymptotic 800 (1.25) and exact 2000 (0.50)
+    assert row1.split()[-4:] == ["800", "1.25", "2000", "0.50"]
+    row2 = next(line for line in text.splitlines() if line.strip().startswith("2 "))
+    assert row2.split()[-2:] == ["-", "-"]  # no exact threshold for direction 2
+    # without the exact theory: no column, and the reason
+    text = cli.summary_text(_summary_doc(None))
+    assert "exact" not in text.splitlines()[3]
+    assert "no exact finite-size theory: Hermite features: not exact" in text
