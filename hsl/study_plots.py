@@ -7,10 +7,11 @@ Study figures (`STUDY_PLOTS`):
 
 - ``mse``: test MSE against n, one curve per member (its primary method, seed mean and
   standard error) with its theory curve dashed in the same colour;
-- ``exponent``: the fitted MSE exponent against gamma, with its bootstrap CI, and the
-  theory line ``-1 + 1/(2 gamma)`` (gamma > 1/2);
-- ``collapse``: ``n_half / D`` against ``1 / (nu1^2 lambda_i^2)`` for every member and
-  direction; the theory ``n_half = D / (nu1^2 lambda_i^2)`` puts every point on ``y = x``.
+- ``exponent``: the fitted MSE exponent against gamma, with its 95 % t interval over seeds,
+  and the theory line ``-1 + 1/(2 gamma)`` (gamma > 1/2);
+- ``collapse``: the measured ``n_half / D`` against the asymptotic theory's
+  ``n_half_theory / D`` (BBP onset with the ``E[y^2 h_i^2]`` tail, `hsl_engine._theory`) for
+  every member and direction: the theory puts every point on ``y = x``.
 
 Comparison figures (`COMPARE_PLOTS`): ``mse`` and ``overlap`` of each experiment with its
 theory overlay. ``x="n_over_n_half"`` puts ``n / n_half_theory`` of the first (strongest)
@@ -173,7 +174,7 @@ def _exponent_figure(title: str, docs):
             fmt="o",
             capsize=3,
             color="C0",
-            label="fitted (bootstrap CI)",
+            label="fitted (95 % t interval over seeds)",
         )
         drawn = True
     top = max(gammas + [1.0])
@@ -194,22 +195,20 @@ def _collapse_figure(title: str, docs):
 
     fig, ax = _new_axes()
     ax.set_title(_mathsafe(title), fontsize=10)
-    ax.set_xlabel("1 / (nu1^2 lambda_i^2)")
-    ax.set_ylabel("n_half / D")
+    ax.set_xlabel("n_half_theory / D  (asymptotic theory, corrected tail)")
+    ax.set_ylabel("measured n_half / D")
     xs_all = []
     for i, (label, doc) in enumerate(docs):
         dim = _num(doc.get("feature_dim"))
-        theory = doc.get("theory") if isinstance(doc.get("theory"), Mapping) else {}
-        nu1 = _num(theory.get("nu1"))
-        if not (_ok(dim) and dim > 0 and _ok(nu1) and nu1 != 0):
+        if not (_ok(dim) and dim > 0):
             continue
         xs, ys = [], []
         for t in _list(doc.get("thresholds")):
             if not isinstance(t, Mapping) or t.get("censored"):
                 continue
-            w, nh = _num(t.get("weight")), _num(t.get("n_half"))
-            if _ok(w) and w > 0 and _ok(nh) and nh > 0:
-                xs.append(1.0 / (nu1 * nu1 * w * w))
+            theory, nh = _num(t.get("n_half_theory")), _num(t.get("n_half"))
+            if _ok(theory) and theory > 0 and _ok(nh) and nh > 0:
+                xs.append(theory / dim)
                 ys.append(nh / dim)
         if xs:
             ax.plot(xs, ys, "o", color=f"C{i % 10}", markersize=4.5, label=_mathsafe(label))
@@ -218,7 +217,7 @@ def _collapse_figure(title: str, docs):
         _no_data(ax, "no direction recovered yet")
         return fig
     grid = np.geomspace(min(xs_all) / 1.5, max(xs_all) * 1.5, 50)
-    ax.plot(grid, grid, "--", color="0.2", label="theory n_half = D / (nu1^2 lambda^2)")
+    ax.plot(grid, grid, "--", color="0.2", label="theory: measured = n_half_theory")
     ax.set_xscale("log")
     ax.set_yscale("log")
     _legend(ax, fontsize=7, loc="best")

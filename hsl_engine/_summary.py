@@ -415,7 +415,7 @@ def summarize(
         tuple(float(s) for s in th.spikes(max(ns))),
         "gaussian-equivalent"
         if spec.model.features == "gaussian"
-        else f"gaussian-equivalent, Var(h2) = 1 + 12/d = {th.h2_var:.3f}",
+        else f"gaussian-equivalent, Hermite Var(h2) = {th.h2_var:.3f}",
     )
     finite, note = None, None
     try:

@@ -461,8 +461,9 @@ def _event_slots(app) -> events.StreamSlots:
 
 
 class _DocumentCache:
-    """Results documents keyed by (experiment, points stored, status): the summary's
-    bootstrap is the costly part, and a document only changes when a point arrives."""
+    """Results documents keyed by (experiment, points stored, status): the summary (its
+    theory curves above all) is the costly part, and a document only changes when a point
+    arrives."""
 
     def __init__(self, size: int = 64):
         self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
