@@ -59,6 +59,25 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def read_json_body(request: Request, limit: int, what: str) -> tuple[bytes, Any]:
+    """The body of a submission (``what``: "spec", "study") as bytes and parsed: 415 unless
+    it is sent as application/json, 413 past ``limit`` bytes, 400 unless it parses."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() != "application/json":
+        raise UnsupportedMediaType(
+            f"send the {what} as application/json, not {ctype or 'no content type'!r}",
+            errors=[{"field": "Content-Type", "message": "must be application/json"}],
+        )
+    body = await _read_body(request, limit)
+    try:
+        return body, json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # nesting too deep: 400
+        raise BadRequest(
+            f"the body is not valid JSON: {exc}",
+            errors=[{"field": "body", "message": "invalid JSON"}],
+        ) from None
+
+
 def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(
         f"the body exceeds {limit} bytes (HSL_MAX_BODY_BYTES)",
@@ -192,20 +211,7 @@ async def submit(
     """Submit a spec. 201 with ``Location``; the same spec again returns the existing
     experiment (200); ``Idempotency-Key`` makes retries safe."""
     limits.check_rate(request.app.state.submit_buckets, tenant_id)
-    ctype = request.headers.get("content-type", "")
-    if ctype.split(";")[0].strip().lower() != "application/json":
-        raise UnsupportedMediaType(
-            f"send the spec as application/json, not {ctype or 'no content type'!r}",
-            errors=[{"field": "Content-Type", "message": "must be application/json"}],
-        )
-    body = await _read_body(request, settings.max_body_bytes)
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # nesting too deep: 400
-        raise BadRequest(
-            f"the body is not valid JSON: {exc}",
-            errors=[{"field": "body", "message": "invalid JSON"}],
-        ) from None
+    body, data = await read_json_body(request, settings.max_body_bytes, "spec")
     # tags and notes ride along with the spec but are no part of it (nor of its hash)
     given = split_labels(data)
     if given:
@@ -559,20 +565,22 @@ def content_disposition(filename: str) -> str:
 
 
 MEDIA = {"png": "image/png", "svg": "image/svg+xml"}
+# the OpenAPI responses of a figure route: the image in either format, or a problem
+IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/svg+xml": {"schema": {"type": "string"}},
+        }
+    },
+    **ERRORS,
+}
 
 
 @router.get(
     "/{experiment_id}/plots/{filename}",
     response_class=Response,  # an image, never JSON
-    responses={
-        200: {
-            "content": {
-                "image/png": {"schema": {"type": "string", "format": "binary"}},
-                "image/svg+xml": {"schema": {"type": "string"}},
-            }
-        },
-        **ERRORS,
-    },
+    responses=IMAGE_RESPONSES,
 )
 def get_plot(
     experiment_id: str, filename: str, session: SessionDep, tenant_id: TenantDep

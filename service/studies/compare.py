@@ -14,7 +14,7 @@ from hsl import studies, study_plots
 from ..deps import SessionDep, TenantDep, get_tenant
 from ..errors import InvalidSpec, NotFound
 from ..experiments import repository as exp_repo
-from ..experiments.routes import ERRORS, MEDIA, results_for
+from ..experiments.routes import ERRORS, IMAGE_RESPONSES, MEDIA, results_for
 from .schemas import Comparison, StudyPresetOut
 
 router = APIRouter(prefix="/v1/compare", tags=["compare"])
@@ -138,15 +138,7 @@ def compare(ids: IdsQuery, session: SessionDep, tenant_id: TenantDep) -> Any:
 @router.get(
     "/plots/{filename}",
     response_class=Response,
-    responses={
-        200: {
-            "content": {
-                "image/png": {"schema": {"type": "string", "format": "binary"}},
-                "image/svg+xml": {"schema": {"type": "string"}},
-            }
-        },
-        **ERRORS,
-    },
+    responses=IMAGE_RESPONSES,
 )
 def compare_plot(
     filename: str, ids: IdsQuery, session: SessionDep, tenant_id: TenantDep, x: XQuery = "n"

@@ -19,10 +19,10 @@ from hsl import studies, study_plots
 from .. import labels, limits
 from ..db import Experiment, Run, Study
 from ..deps import PublisherDep, SessionDep, SettingsDep, TenantDep
-from ..errors import BadRequest, InvalidSpec, NotFound, TooLarge, UnsupportedMediaType
+from ..errors import InvalidSpec, NotFound, TooLarge
 from ..experiments import routes as exp_routes
 from ..experiments import status as exp_status
-from ..experiments.routes import ERRORS, MEDIA, _read_body, labels_body
+from ..experiments.routes import ERRORS, IMAGE_RESPONSES, MEDIA, labels_body, read_json_body
 from ..experiments.schemas import LabelsPatch
 from . import repository as repo
 from .schemas import StudyDocument, StudyList, StudyResults
@@ -308,20 +308,7 @@ async def submit(
     the resource limits before anything is stored; members whose spec the tenant already
     submitted reuse that experiment. ``Idempotency-Key`` makes retries safe."""
     limits.check_rate(request.app.state.submit_buckets, tenant_id)
-    ctype = request.headers.get("content-type", "")
-    if ctype.split(";")[0].strip().lower() != "application/json":
-        raise UnsupportedMediaType(
-            f"send the study as application/json, not {ctype or 'no content type'!r}",
-            errors=[{"field": "Content-Type", "message": "must be application/json"}],
-        )
-    body = await _read_body(request, settings.max_body_bytes)
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise BadRequest(
-            f"the body is not valid JSON: {exc}",
-            errors=[{"field": "body", "message": "invalid JSON"}],
-        ) from None
+    _, data = await read_json_body(request, settings.max_body_bytes, "study")
     study_in = await run_in_threadpool(parse_study, data, settings)
     devices = {
         (s.device, s.solver.backend)
@@ -482,15 +469,7 @@ def get_results(study_id: str, session: SessionDep, tenant_id: TenantDep) -> Any
 @router.get(
     "/{study_id}/plots/{filename}",
     response_class=Response,
-    responses={
-        200: {
-            "content": {
-                "image/png": {"schema": {"type": "string", "format": "binary"}},
-                "image/svg+xml": {"schema": {"type": "string"}},
-            }
-        },
-        **ERRORS,
-    },
+    responses=IMAGE_RESPONSES,
 )
 def get_plot(study_id: str, filename: str, session: SessionDep, tenant_id: TenantDep) -> Response:
     """``{mse,exponent,collapse}.{png,svg}``: MSE against n (one curve per member, with its

@@ -5,6 +5,8 @@ progress, cancel, delete, results and figures derived from the members."""
 from __future__ import annotations
 
 import pytest
+
+import hsl_engine as he
 from sqlalchemy import func, select
 
 from service.db import Experiment, Run
@@ -191,7 +193,9 @@ def test_invalid_study_bodies_are_422_naming_the_field(client, body, field):
 
 def test_a_preset_name_as_base(client):
     doc = submit(client, {"base": "fig3-cpu", "axes": {"model.gamma": [0.6, 1.0]}})
-    assert doc["name"] == "fig3-cpu" and doc["base"]["model"]["features"] == "gaussian"
+    # fig3-cpu is an alias: the study is named for the preset it stands for
+    assert doc["name"] == he.preset("fig3-cpu").name == "power-law-gaussian-cpu"
+    assert doc["base"]["model"]["features"] == "gaussian"
     assert [m["params"]["model.gamma"] for m in doc["members"]] == [0.6, 1.0]
 
 
