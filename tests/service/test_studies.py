@@ -5,10 +5,9 @@ progress, cancel, delete, results and figures derived from the members."""
 from __future__ import annotations
 
 import pytest
-
-import hsl_engine as he
 from sqlalchemy import func, select
 
+import hsl_engine as he
 from service.db import Experiment, Run
 
 from .api import assert_problem, execute, execute_all, runs_of, tiny_spec
