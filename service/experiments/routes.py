@@ -396,7 +396,21 @@ status. Open streams are capped per API process (`HSL_MAX_EVENT_STREAMS`: 503) a
     responses={
         200: {
             "description": "the event stream",
-            "content": {events.MEDIA_TYPE: {"schema": {"type": "string"}}},
+            # OpenAPI 3.1: the schema of an event stream describes each event (3.2 would
+            # call it itemSchema); `data` is JSON text: a point, or the status document
+            "content": {
+                events.MEDIA_TYPE: {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "event": {"type": "string", "enum": ["point", "status"]},
+                            "id": {"type": "string", "pattern": "^[0-9]+$"},
+                            "data": {"type": "string", "contentMediaType": "application/json"},
+                            "retry": {"type": "integer", "minimum": 0},
+                        },
+                    }
+                }
+            },
         },
         **ERRORS,
     },
