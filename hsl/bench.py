@@ -44,6 +44,7 @@ from hsl_engine._spectral import (
     normalised_mse,
     overlaps,
     quadratic_form,
+    readout_samples,
     second_layer_stream,
 )
 
@@ -100,7 +101,8 @@ class Sweep:
         self.d1 = spec.model.hidden_dim
         for n, _ in spec.sample_sizes():  # sample generation is not timed
             self.data.train.view(n).materialise()
-            self.data.second.view(n).materialise()
+            # the second batch, and with the split the readout's samples after it
+            self.data.second.view(2 * n if spec.methods[0].sample_split else n).materialise()
 
     def operator(self, n: int, dtype) -> MomentOperator:
         view = self.data.train.view(n)
@@ -114,8 +116,12 @@ class Sweep:
         """Steps 3-4 and the test metrics, as the engine runs them; closes the timing."""
         chunks = HiddenChunks(self.spec, self.data.second.view(n), directions)
         a2 = second_layer_stream(chunks)
+        # the readout on the engine's readout batch (fresh samples n..2n-1 with the split)
+        readout_chunks = HiddenChunks(
+            self.spec, readout_samples(self.data, n, self.spec.methods[0].sample_split), directions
+        )
         readout = Readout(1, self.spec.methods[0].readout_ridge).fit_chunks(
-            lambda: ((quadratic_form(h, a2), y) for h, y in chunks)
+            lambda: ((quadratic_form(h, a2), y) for h, y in readout_chunks)
         )
         h_test = hidden_features(self.spec, self.data.test_inputs, directions)
         pred = readout.predict(quadratic_form(h_test, a2))

@@ -402,9 +402,7 @@ class LayerwiseSpectral:
         is not fitted on the samples that chose A2 (which inflates its slope and gave test
         MSE above 1 before anything is learned). Without it, the training samples.
         """
-        if not self.method.sample_split:
-            return self.data.train.view(n)
-        return _Tail(self.data.second.view(2 * n), n)
+        return readout_samples(self.data, n, self.method.sample_split)
 
     def fit(self, n: int) -> SpectralFit:
         first = self.first.fit(self.data.train.view(n))
@@ -476,3 +474,11 @@ class RescaleReadout:
         from ._data import activation
 
         return activation(self.activation, (t - self.t_mean) / self.t_std)
+
+
+def readout_samples(data, n: int, sample_split: bool):
+    """The readout's samples at size n (`LayerwiseSpectral.readout_batch`): with a sample
+    split, samples n..2n-1 of the second stream; without, the n training samples."""
+    if not sample_split:
+        return data.train.view(n)
+    return _Tail(data.second.view(2 * n), n)

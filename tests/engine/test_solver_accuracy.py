@@ -59,9 +59,10 @@ def make_spec(model, seed, solver):
     )
 
 
-def dense_reference(spec, data, n):
+def dense_reference(spec, data, n, readout_samples):
     """eigh of the dense C_hat (float64 GEMMs on the same stored inputs), then the engine's
-    own second layer, readout and metrics."""
+    own second layer, readout (on ``readout_samples``, the method's own readout batch) and
+    metrics."""
     view = data.train.view(n)
     shift, scale = label_transform(view, spec.model.activation)
     op = MomentOperator(
@@ -80,8 +81,9 @@ def dense_reference(spec, data, n):
     degree = 1 if spec.model.activation == "id" else 5
     chunks = HiddenChunks(spec, data.second.view(n), directions)
     a2 = second_layer_stream(chunks)
+    readout_chunks = HiddenChunks(spec, readout_samples, directions)
     readout = Readout(degree, 1e-3).fit_chunks(
-        lambda: ((quadratic_form(h, a2), y) for h, y in chunks)
+        lambda: ((quadratic_form(h, a2), y) for h, y in readout_chunks)
     )
     pred = readout.predict(quadratic_form(hidden_features(spec, data.test_inputs, directions), a2))
     return (
@@ -99,7 +101,7 @@ def check_sweep(spec):
     )
     for n, _ in spec.sample_sizes():
         fit = method.fit(n)
-        mse, cos2, eig, spectrum = dense_reference(spec, data, n)
+        mse, cos2, eig, spectrum = dense_reference(spec, data, n, method.readout_batch(n))
         assert fit.first.converged
         assert np.max(np.abs(fit.cos2 - cos2)) <= COS2_TOL, (n, fit.cos2, cos2)
         assert abs(fit.mse - mse) <= MSE_TOL, (n, fit.mse, mse)
