@@ -27,15 +27,22 @@ def seed(request) -> int:
     return request.param
 
 
-# Whole directories marked ``slow`` (left out by ``-m "not slow"``, the newcomer's fast
-# subset): the reliability scenarios start real servers, brokers and databases and drive them
-# for 2-45 s each, and the integration tests start whole stacks (workers, reapers, Redis).
-SLOW_DIRECTORIES = ("reliability", "integration")
+# Whole directories and files marked ``slow`` (left out by ``-m "not slow"``, the newcomer's
+# fast subset): the reliability scenarios start real servers, brokers and databases and drive
+# them for 2-45 s each, the integration tests start whole stacks (workers, reapers, Redis),
+# the browser tests start Chromium and a served hsl per test, and the client's end-to-end
+# files serve, kill and restart real services (minutes).
+SLOW_DIRECTORIES = ("reliability", "integration", "browser")
+SLOW_FILES = (
+    "cli/test_client_resilience.py",
+    "cli/test_client_library.py",
+    "cli/test_study_cli.py",
+)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
     root = Path(__file__).parent
     for item in items:
         parts = Path(str(item.path)).relative_to(root).parts
-        if parts and parts[0] in SLOW_DIRECTORIES:
+        if parts and (parts[0] in SLOW_DIRECTORIES or "/".join(parts) in SLOW_FILES):
             item.add_marker(pytest.mark.slow)
