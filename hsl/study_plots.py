@@ -114,7 +114,14 @@ def _overlay(ax, docs: Sequence[tuple[str, Mapping]], key: str, *, x: str) -> bo
             ax.plot(tx, ty, linestyle="--", color=color, linewidth=1.0, alpha=0.8)
             drawn = True
     if drawn:
-        ax.plot([], [], linestyle="--", color="0.3", linewidth=1.0, label="theory (dashed)")
+        ax.plot(
+            [],
+            [],
+            linestyle="--",
+            color="0.3",
+            linewidth=1.0,
+            label="asymptotic theory (BBP, corrected tail), dashed",
+        )
     return drawn
 
 
@@ -122,7 +129,7 @@ def _curves_figure(title: str, docs, key: str, x: str):
     fig, ax = _new_axes()
     ax.set_title(_mathsafe(title), fontsize=10)
     ax.set_xlabel("n / n_half_theory of direction 1" if x == "n_over_n_half" else "sample size n")
-    ax.set_ylabel("test MSE" if key == "mse" else "overlap with teacher")
+    ax.set_ylabel("test MSE / Var(y)" if key == "mse" else "overlap with teacher")
     if not _overlay(ax, docs, key, x=x):
         _no_data(ax)
         return fig
