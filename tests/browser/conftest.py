@@ -42,8 +42,14 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """Chromium for one test module.
+
+    Module scope, not session scope: Playwright's sync API keeps an asyncio loop running in the
+    main thread until it stops, and every later test that calls ``asyncio.run`` would fail with
+    "cannot be called from a running event loop".
+    """
     if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
         _unavailable(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)")
     try:
