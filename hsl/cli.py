@@ -189,17 +189,15 @@ def summary_text(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# Sustained rates of the engine's operator, for quoting what hardware a spec needs:
-# measured 2-core CPU (float32 ~125, float64 ~65 GFLOP/s; see README, Performance) and a
-# nominal data-centre GPU (float32 ~30 TFLOP/s sustained; not measured here).
-CPU_FLOPS = {"float32": 1.2e11, "float64": 6e10}
+# A nominal data-centre GPU's sustained rate (float32 ~30 TFLOP/s; not measured here), for
+# quoting what hardware a spec needs. The 2-core CPU time comes from the engine's cost model.
 GPU_FLOPS = 3e13
 
 
 def cpu_seconds(spec: he.ExperimentSpec, est: he.ResourceEstimate) -> float:
-    """Estimated seconds on 2 CPU cores: the work and a fixed cost per point (the cost model
-    of the ETA, `hsl_engine.expected_seconds`) at the operator's rate."""
-    return (est.flops + est.points * he.POINT_OVERHEAD_FLOPS) / CPU_FLOPS[spec.solver.dtype]
+    """Estimated seconds on 2 CPU cores: the engine's cost model (`ResourceEstimate.seconds`,
+    the one the ETA, `hsl_engine.expected_seconds`, calibrates on the measured points)."""
+    return est.seconds
 
 
 def _work_time(seconds: float) -> str:
@@ -376,7 +374,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
         )
     print(
         "\nmemory: estimated peak of one run; work: estimated flops of the whole experiment; "
-        "time: that work plus a fixed cost per point at the operator's measured rate on 2 cores"
+        "time: the engine's cost model on 2 cores (a fixed cost per point plus its work at "
+        "the rate measured for its kind of work)"
     )
     return 0
 

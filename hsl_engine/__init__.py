@@ -23,9 +23,8 @@ from ._data import (
     seed_rng,
 )
 from ._errors import ConvergenceError, ConvergenceWarning, DeviceError, EngineError, SpecError
-from ._estimate import ResourceEstimate, estimate_resources
+from ._estimate import POINT_OVERHEAD_SECONDS, ResourceEstimate, estimate_resources
 from ._experiment import (
-    POINT_OVERHEAD_FLOPS,
     ExperimentResult,
     expected_seconds,
     iter_run,
@@ -53,7 +52,7 @@ __version__ = ENGINE_VERSION
 
 __all__ = [
     "ENGINE_VERSION",
-    "POINT_OVERHEAD_FLOPS",
+    "POINT_OVERHEAD_SECONDS",
     "ALIASES",
     "PRESETS",
     "Backend",

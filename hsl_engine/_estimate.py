@@ -36,6 +36,29 @@ WORKING_BYTES_DEVICE = 1.5e9
 HIDDEN_CACHE_BYTES = 256 * 2**20
 HIDDEN_CACHE_STREAMED_BYTES = 32 * 2**20
 
+# The cost model of the ETA and of the time quotes: a point's seconds on the reference
+# machine (2 cores) are a fixed cost plus its work at the rate its kind of work sustains,
+# whole point included (operator, sample generation, second layer, readout, test metrics).
+# The rates differ 4x between kinds: the q = 2 Hermite operator runs GEMMs with inner
+# dimension d over k d columns, the explicit-feature operator (Gaussian features, q = 3)
+# thin GEMMs of k = 8 columns over D-wide features. Fitted (least squares, t = a + w / rate)
+# on quiet-machine runs of the CPU presets (tests/engine/data/recorded_runs.json, load < 2.4
+# from the runs themselves): fig2-cpu q = 2 Krylov float32 44 GFLOP/s and its kernel 44,
+# fig3-cpu explicit Krylov float64 11, fig4-cpu dense float64 37; a = 0.12-0.14 s (0.4 s on
+# fig2-cpu's larger first layer). The other dtypes scale with the GEMM peaks' ratio (the
+# operator's float32 rate is 2.0x its float64 rate, hsl bench).
+POINT_OVERHEAD_SECONDS = 0.15
+REFERENCE_RATES = {  # (kind, dtype) -> FLOP/s of a whole point
+    ("q2", "float32"): 44e9,
+    ("q2", "float64"): 22e9,
+    ("explicit", "float32"): 22e9,
+    ("explicit", "float64"): 11e9,
+    ("dense", "float32"): 60e9,
+    ("dense", "float64"): 37e9,
+    ("kernel", "float32"): 44e9,
+    ("kernel", "float64"): 44e9,
+}
+
 
 @dataclass(frozen=True)
 class ResourceEstimate:
@@ -58,6 +81,10 @@ class ResourceEstimate:
     point_flops : dict
         Method name -> the work of each of its points of one seed, in ascending n (the
         order of ``spec.sample_sizes()``); ``flops`` is their sum times the seeds.
+    point_seconds : dict
+        Method name -> the estimated seconds of each of its points of one seed on the
+        reference machine (2 CPU cores; `POINT_OVERHEAD_SECONDS` plus the work at the rate of
+        its kind, `REFERENCE_RATES`); ``seconds`` is their sum times the seeds.
     """
 
     feature_dim: float
@@ -67,6 +94,15 @@ class ResourceEstimate:
     points: int
     streamed: bool = False
     point_flops: dict[str, list[float]] = field(default_factory=dict, repr=False, compare=False)
+    point_seconds: dict[str, list[float]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    @property
+    def seconds(self) -> float:
+        """Estimated seconds of the whole experiment on the reference machine (2 CPU cores)."""
+        seeds = self.points / max(1, sum(len(v) for v in self.point_seconds.values()))
+        return seeds * sum(sum(v) for v in self.point_seconds.values())
 
     @property
     def log10_peak_bytes(self) -> float:
@@ -170,7 +206,10 @@ def estimate_resources(
     peak = 0.0
     # the work of each point of one seed: method -> flops per n, ascending n
     work: dict[str, list[float]] = {}
+    seconds: dict[str, list[float]] = {}
+    dtype = spec.solver.dtype
     for method in spec.methods:
+        kind = "kernel"
         run_peak = stored + test + working
         per_n = [0.0] * len(ns)
         if method.name in ("layerwise_spectral", "latent_rbf"):
@@ -180,6 +219,7 @@ def estimate_resources(
             if solver == "auto":
                 solver = choose_solver(spec) if log_dim < math.log(1e6) else "krylov"
             dense = solver == "dense"
+            kind = "dense" if dense else ("q2" if q2 else "explicit")
             max_basis = min(DEFAULT_MAX_BASIS, max(2 * k, 256 * 2**20 / (8 * dim)))
             basis = 2.0 * 8.0 * dim * (max_basis + DEFAULT_EXPAND) + 8.0 * dim * k * 4
             run_peak += max(dense_bytes if dense else 0.0, basis)
@@ -219,7 +259,11 @@ def estimate_resources(
                 per_n[i] += regen_flops(rows + new_rows) - regen_flops(rows)
                 rows += new_rows
         work[method.name] = per_n
+        rate = REFERENCE_RATES[(kind, dtype)]
+        seconds[method.name] = [POINT_OVERHEAD_SECONDS + w / rate for w in per_n]
         peak = max(peak, run_peak)
     flops = spec.sweep.seeds * sum(sum(per_n) for per_n in work.values())
     points = len(spec.methods) * spec.sweep.seeds * len(ns)
-    return ResourceEstimate(dim, n_max, BASELINE_BYTES + peak, flops, points, streamed, work)
+    return ResourceEstimate(
+        dim, n_max, BASELINE_BYTES + peak, flops, points, streamed, work, seconds
+    )

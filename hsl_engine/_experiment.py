@@ -279,31 +279,24 @@ def run_experiment(
     return ExperimentResult(spec, points, summarize(spec, points, rng=summary_rng(spec)))
 
 
-# A point's fixed cost beyond its estimated work, in flops' worth: the per-pass and
-# per-chunk bookkeeping of its Krylov passes, thread hand-offs, the eigensolver's small dense
-# algebra and the readout. Chosen on runs of the CPU presets recorded on a loaded 2-core
-# machine (tests/engine/data/recorded_runs.json), where the smallest points ran at a few
-# percent of the largest ones' flop rate: it minimises the worst error of the first ETA.
-POINT_OVERHEAD_FLOPS = 5e9
-
-
 def expected_seconds(
     spec: ExperimentSpec, done: Iterable[Any], *, estimate: ResourceEstimate | None = None
 ) -> float | None:
     """Seconds left to compute the points not in ``done``, from the engine's cost model.
 
-    Each point's work is its share of `estimate_resources` (``point_flops``) plus
-    `POINT_OVERHEAD_FLOPS`; the seconds per unit of work are calibrated on the points
-    measured so far (``done``: objects with ``method``, ``seed``, ``n`` and ``seconds``),
-    per method once it has points, else on all of them. None before the first point.
+    Each point's cost is its estimated seconds on the reference machine (``point_seconds``
+    of `estimate_resources`: a fixed cost plus its work at the rate of its kind of work);
+    the ratio of measured to estimated seconds of the points so far (``done``: objects with
+    ``method``, ``seed``, ``n`` and ``seconds``) scales the rest: per method once it has
+    points, else over all of them. None before the first point.
     """
     est = estimate or estimate_resources(spec)
     sizes = {n: i for i, (n, _) in enumerate(spec.sample_sizes())}
 
     def work(method: str, n: int) -> float | None:
-        per_n = est.point_flops.get(method)
+        per_n = est.point_seconds.get(method)
         i = sizes.get(n)
-        return None if per_n is None or i is None else per_n[i] + POINT_OVERHEAD_FLOPS
+        return None if per_n is None or i is None else per_n[i]
 
     spent: dict[str, list[float]] = {}
     keys = set()

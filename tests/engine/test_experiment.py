@@ -1,7 +1,5 @@
 import dataclasses
 import json
-import math
-import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -229,14 +227,12 @@ def per_sample_eta(spec, done):
 def test_eta_against_recorded_runs():
     """The ETA after k points against what the rest of a recorded run really took.
 
-    The recordings are of CPU presets on a loaded 2-core machine (load 8-17), where the
-    same first point of fig3-cpu took 1.5 s in one run and 9.9 s in another for the same
-    total: the first ETA is held within 5x on every run and 3x in the median; the former
-    per-sample rule was 15-66x off on three of the four (the 2 h 44 min for a 7.5 min run
-    of the issue), and after a quarter of the points the ETA is within 3x."""
+    The recordings are of CPU presets on a quiet 2-core machine (scripts/record-runs): the
+    first ETA, after one point, is within 2x of the truth on every run (the issue's target),
+    and from a quarter of the points on within 1.5x; the former per-sample rule was 3.2-16x
+    off on every run."""
     runs = json.loads(RECORDED.read_text())["runs"]
     assert {r["preset"] for r in runs} >= {"fig2-cpu", "fig3-cpu", "fig4-cpu"}
-    first, old_first = [], []
     for run in runs:
         spec = he.parse_spec(run["spec"])
         points = [SimpleNamespace(method=m, seed=s, n=n, seconds=t) for m, s, n, t in run["points"]]
@@ -246,14 +242,11 @@ def test_eta_against_recorded_runs():
         for k in range(1, len(points)):
             truth = sum(p.seconds for p in points[k:])
             ratios.append(he.expected_seconds(spec, points[:k], estimate=est) / truth)
-        first.append(ratios[0])
-        old_first.append(per_sample_eta(spec, points[:1]) / sum(p.seconds for p in points[1:]))
-        assert 1 / 5 <= ratios[0] <= 5, (run["preset"], ratios[0])
+        assert 1 / 2 <= ratios[0] <= 2, (run["preset"], ratios[0])
         quarter = ratios[len(points) // 4 :]
-        assert sum(1 / 3 <= r <= 3 for r in quarter) >= 0.75 * len(quarter), run["preset"]
-    errors = sorted(abs(math.log(r)) for r in first)
-    assert statistics.median(errors) <= math.log(3), first
-    assert sum(r > 10 for r in old_first) >= 3, old_first  # what the cost model replaces
+        assert all(1 / 1.5 <= r <= 1.5 for r in quarter), (run["preset"], quarter)
+        old = per_sample_eta(spec, points[:1]) / sum(p.seconds for p in points[1:])
+        assert not 1 / 3 <= old <= 3, (run["preset"], old)  # what the cost model replaces
 
 
 def test_eta_is_none_before_the_first_point_and_ignores_unknown_points():
@@ -264,9 +257,10 @@ def test_eta_is_none_before_the_first_point_and_ignores_unknown_points():
     n0 = spec.sample_sizes()[0][0]
     one = SimpleNamespace(method="layerwise_spectral", seed=0, n=n0, seconds=2.0)
     left = he.expected_seconds(spec, [one, stranger])
-    # the work left over the work done, at the measured 2 s for the first point's work
+    # the estimated seconds left, scaled by measured over estimated for the first point
     est = he.estimate_resources(spec)
-    work = {m: [w + he.POINT_OVERHEAD_FLOPS for w in ws] for m, ws in est.point_flops.items()}
+    work = est.point_seconds
+    assert all(w > he.POINT_OVERHEAD_SECONDS for ws in work.values() for w in ws)
     done_work = work["layerwise_spectral"][0]
     all_work = sum(sum(ws) for ws in work.values())
     assert left == pytest.approx(2.0 * (all_work - done_work) / done_work, rel=1e-12)
