@@ -362,10 +362,18 @@ def test_r2_13_a_worker_started_on_a_full_redis_waits_instead_of_exiting(
         pass
     exp_id = st.submit(TINY_SPEC)  # its publish fails (OOM): the reaper retries it
     worker = st.worker()
+    # the worker must say it waits and stay alive; on a loaded machine its start alone can
+    # take several seconds, so look for the line for up to 60 s, then 5 s more alive
+    deadline = time.monotonic() + 60.0
+    waiting = False
+    while time.monotonic() < deadline and worker.popen.poll() is None:
+        log = worker.log_path.read_text(errors="replace")
+        if waiting := "refuses writes (OOM)" in log:
+            break
+        time.sleep(0.5)
     time.sleep(5.0)
     alive = worker.popen.poll() is None
     log = worker.log_path.read_text(errors="replace")
-    waiting = "refuses writes (OOM)" in log
     freed = time.monotonic()
     r.config_set("maxmemory", 0)
     doc = st.wait(exp_id, timeout=60)

@@ -244,7 +244,10 @@ def test_07_worker_killed_after_storing_a_point_before_acknowledging(stack, scen
 
 def test_08_memory_and_time_limits_fail_the_run_not_the_worker(stack, scenario):
     scenario("08-resource-limits")
-    st = stack(HSL_MEMORY_LIMIT_BYTES=3 * 2**30, HSL_RUN_TIME_LIMIT=4).start(workers=1)
+    # 12 s: the hog must reach its allocation within the limit even on a loaded machine
+    # (at load 10 it took more than 4 s and failed on time instead); the slow run takes
+    # ~30 s on an idle 2-core machine, well beyond it
+    st = stack(HSL_MEMORY_LIMIT_BYTES=3 * 2**30, HSL_RUN_TIME_LIMIT=12).start(workers=1)
     # Samples stream beyond a budget now, so a large n no longer hogs memory. The dense
     # solver's two D x D sums at d = 200 (D = 20100) take 6.5 GB at once: within the
     # service's 64 GiB estimate limit, beyond the worker's 3 GiB address space.
@@ -255,7 +258,7 @@ def test_08_memory_and_time_limits_fail_the_run_not_the_worker(stack, scenario):
         "sweep": {**SLOW_SPEC["sweep"], "n_values": [500]},
         "solver": {"eigensolver": "dense"},
     }
-    slow = variant(SLOW_SPEC, 3, n_values=[60000, 90000, 120000, 150000])
+    slow = variant(SLOW_SPEC, 3, n_values=[60000, 90000, 120000, 150000, 200000, 250000])
     small = variant(TINY_SPEC, 1)
     hog_id, slow_id = st.submit(hog), st.submit(slow)
     hog_doc, slow_doc = st.wait(hog_id), st.wait(slow_id)
@@ -267,7 +270,7 @@ def test_08_memory_and_time_limits_fail_the_run_not_the_worker(stack, scenario):
     assert attempts == [1, 1]  # never retried
     scenario.figures.update(
         memory_limit_bytes=3 * 2**30,
-        time_limit_seconds=4,
+        time_limit_seconds=12,
         memory_hog=hog_doc["error"]["reason"],
         too_slow=slow_doc["error"]["reason"],
         attempts=attempts,
