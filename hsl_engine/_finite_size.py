@@ -18,8 +18,11 @@ and the top eigenvectors' overlaps with the teacher directions converge. The der
 Expectations over the joint law of (h, y) use a fixed, seeded discretisation: Monte Carlo over
 the other directions and the noise, Gauss-Hermite quadrature over ``h_i`` itself (so the
 direction-specific parts carry no Monte Carlo noise in ``h_i``), compressed into bins of T with
-their first three moments. The test MSE follows from the overlaps through the second layer
-(fresh batch of n samples, ``A2_hat`` with its estimation noise, the readout of the method).
+their first three moments. At finite n the continuum is the law of T without its few most
+extreme samples, whose own spikes compete with the outliers for the d1 slots (`_masks`,
+`_select`, docs/theory.md section 6). The test MSE follows from the overlaps through the
+second layer (fresh batch of n samples, ``A2_hat`` with its estimation noise, the readout of
+the method).
 
 All numbers are deterministic: the same inputs give the same outputs, bit for bit.
 """
@@ -49,6 +52,10 @@ RANGE_NODE_WEIGHT = 1e-8
 MSE_SAMPLES = 16384
 N_HALF_GRID = 25  # log grid of n_half_finite_size, then regula falsi steps in log n
 N_HALF_STEPS = 2
+# The continuum of the spectrum: the law of T without its TAIL_SAMPLES most extreme samples on
+# each side (in expectation); those and any beyond make single-sample spikes, counted against
+# the outliers for the d1 slots (docs/theory.md section 6.1)
+TAIL_SAMPLES = 4.0
 BISECTIONS = 6  # then SECANT_STEPS Illinois steps: ~1e-8 relative
 SECANT_STEPS = 6
 _SEED = 0x48534C  # fixed: the theory is a deterministic function of its inputs
@@ -269,17 +276,31 @@ def _root(fun, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 
 def _masks(law: _Law, n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bins kept at each n: T truncated at its 1/n and 1 - 1/n quantiles, the range that n
-    samples reach (the rare samples beyond make single-sample spikes, not part of the
-    deterministic bulk). Returns the mask (len(n), B) and the extreme kept bin centres."""
+    """Bins kept at each n: T truncated where ``TAIL_SAMPLES`` of the n samples are expected
+    beyond on each side. The few samples beyond are far apart: they make single-sample spikes
+    (counted by `_tail_count`), not part of the deterministic continuum, whose edge a dense law
+    up to the last sample would push out. Returns the mask (len(n), B) and the extreme kept
+    bin centres."""
     total = law.cdf[-1]
-    tail = total / n[:, None]
+    tail = total * np.minimum(TAIL_SAMPLES / n[:, None], 0.25)
     below = law.cdf[None, :] - law.base[0][None, :]  # mass strictly below each bin
     mask = (law.cdf[None, :] > tail) & (below < total - tail)
     c = law.centres
     t_hi = np.max(np.where(mask, c, -np.inf), axis=1)
     t_lo = np.min(np.where(mask, c, np.inf), axis=1)
     return mask.astype(np.float64), t_lo, t_hi
+
+
+def _tail_count(law: _Law, n: np.ndarray, t: np.ndarray, side: int) -> np.ndarray:
+    """Expected number of the n samples with T beyond ``t`` (above it for side 0, the right,
+    below it for side 1), from the law's cumulative mass (linear within a bin); ``t`` has
+    shape (len(n), ...)."""
+    half = (law.centres[1] - law.centres[0]) / 2
+    edges = np.append(law.centres - half, law.centres[-1] + half)
+    cum = np.concatenate([[0.0], law.cdf]) / law.cdf[-1]
+    below = np.interp(t, edges, cum)
+    frac = 1.0 - below if side == 0 else below
+    return n.reshape((-1,) + (1,) * (np.ndim(t) - 1)) * frac
 
 
 def _solve(law: _Law, n: np.ndarray, dim: int) -> dict[str, np.ndarray]:
@@ -290,7 +311,9 @@ def _solve(law: _Law, n: np.ndarray, dim: int) -> dict[str, np.ndarray]:
     overlaps with the direction (0 where there is none).
     """
     k, d1 = n.size, law.b.size
-    delta = n / dim
+    # the bulk is the complement block, D - d1 dimensions (n / D would be the same in the
+    # limit; at d1 = 8 and D = 465 it moves thresholds by 1.7 %)
+    delta = n / (dim - d1)
     mask, t_lo, t_hi = _masks(law, n)
     tiny = 1e-300
     # the law's support ends at the extreme kept centres: 1 + e t > 0 needs e in (pole_r, pole_l)
@@ -320,7 +343,7 @@ def _solve(law: _Law, n: np.ndarray, dim: int) -> dict[str, np.ndarray]:
     def g_fun(e):  # 1 + delta e kappa_i(e): 1 at e = 0; the outlier is where it vanishes
         return 1.0 + dl * e * _expect(law, e, mask3, spike, 1)
 
-    thetas, cos2s, ratios = [], [], []
+    thetas, cos2s, ratios, singles = [], [], [], []
     for side, e_b in enumerate(e_edge):
         ee = np.broadcast_to(e_b[:, None], (k, d1))
         g_edge = g_fun(ee)
@@ -339,6 +362,9 @@ def _solve(law: _Law, n: np.ndarray, dim: int) -> dict[str, np.ndarray]:
         c2 = (1.0 - e2 * b_) / (1.0 + e2 * beta)
         thetas.append(np.where(has, th, np.nan))
         cos2s.append(np.where(has, np.clip(c2, 0.0, 1.0), 0.0))
+        # samples whose own spike lies beyond the outlier: T beyond -1 / e_i on its side
+        t_i = -1.0 / np.where(has, root, -1e-300 if side == 0 else 1e-300)
+        singles.append(np.where(has, _tail_count(law, n, t_i, side), 0.0))
     return {
         "edges": edges,
         "curvature": np.abs(curv),
@@ -346,15 +372,17 @@ def _solve(law: _Law, n: np.ndarray, dim: int) -> dict[str, np.ndarray]:
         "theta": np.stack(thetas),
         "cos2": np.stack(cos2s),
         "edge_ratio": np.stack(ratios),
+        "singles": np.stack(singles),
     }
 
 
 def _select(sol: dict[str, np.ndarray], d1: int, dim: int):
     """What the top-d1-by-magnitude rule keeps. The d1 slots go to the largest eigenvalues in
-    magnitude: an outlier is kept if the outliers larger than it plus the expected number of
-    bulk eigenvalues larger than it (from the square-root law at each edge, D times the edge
-    mass beyond it; infinite in the limit when an edge lies beyond it) leave it a slot, a
-    fraction of one when that count is not an integer.
+    magnitude: an outlier is kept if the outliers larger than it, the expected number of
+    bulk eigenvalues larger than it (from the square-root law at each edge, D - d1 times the
+    edge mass beyond it; infinite in the limit when an edge lies beyond it) and the expected
+    single-sample spikes beyond it (``sol["singles"]``) leave it a slot, a fraction of one
+    when that count is not an integer.
 
     Returns per (n, direction) the overlap with the kept span, its limit part (the kept
     outliers alone), the outlier reported for the direction (the larger in magnitude, nan if
@@ -378,11 +406,12 @@ def _select(sol: dict[str, np.ndarray], d1: int, dim: int):
             0.0, np.abs(edges[side])[None, :, None] - np.where(np.isfinite(mag), mag, 0.0)
         )
         dens = (delta / math.pi) * np.sqrt(2.0 / np.maximum(curv[side], 1e-300))
-        bulk += dim * dens[None, :, None] * (2.0 / 3.0) * s_in**1.5
+        bulk += (dim - d1) * dens[None, :, None] * (2.0 / 3.0) * s_in**1.5
     flat = mag.transpose(1, 0, 2).reshape(k, 2 * d1)
     rank = np.argsort(np.argsort(-flat, axis=1, kind="stable"), axis=1, kind="stable")
     rank = rank.reshape(k, 2, d1).transpose(1, 0, 2)  # outliers larger than this one
     # kept fraction: the d1 slots go to the largest eigenvalues, outliers and bulk alike
+    bulk += sol["singles"]  # single-sample spikes beyond the outlier
     kept = np.where(np.isfinite(mag), np.clip(d1 - rank - bulk, 0.0, 1.0), 0.0)
     limit = np.sum(kept * c2, axis=0)
     free = d1 - np.sum(kept, axis=(0, 2))  # (k,) slots filled from the bulk

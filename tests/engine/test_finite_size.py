@@ -65,20 +65,32 @@ def test_edges_and_outliers_match_a_sampled_c_hat(seed):
     y = ((h * h - 1) @ lam_spec) / math.sqrt(2)
     y = y - y.mean()
     c_hat = (z.T * y) @ z / n
-    evals = np.linalg.eigvalsh(c_hat)
+    evals, vecs = np.linalg.eigh(c_hat)
     (p,) = he.finite_size_curve(model, [n], signs=np.sign(lam_spec))
     lo, hi = p.bulk_edges
-    outliers = np.array([o for o in p.outliers if o is not None])
-    pos = np.sort(outliers[outliers > hi])[::-1]
-    neg = np.sort(outliers[outliers < lo])
-    top = evals[::-1][: pos.size]
-    bottom = evals[: neg.size]
-    assert np.allclose(top, pos, rtol=0.08), (top, pos)
-    assert np.allclose(bottom, neg, rtol=0.08), (bottom, neg)
-    # the largest bulk eigenvalues sit near the edges (edge fluctuations ~ D^(-2/3))
-    inner = evals[neg.size : evals.size - pos.size]
-    assert abs(inner[-1] - hi) < 0.15 * hi, (inner[-1], hi)
-    assert abs(inner[0] - lo) < 0.15 * abs(lo), (inner[0], lo)
+    has = np.array([o is not None for o in p.outliers])
+    assert has.sum() >= 2
+    # each direction's outlier is the eigenvalue whose eigenvector carries it (a single
+    # extreme sample can make a larger spike of its own, which is not the direction's). The
+    # extreme samples have large h_1^2 and pull the strongest direction's outlier out by
+    # 1-14 % (sampled 1.39-1.57 over root seeds 0-4 against 1.37 predicted; the continuum
+    # leaves them out, docs/theory.md section 6.1); the second's is within 6 %
+    carrier = np.argmax(vecs[:d1][has] ** 2, axis=1)
+    predicted = np.array([o for o in p.outliers if o is not None])
+    assert np.allclose(evals[carrier], predicted, rtol=0.16), (evals[carrier], predicted)
+    assert np.all(np.abs(evals[carrier]) >= np.abs(predicted) * 0.94), (evals[carrier], predicted)
+    # the edges are the continuum's: beyond them only the spikes of single extreme samples
+    # (measured 1-2 per side for root seeds 0-4; the continuum leaves out TAIL_SAMPLES = 4 in
+    # expectation), and the continuum's extreme eigenvalue sits at the edge (fluctuations
+    # ~ D^(-2/3))
+    inner = np.delete(evals, carrier)
+    limit = he._finite_size.TAIL_SAMPLES
+    above, below = inner[inner > hi], inner[inner < lo]
+    assert above.size <= limit and below.size <= limit, (above, below, lo, hi)
+    top_bulk = inner[inner.size - 1 - above.size]
+    low_bulk = inner[below.size]
+    assert abs(top_bulk - hi) < 0.1 * hi, (top_bulk, hi)
+    assert abs(low_bulk - lo) < 0.1 * abs(lo), (low_bulk, lo)
 
 
 def test_deterministic_and_validated():
@@ -130,7 +142,7 @@ def test_results_document_carries_the_finite_size_theory():
     assert all(t["n_half_finite_size"] is None for t in doc["thresholds"])
 
 
-# Proportional-regime configurations: D = 300 or 465, n/D from 2 to 50, several activations
+# Proportional-regime configurations: D = 300 or 465, n/D from 2 to 64, several activations
 # and noise levels. In every one the asymptotic overlay's n_half (2 n_i) is off by more than
 # 1.2x for most directions.
 AGREEMENT = {
@@ -147,6 +159,9 @@ AGREEMENT = {
         {"d": 24, "d1": 6, "gamma": 1.0, "noise_std": 1.0},
         [1200, 2400, 4800, 9600, 19200],
     ),
+    # the cos2-vs-theory-gaussian-cpu preset's model (D = 465, eight directions of comparable
+    # weight) around its thresholds, n/D 4.5-58
+    "id-d1-8": ({"d": 30, "d1": 8, "gamma": 0.6}, [2100, 4200, 8400, 16800, 27000]),
 }
 
 
@@ -188,12 +203,9 @@ def agreement(name: str, seed: int) -> dict:
 def test_finite_size_theory_predicts_dense_runs(name, seed):
     got = agreement(name, seed)
     assert got["off"].sum() >= 2  # the asymptotic overlay is off here: a regime worth testing
-    # mean |cos2_sim - cos2_theory| over directions and n: 0.05, the target of issue 12, or
-    # the seed mean's own noise (its mean SEM) where that is larger; MSE within 10 %.
-    # quadratic g misses that target (measured 0.047-0.066 and up to 11 % for root seeds
-    # 0-4: its heavy-tailed labels make single-sample spikes that the truncation of T models
-    # only roughly, docs/theory.md section 6): it is held to what it achieves
-    cos2_tol, mse_tol = (0.08, 0.15) if name == "quadratic" else (0.05, 0.10)
-    tol = max(cos2_tol, got["mean_sem"])
-    assert got["mean_abs_cos2_off"] <= tol, got
-    assert np.all(np.abs(got["mse_rel"]) <= mse_tol), got
+    # mean |cos2_sim - cos2_theory| over directions and n within 0.05 and the MSE within
+    # 10 %: the target of issue 12, for every setting (the seed mean's own noise, its mean
+    # SEM, is 0.02-0.07: quadratic's is above the bound, so the bound is not relaxed to it).
+    # measured for root seeds 0-4 (docs/theory.md section 9): 0.019-0.039 and at most 6.3 %
+    assert got["mean_abs_cos2_off"] <= 0.05, got
+    assert np.all(np.abs(got["mse_rel"]) <= 0.10), got
