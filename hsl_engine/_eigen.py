@@ -8,15 +8,40 @@ basis vector, Ritz vectors, residuals and thick restarts cost no extra operator 
 Converged vectors stop generating new directions ("soft locking"), so later passes get cheaper.
 The iteration is warm-started from the previous sample size of the same seed.
 
-Each pass applies the operator to ``expand`` = 8 vectors at once: on 2 cores a q = 2 pass of
-8 vectors runs at ~60 % of the float32 GEMM peak, one of 4 at ~45 %, which outweighs the ~10 %
-more vectors the wider expansion needs (measured on the fig2-cpu sweep).
+Each pass applies the operator to ``expand`` = 8 vectors at once, the first pass included: it
+takes the warm start's leading ``max(k_vectors, expand)`` vectors (the previous n's wanted
+ones) rather than its whole Ritz block. Between two n of the fig2-cpu sweep the previous top 18
+eigenvectors hold only 22-49 % (mean over the new top 18) of the new ones, so the other 18
+vectors of a full-block start bought little: an 8-wide first pass spends 849 vectors over the
+sweep against 980. In CPU time per vector (measured on a busy 2-core machine, n = 216000) a
+q = 2 pass of 4 vectors costs ~5 % more than one of 8 and a pass of 1 vector ~30 % more
+(earlier wall-clock figures: 8 at ~60 % of the GEMM peak, 4 at ~45 %). Narrower passes need
+fewer vectors (4 wide: 658 over the sweep, 2 wide: 577, against 817) but two or four times as
+many passes, each with its fixed cost, and a GPU wants wide passes; 8 stays the default until
+a quiet machine times the narrower ones.
 
-Convergence test (see `block_krylov_top`): the wanted vectors to ``tol``; the reported
-eigenvalues that stand apart from the rest to relative 1e-5 through the quadratic bound
-``r^2 / gap``; reported eigenvalues inside the noise bulk to 1e-2 (what the spectrum plot
-needs); and 4 unreported guard vectors beyond them, so the reported ones are the true top
-ones rather than a Ritz value that stands in for an eigenvalue not yet found.
+Convergence test (see `block_krylov_top`): the wanted vectors to ``tol``, and tighter (down to
+``tol / 10``) where their residual over the gap to the nearest unwanted value exceeds 1e-2;
+the reported eigenvalues that stand apart from the rest to relative 1e-5 through the
+quadratic bound ``r^2 / gap``; reported eigenvalues inside the noise bulk to 1e-2 (what the
+spectrum plot needs); and 4 unreported guard vectors on each side beyond them, so the reported
+ones are the true top ones rather than a Ritz value that stands in for an eigenvalue not yet
+found. A guard is refined only while the eigenvalue it may still become could pass a
+separated value or one of the other sign, or change the reported list by more than
+`GUARD_SLACK` = 5e-3 |theta_1| at some rank (`_guards_pending`): inside the bulk, where
+consecutive values lie closer than that, a guard whose Ritz value sits just below the smallest
+reported one no longer costs passes until its residual is below the distance between them
+(817 vectors over the sweep against 849). The gap rule for the wanted vectors costs 5 vectors
+on the sweep (822); it is there for wanted values deep in the bulk far below ``|theta_1|``
+(q = 3, n ~ 2-4 D), where ``tol |theta_1|`` alone left the first layer mixed with unwanted
+neighbours: with the narrower start, test MSE 1.4e-3 off the dense ``eigh``'s (the limit is
+1e-3; the solver before was at 1.0e-3 there) and cos2 6.2e-4 off; with the rule 6e-5 and
+1.5e-4.
+
+The dense algebra of a pass (the eigendecomposition of the projected matrix, the products
+with the basis, the orthonormalisation) runs with one BLAS thread: its matrices are at most
+D x 360, and threaded BLAS on them spent more time than it saved (on a busy 2-core machine,
+2-9 s against 0.2 s in a replay of the 21 passes of the largest fig2-cpu point).
 """
 
 from __future__ import annotations
@@ -28,7 +53,7 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse.linalg
 
-from ._backend import Backend, numpy_backend
+from ._backend import Backend, numpy_backend, single_threaded_blas
 from ._errors import ConvergenceError
 
 NUMPY = numpy_backend()
@@ -40,6 +65,16 @@ VALUE_TOL = 1e-5
 # eigenvalue counts as in the bulk
 BULK_TOL = 1e-2
 SEPARATION = 1e-2
+# How far (relative to |theta_1|) an eigenvalue the basis may still be missing could move the
+# reported list at any rank before a guard vector is refined further (half of BULK_TOL, so a
+# reported in-bulk value stays within 1.5 BULK_TOL of the true one at its rank)
+GUARD_SLACK = 5e-3
+# A wanted vector's residual over its gap to the nearest unwanted Ritz value (a bound on the
+# sine of its angle to the wanted eigenspace) is held below this, down to a residual of
+# WANTED_FLOOR tol |theta_1|: where the wanted values sit in the bulk far below |theta_1|, a
+# residual of tol |theta_1| alone left a wanted vector mixed with its unwanted neighbours
+WANTED_ANGLE = 1e-2
+WANTED_FLOOR = 0.1
 DEFAULT_EXPAND = 8
 DEFAULT_MAX_BASIS = 360
 
@@ -172,15 +207,21 @@ def block_krylov_top(
     Convergence, with ``r_i = ||C u_i - theta_i u_i||`` and ``gap_i`` the distance from
     ``theta_i`` to the nearest other Ritz value of the block:
 
-    * the ``k_vectors`` wanted vectors: ``r_i <= tol |theta_1|``;
+    * the ``k_vectors`` wanted vectors: ``r_i <= tol |theta_1|``, and ``r_i <= WANTED_ANGLE
+      gap_i'`` (``gap_i'`` the distance to the nearest unwanted Ritz value; a sine-theta
+      bound) down to ``r_i <= WANTED_FLOOR tol |theta_1|``;
     * the reported eigenvalues (``k_values``): separated ones (``gap_i > SEPARATION
       |theta_1|``) to relative accuracy ``value_tol`` through the bound
       ``|theta_i - lambda_i| <= r_i^2 / gap_i``; the others, inside the noise bulk where only
       the spectrum plot uses them, to ``r_i <= bulk_tol |theta_1|``;
     * ``block - k_values`` guard vectors on each side of the spectrum (the next Ritz values
       of each sign): one is refined while ``|theta_g| + r_g`` reaches the smallest reported
-      magnitude, so an eigenvalue the basis has not resolved yet cannot hide behind the
-      reported ones (Ritz values under-estimate the magnitudes at both ends).
+      magnitude and an eigenvalue there could pass a separated or opposite-sign reported
+      value, or move the list by more than ``GUARD_SLACK |theta_1|`` at some rank
+      (`_guards_pending`), so an eigenvalue the basis has not resolved yet cannot hide
+      behind the reported ones (Ritz values under-estimate the magnitudes at both ends);
+    * and the basis holds at least ``block`` vectors (the first pass is ``max(k_vectors,
+      expand)`` wide).
 
     The basis, its images, Ritz vectors and residuals are arrays of the backend (on its
     device); only the small projected matrix ``H = Q^T C Q`` and its eigendecomposition live
@@ -202,9 +243,10 @@ def block_krylov_top(
     max_passes : int
         Most operator applications.
     rng : numpy.random.Generator
-        Fills the start block where ``v0`` has fewer than ``block`` columns.
+        Fills the start block where ``v0`` has fewer columns than it.
     v0 : array, shape (D, j), optional
-        Warm start (e.g. the Ritz vectors of the previous sample size).
+        Warm start (e.g. the Ritz vectors of the previous sample size, wanted ones first):
+        its first ``max(k_vectors, expand)`` columns start the basis.
     max_basis : int, optional
         Basis size that triggers a thick restart.
     expand : int, optional
@@ -229,9 +271,11 @@ def block_krylov_top(
     max_basis = min(dim, max(max_basis, block + 1))
     expand = max(1, min(expand or DEFAULT_EXPAND, block))
     eps = float(np.finfo(np.float64).eps)
-    start = rng.standard_normal((dim, block))
+    # the first pass is as wide as the later ones: the warm start's leading (wanted) vectors
+    width = min(block, max(k_vectors, expand))
+    start = rng.standard_normal((dim, width))
     if v0 is not None and v0.shape[1]:
-        j = min(v0.shape[1], block)
+        j = min(v0.shape[1], width)
         start[:, :j] = be.to_numpy(v0[:, :j])
     basis = _orthonormalise(be.asarray(start), None, eps, xp)
     images = be.zeros((dim, 0))
@@ -241,45 +285,53 @@ def block_krylov_top(
     while True:
         w_new = be.asarray(op.matmat(new), np.float64)
         passes += 1
-        # grow the projected matrix H = Q^T C Q by the new block's row and column only
-        cross = be.to_numpy(basis[:, : images.shape[1]].T @ w_new)
-        corner = be.to_numpy(new.T @ w_new)
-        h = np.block([[h, cross], [cross.T, (corner + corner.T) / 2]])
-        images = xp.concat([images, w_new], axis=1)
-        theta, y = np.linalg.eigh(h)
-        order = _select(theta, k_values, guard)
-        theta, y = theta[order], np.ascontiguousarray(y[:, order])
-        y_d = be.asarray(y)
-        ritz = basis @ y_d
-        cu = images @ y_d
-        resid = cu - ritz * be.asarray(theta)[None, :]
-        rnorm = be.to_numpy(xp.linalg.vector_norm(resid, axis=0))
-        scale = max(abs(float(theta[0])), np.finfo(np.float64).tiny)
-        pending = _pending(theta, rnorm, scale, k_vectors, k_values, tol, value_tol, bulk_tol)
-        # a guard whose Ritz value could still grow past the smallest reported one (Ritz
-        # values under-estimate the magnitudes at each end of the spectrum) is refined too
-        cutoff = abs(float(theta[k_values - 1])) if theta.shape[0] >= k_values else 0.0
-        pending[k_values:] = np.abs(theta[k_values:]) + rnorm[k_values:] >= cutoff
-        converged = not pending.any()
-        result = EigResult(theta[:k_values], ritz, rnorm[:k_values], passes, converged)
-        if converged:
-            return result
-        if passes >= max_passes:
-            raise ConvergenceError(
-                f"block Krylov stopped after {passes} passes; largest relative residual "
-                f"{float(np.max(rnorm[:k_values] / scale)):.2e} > tol {tol:.1e}",
-                result,
-            )
-        # Expand with the residuals of the strongest few unconverged pairs: per applied
-        # vector, a narrow expansion raises the Krylov degree faster than a wide block.
-        grow = xp.take(resid, be.asarray(np.flatnonzero(pending)[:expand]), axis=1)
-        if basis.shape[1] + grow.shape[1] > max_basis:
-            # thick restart on the current Ritz block; C u is known, so no pass is spent
-            basis, images, h = ritz, cu, np.diag(theta)
-        new = _orthonormalise(grow, basis, 100 * eps, xp)
-        if new.shape[1] == 0:  # the residuals lie in the basis: numerically exact already
-            return EigResult(theta[:k_values], ritz, rnorm[:k_values], passes, True)
-        basis = xp.concat([basis, new], axis=1)
+        # The dense algebra of a pass works on matrices of at most D x (basis size): with
+        # one BLAS thread it takes ~10 ms a pass; threaded BLAS on such small products and
+        # on the eigh of H costs more than it gains (several times more on a busy machine).
+        with single_threaded_blas():
+            # grow the projected matrix H = Q^T C Q by the new block's row and column only
+            cross = be.to_numpy(basis[:, : images.shape[1]].T @ w_new)
+            corner = be.to_numpy(new.T @ w_new)
+            h = np.block([[h, cross], [cross.T, (corner + corner.T) / 2]])
+            images = xp.concat([images, w_new], axis=1)
+            theta, y = np.linalg.eigh(h)
+            order = _select(theta, k_values, guard)
+            theta, y = theta[order], np.ascontiguousarray(y[:, order])
+            y_d = be.asarray(y)
+            ritz = basis @ y_d
+            cu = images @ y_d
+            resid = cu - ritz * be.asarray(theta)[None, :]
+            rnorm = be.to_numpy(xp.linalg.vector_norm(resid, axis=0))
+            scale = max(abs(float(theta[0])), np.finfo(np.float64).tiny)
+            pending = _pending(theta, rnorm, scale, k_vectors, k_values, tol, value_tol, bulk_tol)
+            # not converged before the basis can hold the Ritz block (the first pass is narrower)
+            converged = not pending.any() and basis.shape[1] >= block
+            result = EigResult(theta[:k_values], ritz, rnorm[:k_values], passes, converged)
+            if converged:
+                return result
+            if passes >= max_passes:
+                raise ConvergenceError(
+                    f"block Krylov stopped after {passes} passes; largest relative residual "
+                    f"{float(np.max(rnorm[:k_values] / scale)):.2e} > tol {tol:.1e}",
+                    result,
+                )
+            # Expand with the residuals of the strongest few unconverged pairs: per applied
+            # vector, a narrow expansion raises the Krylov degree faster than a wide block.
+            # (Every pair pending only while the Ritz block is still being filled.)
+            take = np.flatnonzero(pending) if pending.any() else np.arange(theta.shape[0])
+            grow = xp.take(resid, be.asarray(take[:expand]), axis=1)
+            if basis.shape[1] + grow.shape[1] > max_basis:
+                # thick restart on the current Ritz block; C u is known, so no pass is spent
+                basis, images, h = ritz, cu, np.diag(theta)
+            new = _orthonormalise(grow, basis, 100 * eps, xp)
+            if new.shape[1] == 0:
+                if basis.shape[1] < block:  # the start block spans an invariant subspace
+                    new = _orthonormalise(
+                        be.asarray(rng.standard_normal((dim, expand))), basis, 100 * eps, xp
+                    )
+                if new.shape[1] == 0:  # the residuals lie in the basis: exact already
+                    return EigResult(theta[:k_values], ritz, rnorm[:k_values], passes, True)
+            basis = xp.concat([basis, new], axis=1)
 
 
 def _select(theta: np.ndarray, k_values: int, guard: int) -> np.ndarray:
@@ -295,8 +347,47 @@ def _select(theta: np.ndarray, k_values: int, guard: int) -> np.ndarray:
     return np.concatenate([top, guards]).astype(np.intp)
 
 
+def _guards_pending(
+    theta: np.ndarray, rnorm: np.ndarray, k_values: int, slack: float, separated: np.ndarray
+) -> np.ndarray:
+    """Which guard pairs (those after the first ``k_values``) are still refined.
+
+    Ritz values under-estimate the magnitudes at each end of the spectrum, so the eigenvalue
+    near guard g may lie as far out as ``m = |theta_g| + r_g``. If ``m`` reaches the smallest
+    reported magnitude, that eigenvalue (of the guard's sign) could belong among the reported
+    ones; inserting it anywhere its magnitude allows changes the reported list at the ranks
+    it passes: by ``m - |theta_j|`` at most where it lands, and by the step between
+    consecutive reported values below it. The guard is refined while it could pass a
+    ``separated`` value (reported to relative `VALUE_TOL`) or while that change could
+    exceed ``slack``: always when it could pass a value of the other sign (a sign error),
+    only to within ``slack`` inside the noise bulk, where consecutive values are closer.
+    """
+    guards = theta[k_values:]
+    pending = np.zeros(guards.shape[0], dtype=bool)
+    if guards.shape[0] == 0 or theta.shape[0] < k_values:
+        return pending
+    top = theta[:k_values]
+    mags = np.abs(top)
+    reach = np.abs(guards) + rnorm[k_values:]
+    for i in np.flatnonzero(reach >= mags[-1]):
+        sign = 1.0 if guards[i] > 0 else -1.0
+        first = min(int(np.sum(mags >= reach[i])), k_values - 1)  # highest rank it can take
+        passed = top[first:]
+        if separated[first:k_values].any():
+            pending[i] = True
+            continue
+        change = max(
+            abs(sign * reach[i] - passed[0]),  # where it lands, at its largest
+            float(np.max(np.abs(sign * np.abs(passed) - passed))),  # a value of other sign
+            float(np.max(np.abs(np.diff(passed)), initial=0.0)),  # the shifted values below
+        )
+        pending[i] = change > slack
+    return pending
+
+
 def _pending(theta, rnorm, scale, k_vectors, k_values, tol, value_tol, bulk_tol) -> np.ndarray:
-    """Which of the first ``k_values`` Ritz pairs are not converged (see `block_krylov_top`)."""
+    """Which Ritz pairs are not converged: the first ``k_values`` (see `block_krylov_top`),
+    then the guards (`_guards_pending`)."""
     k = theta.shape[0]
     gap = np.full(k, np.inf)
     if k > 1:
@@ -310,6 +401,11 @@ def _pending(theta, rnorm, scale, k_vectors, k_values, tol, value_tol, bulk_tol)
         rnorm <= bulk_tol * scale,
     )
     pending = ~value_ok
-    pending[:k_vectors] |= rnorm[:k_vectors] > tol * scale
-    pending[k_values:] = False
+    wanted_tol = np.full(min(k, k_vectors), tol * scale)
+    if k > k_vectors:
+        # the gap of each wanted value to the unwanted ones (r / gap bounds its sine-theta)
+        out = np.abs(theta[:k_vectors, None] - theta[None, k_vectors:]).min(axis=1)
+        wanted_tol = np.clip(WANTED_ANGLE * out, WANTED_FLOOR * tol * scale, tol * scale)
+    pending[:k_vectors] |= rnorm[:k_vectors] > wanted_tol
+    pending[k_values:] = _guards_pending(theta, rnorm, k_values, GUARD_SLACK * scale, separated)
     return pending
