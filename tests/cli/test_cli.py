@@ -106,6 +106,32 @@ def test_same_spec_gives_same_document_numbers(tmp_path, tiny_spec_file):
     assert docs[0] == docs[1]
 
 
+def test_run_computes_the_exact_theory_once_for_all_its_documents(tmp_path):
+    """Every document ``hsl run`` writes (one per point, then the final one) carries the exact
+    finite-size theory, computed once, first: the engine's memo tables of the finite-size
+    curve and the n_half search (functools.lru_cache) count every call, hit or miss."""
+    from hsl_engine import _finite_size
+
+    memos = (_finite_size._curve, _finite_size._n_half)
+    spec = {**TINY, "model": {**TINY["model"], "features": "gaussian"}}  # exact theory
+    spec_file = tmp_path / "gaussian.json"
+    spec_file.write_text(json.dumps(spec))
+    for memo in memos:
+        memo.cache_clear()
+    out = tmp_path / "tiny.json"
+
+    assert cli.main(["run", str(spec_file), "--out", str(out), "--quiet"]) == 0
+
+    assert [(m.cache_info().hits, m.cache_info().misses) for m in memos] == [(0, 1), (0, 1)]
+    doc = json.loads(out.read_text())
+    for memo in memos:
+        memo.cache_clear()
+    fresh = document.exact_theory(he.parse_spec(spec))
+    assert fresh["finite_size"] and fresh["finite_size_note"] is None
+    assert doc["theory"]["finite_size"] == fresh["finite_size"]
+    assert [t["n_half_finite_size"] for t in doc["thresholds"]] == fresh["n_half_finite_size"]
+
+
 def test_invalid_spec_names_field_and_range(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"model": {"d": 10**6, "gamma": float("nan")}}))
