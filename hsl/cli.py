@@ -325,9 +325,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         points.append(p)
         # the document on disk always holds every point measured: an interruption, even a
         # kill, loses at most the point in progress
-        write_document(
-            out, document.results_document(spec, points, complete=False, exact=exact)
-        )
+        write_document(out, document.results_document(spec, points, complete=False, exact=exact))
         progress(p)
 
     with StopAtBoundary(sys.stderr) as stop:

@@ -152,9 +152,7 @@ def test_study_and_compare_documents_use_the_stored_values(client):
             "n_half_finite_size"
         ]
     for exp, theory in zip(compared["experiments"], stored, strict=True):
-        assert [t["n_half_finite_size"] for t in exp["thresholds"]] == theory[
-            "n_half_finite_size"
-        ]
+        assert [t["n_half_finite_size"] for t in exp["thresholds"]] == theory["n_half_finite_size"]
 
 
 def test_a_spec_without_an_exact_theory_stores_the_reason(client):
