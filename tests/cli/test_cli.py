@@ -94,6 +94,7 @@ def test_run_writes_results_plots_and_summary(tmp_path, tiny_spec_file, capsys):
     assert "kernel_rbf" in printed
 
 
+@pytest.mark.slow  # two whole runs; the engine's determinism is checked fast in test_experiment
 def test_same_spec_gives_same_document_numbers(tmp_path, tiny_spec_file):
     docs = []
     for i in range(2):
@@ -113,7 +114,11 @@ def test_run_computes_the_exact_theory_once_for_all_its_documents(tmp_path):
     from hsl_engine import _finite_size
 
     memos = (_finite_size._curve, _finite_size._n_half)
-    spec = {**TINY, "model": {**TINY["model"], "features": "gaussian"}}  # exact theory
+    spec = {  # Gaussian features: an exact theory; one method: a short run
+        **TINY,
+        "model": {**TINY["model"], "features": "gaussian"},
+        "methods": [{"name": "layerwise_spectral"}],
+    }
     spec_file = tmp_path / "gaussian.json"
     spec_file.write_text(json.dumps(spec))
     for memo in memos:
@@ -195,6 +200,7 @@ def test_progress_reports_every_point(capsys):
     assert "ETA 0s" in lines[-1]
 
 
+@pytest.mark.slow  # the tiny run twice, once on PyTorch (the engine's torch tests are fast)
 def test_run_with_the_torch_backend_matches_numpy(tmp_path, tiny_spec_file, capsys):
     pytest.importorskip("torch")
     docs = {}
@@ -306,6 +312,7 @@ RESUMABLE = {
 }
 
 
+@pytest.mark.slow  # a real process interrupted mid-run, resumed, then run whole: ~10 s
 def test_ctrl_c_stops_at_a_point_boundary_and_resume_continues(tmp_path, capsys):
     import os
     import signal
