@@ -42,6 +42,13 @@ POINT_KEYS = {
 }
 
 
+@pytest.fixture(scope="module")
+def tiny_points() -> list[he.Point]:
+    """The points of TINY, run once for the tests that only read them (they never change
+    them: points are frozen dataclasses)."""
+    return he.run_experiment(he.parse_spec(TINY)).points
+
+
 @pytest.fixture
 def tiny_spec_file(tmp_path):
     path = tmp_path / "tiny.json"
@@ -162,9 +169,9 @@ def test_presets_listing(capsys):
     assert data["fig2-cpu"]["spec"]["model"]["d"] == 60
 
 
-def test_points_round_trip_and_csv():
+def test_points_round_trip_and_csv(tiny_points):
     spec = he.parse_spec(TINY)
-    points = he.run_experiment(spec).points
+    points = list(tiny_points)
     assert [document.point_from_dict(document.point_to_dict(p)) for p in points] == points
     doc = document.results_document(spec, points)
     csv_text = document.points_csv(doc)
@@ -177,9 +184,9 @@ def test_points_round_trip_and_csv():
     assert float(first["mse"]) == points[0].mse
 
 
-def test_partial_document_while_running():
+def test_partial_document_while_running(tiny_points):
     spec = he.parse_spec(TINY)
-    points = he.run_experiment(spec).points[:2]  # two sizes: too few for a fit
+    points = tiny_points[:2]  # two sizes: too few for a fit
     doc = document.results_document(spec, points, experiment_id="x", complete=False)
     assert doc["complete"] is False and doc["experiment_id"] == "x"
     # too few points: no exponent, and the reason
