@@ -15,18 +15,22 @@ concurrent callers wait for the first computation instead of repeating it.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 import hsl_engine as he
 from hsl.document import exact_theory
 
 from .models import Experiment
+
+log = logging.getLogger("hsl.theory")
 
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
@@ -58,7 +62,8 @@ def ensure(
     """The experiment's theory: the stored one, else computed now, stored and returned.
 
     ``transaction`` opens a session in a transaction that commits on exit (a sessionmaker's
-    ``begin``); the computation runs outside any transaction.
+    ``begin``); the computation runs outside any transaction. When the database refuses the
+    write (a full or read-only disk) the value computed is returned all the same.
     """
     with transaction() as session:
         value = stored(session, experiment_id)
@@ -70,10 +75,13 @@ def ensure(
         if value is not None:
             return value
         value = exact_theory(spec)
-        with transaction() as session:
-            if not store(session, experiment_id, value):
-                # another process stored it first: serve that one, as everyone else will
-                value = stored(session, experiment_id) or value
+        try:
+            with transaction() as session:
+                if not store(session, experiment_id, value):
+                    # another process stored it first: serve that one, as everyone else will
+                    value = stored(session, experiment_id) or value
+        except DBAPIError as exc:  # a full or read-only disk: serve it, store it next time
+            log.warning("experiment %s: theory computed, not stored: %s", experiment_id, exc)
     return value
 
 

@@ -168,3 +168,26 @@ def test_a_spec_without_an_exact_theory_stores_the_reason(client):
     assert doc["theory"]["finite_size"] is None
     assert doc["theory"]["finite_size_note"] == stored["finite_size_note"]
     assert {t["n_half_finite_size"] for t in doc["thresholds"]} == {None}
+
+
+def test_a_database_that_refuses_the_write_still_gets_the_theory(client, database_url):
+    """A read-only database (SQLite's query_only: every write fails): the theory is computed
+    and returned, and nothing is stored."""
+    from sqlalchemy import event
+
+    from service.db import make_engine, make_session_factory, theory
+
+    exp = submit(client)
+    engine = make_engine(database_url)
+
+    @event.listens_for(engine, "connect")
+    def _read_only(dbapi_conn, _record) -> None:
+        dbapi_conn.execute("PRAGMA query_only = ON")
+
+    try:
+        value = theory.ensure(make_session_factory(engine).begin, exp, he.parse_spec(SPEC))
+    finally:
+        engine.dispose()
+
+    assert value == fresh(SPEC)
+    assert stored_theory(client.app, exp) is None
