@@ -317,18 +317,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out or args.resume or f"{spec.name}-results.json")
     progress = Progress(spec, sys.stderr, enabled=not args.quiet, done=done, estimate=est)
     points = list(done)
+    # the exact finite-size theory depends on the spec alone: computed once, first, so that
+    # every document written (the partial ones too) carries it without computing it again
+    exact = document.exact_theory(spec)
 
     def on_point(p: he.Point) -> None:
         points.append(p)
         # the document on disk always holds every point measured: an interruption, even a
         # kill, loses at most the point in progress
-        write_document(out, document.results_document(spec, points, complete=False))
+        write_document(out, document.results_document(spec, points, complete=False, exact=exact))
         progress(p)
 
     with StopAtBoundary(sys.stderr) as stop:
         try:
             result = he.run_experiment(
-                spec, on_point=on_point, threads=args.threads, done=done, should_stop=stop
+                spec,
+                on_point=on_point,
+                threads=args.threads,
+                done=done,
+                should_stop=stop,
+                exact=document.exact_from_json(exact),
             )
         except he.EngineError as exc:
             print(f"hsl: {exc}", file=sys.stderr)
@@ -336,7 +344,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             result = None
     complete = result is not None and len(result.points) == est.points
-    doc = document.results_document(spec, points, complete=complete)
+    doc = document.results_document(spec, points, complete=complete, exact=exact)
     write_document(out, doc)
     if not complete:
         print(

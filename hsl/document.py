@@ -62,17 +62,53 @@ def point_from_dict(d: Mapping[str, Any]) -> he.Point:
     return he.Point(**base, extra=extra)
 
 
+def exact_theory(spec: he.ExperimentSpec) -> dict[str, Any]:
+    """The spec's exact finite-size theory as JSON: what the service stores with an
+    experiment (``experiments.theory``) and `results_document` takes as ``exact``.
+
+    Seconds of work (the engine solves the proportional-regime equations at every n of the
+    sweep and searches each direction's n_half), independent of the points: computed once
+    per experiment, where its work is done (the worker, ``hsl run``), never per request.
+    """
+    exact = he.exact_theory(spec)
+    return _clean(
+        {
+            "engine_version": he.ENGINE_VERSION,
+            "finite_size": None
+            if exact.finite_size is None
+            else [asdict(p) for p in exact.finite_size],
+            "n_half_finite_size": None if exact.n_half is None else list(exact.n_half),
+            "finite_size_note": exact.note,
+        }
+    )
+
+
+def exact_from_json(stored: Mapping[str, Any]) -> he.ExactTheory:
+    """The engine's `he.ExactTheory` from the JSON of `exact_theory`."""
+    rows = stored.get("finite_size")
+    n_half = stored.get("n_half_finite_size")
+    return he.ExactTheory(
+        None if rows is None else [he.FiniteSizePoint(**row) for row in rows],
+        None if n_half is None else tuple(n_half),
+        stored.get("finite_size_note"),
+    )
+
+
 def results_document(
     spec: he.ExperimentSpec,
     points: Iterable[he.Point],
     *,
     experiment_id: str | None = None,
     complete: bool = True,
+    exact: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The results document for whatever points exist (partial while running).
 
     ``engine_version`` is the version that computed the points (the newest, with all of
     them in ``engine_versions``, when they differ); each point names its own.
+
+    ``exact`` is the spec's exact finite-size theory as `exact_theory` returns it (stored
+    with the experiment); without it, it is computed here (seconds).
     """
     pts = sorted(points, key=lambda p: (_method_rank(spec, p.method), p.seed, p.n))
     versions = engine_versions(pts)
@@ -80,7 +116,12 @@ def results_document(
         engine_version: str | None = versions[-1]  # the newest, when they differ
     else:  # no point yet: this engine will compute them; points that never said: unknown
         engine_version = None if pts else he.ENGINE_VERSION
-    summary = he.summarize(spec, pts, rng=he.summary_rng(spec))
+    summary = he.summarize(
+        spec,
+        pts,
+        rng=he.summary_rng(spec),
+        exact=None if exact is None else exact_from_json(exact),
+    )
     th = he.theory(spec.model)
     pl = summary.power_law
     doc = {

@@ -38,10 +38,12 @@ from ._presets import ALIASES, PRESETS, preset, preset_description, preset_names
 from ._spec import NAME_FORBIDDEN, ExperimentSpec, Name, parse_spec
 from ._summary import (
     CurvePoint,
+    ExactTheory,
     Point,
     PowerLaw,
     Summary,
     Threshold,
+    exact_theory,
     summarize,
     summary_rng,
 )
@@ -61,6 +63,7 @@ __all__ = [
     "CurvePoint",
     "DeviceError",
     "EngineError",
+    "ExactTheory",
     "ExperimentResult",
     "ExperimentSpec",
     "FiniteSizePoint",
@@ -78,6 +81,7 @@ __all__ = [
     "Theory",
     "Threshold",
     "estimate_resources",
+    "exact_theory",
     "expected_seconds",
     "exponent_theory",
     "feature_dim",

@@ -23,7 +23,7 @@ from ._spectral import (
     normalised_mse,
     overlaps,
 )
-from ._summary import Point, Summary, summarize, summary_rng
+from ._summary import ExactTheory, Point, Summary, summarize, summary_rng
 from ._version import ENGINE_VERSION
 
 
@@ -233,6 +233,7 @@ def run_experiment(
     threads: int | None = None,
     done: Iterable[Point] = (),
     should_stop: Callable[[], bool] | None = None,
+    exact: ExactTheory | None = None,
 ) -> ExperimentResult:
     """Run every (method, seed) of a spec in this process and summarise.
 
@@ -276,7 +277,8 @@ def run_experiment(
                     on_point(p)
             if should_stop is not None and should_stop():
                 break
-    return ExperimentResult(spec, points, summarize(spec, points, rng=summary_rng(spec)))
+    summary = summarize(spec, points, rng=summary_rng(spec), exact=exact)
+    return ExperimentResult(spec, points, summary)
 
 
 def expected_seconds(

@@ -138,6 +138,28 @@ class Summary:
     finite_size_note: str | None = None  # why finite_size is None
 
 
+@dataclass(frozen=True)
+class ExactTheory:
+    """The exact finite-size theory of a spec (`finite_size_curve` at the sweep's n and
+    `n_half_finite_size` per direction), or the reason there is none (``note``: Hermite
+    features, d1 too large). It depends on the spec alone, never on the points, so it is
+    computed once per experiment (`exact_theory`) and handed to `summarize`.
+    """
+
+    finite_size: list[FiniteSizePoint] | None
+    n_half: tuple[float | None, ...] | None
+    note: str | None = None
+
+
+def exact_theory(spec: ExperimentSpec) -> ExactTheory:
+    """The spec's exact finite-size theory (seconds of work: compute it once, keep it)."""
+    ns = sorted(n for n, _ in spec.sample_sizes())
+    try:
+        return ExactTheory(finite_size_curve(spec, ns), tuple(n_half_finite_size(spec)))
+    except ValueError as exc:  # Hermite features or d1 too large: said in the document
+        return ExactTheory(None, None, str(exc))
+
+
 def _sem(values: np.ndarray) -> float | None:
     if values.shape[0] < 2:
         return None
@@ -391,7 +413,11 @@ def theory_curve(spec: ExperimentSpec, th: Theory) -> list[TheoryPoint]:
 
 
 def summarize(
-    spec: ExperimentSpec, points: Iterable[Point], *, rng: np.random.Generator
+    spec: ExperimentSpec,
+    points: Iterable[Point],
+    *,
+    rng: np.random.Generator,
+    exact: ExactTheory | None = None,
 ) -> Summary:
     """Curves, thresholds, power law and theory for whatever points exist so far.
 
@@ -399,6 +425,9 @@ def summarize(
     ----------
     rng : numpy.random.Generator
         Kept for compatibility (the power law's interval is now analytic, no bootstrap).
+    exact : ExactTheory, optional
+        The spec's exact finite-size theory, computed before (`exact_theory`); computed here
+        when not given.
     """
     pts = list(points)
     th = theory(spec.model, teacher_signs(spec))
@@ -417,14 +446,13 @@ def summarize(
         if spec.model.features == "gaussian"
         else f"gaussian-equivalent, Hermite Var(h2) = {th.h2_var:.3f}",
     )
-    finite, note = None, None
-    try:
-        finite = finite_size_curve(spec, sorted(ns))
-        exact = n_half_finite_size(spec)
-        ths = [replace(t, n_half_finite_size=x) for t, x in zip(ths, exact)]
-    except ValueError as exc:  # Hermite features or d1 too large: said in the document
-        note = str(exc)
-    return Summary(curve_map, ths, pl, theory_curve(spec, th), spectrum, finite, note)
+    if exact is None:
+        exact = exact_theory(spec)
+    if exact.n_half is not None:
+        ths = [replace(t, n_half_finite_size=x) for t, x in zip(ths, exact.n_half)]
+    return Summary(
+        curve_map, ths, pl, theory_curve(spec, th), spectrum, exact.finite_size, exact.note
+    )
 
 
 def summary_rng(spec: ExperimentSpec) -> np.random.Generator:

@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import postgres_url, private_postgres, redis_server  # noqa: F401
+from tests.servers import (  # noqa: F401
+    _migrated_postgresql_template,
+    _migrated_sqlite_template,
+    migrated_postgresql_url,
+    migrated_sqlite_url,
+    postgres_url,
+    private_postgres,
+    redis_server,
+)
 
 
 def _seeds() -> list[int]:
@@ -28,10 +36,11 @@ def seed(request) -> int:
 
 
 # Whole directories and files marked ``slow`` (left out by ``-m "not slow"``, the newcomer's
-# fast subset): the reliability scenarios start real servers, brokers and databases and drive
-# them for 2-45 s each, the integration tests start whole stacks (workers, reapers, Redis),
-# the browser tests start Chromium and a served hsl per test, and the client's end-to-end
-# files serve, kill and restart real services (minutes).
+# fast subset; single costly tests carry ``@pytest.mark.slow`` where they are defined): the
+# reliability scenarios start real servers, brokers and databases and drive them for 2-45 s
+# each, the integration tests start whole stacks (workers, reapers, Redis), the browser tests
+# start Chromium and a served hsl per test, and the client's end-to-end files serve, kill and
+# restart real services (minutes).
 SLOW_DIRECTORIES = ("reliability", "integration", "browser")
 SLOW_FILES = (
     "cli/test_client_resilience.py",

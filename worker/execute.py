@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import hsl_engine as he
 from hsl.document import point_to_dict
 from service.config import Settings
-from service.db import Experiment, Point, state, utcnow
+from service.db import Experiment, Point, state, theory, utcnow
 
 log = logging.getLogger("hsl.worker")
 
@@ -155,6 +155,7 @@ def execute_run(
         backend = backend or he.spec_backend(
             spec, threads=settings.threads, sample_budget_bytes=settings.sample_budget_bytes
         )
+        _ensure_theory(sessions, experiment_id, spec, run_id)
         for p in he.iter_run(
             spec, method, seed, skip=skip, backend=backend, should_stop=should_stop
         ):
@@ -193,6 +194,21 @@ def execute_run(
         log.warning("run %s: could not record its end (%s); the reaper will retry", run_id, exc)
         return RETRY
     return outcome
+
+
+def _ensure_theory(
+    sessions: sessionmaker[Session], experiment_id: str, spec: he.ExperimentSpec, run_id: int
+) -> None:
+    """The experiment's exact finite-size theory, computed and stored before the run's first
+    point unless it is stored already, so that no results request computes it (and partial
+    results carry it). It is not the run's work: a failure here is logged and the run goes
+    on (the first results request then computes it)."""
+    try:
+        theory.ensure(sessions.begin, experiment_id, spec)
+    except (SoftTimeLimitExceeded, TimeLimitExceeded):
+        raise  # the run's time is up: classified as a timeout like any point's
+    except Exception as exc:
+        log.warning("run %s: the finite-size theory was not stored: %s", run_id, exc)
 
 
 def _store_point(

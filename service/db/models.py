@@ -118,6 +118,13 @@ class Experiment(Base):
     # submitted through POST /v1/experiments (not only created as a study's member): deleting
     # a study never deletes such an experiment
     standalone: Mapped[bool] = mapped_column(Boolean, default=True)
+    # the exact finite-size theory of the spec (hsl.document.exact_theory: seconds of work,
+    # independent of the points), computed once by the worker that starts the experiment's
+    # first run and read by every results document; null until then. Deferred: only the
+    # results path loads it (tens of kB for a large d1)
+    theory: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON(none_as_null=True), nullable=True, deferred=True
+    )
 
     runs: Mapped[list[Run]] = relationship(
         back_populates="experiment", cascade="all, delete-orphan", passive_deletes=True

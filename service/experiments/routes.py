@@ -11,13 +11,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 import hsl_engine as he
 from hsl import document, plots
 
 from .. import labels, limits
-from ..db import Experiment, keys, state
+from ..db import Experiment, keys, state, theory
 from ..deps import PublisherDep, SessionDep, SettingsDep, TenantDep, resolve_tenant
 from ..errors import (
     PROBLEM_RESPONSE,
@@ -515,11 +516,15 @@ def _results(session, exp: Experiment) -> tuple[dict[str, Any], bytes, str]:
     cached = _cache.get(key)
     if cached is None:
         spec = state.stored_spec(exp.spec)
+        exact = theory.stored(session, exp.id)
+        if exact is None:  # stored before the column existed, or no run has started yet
+            exact = theory.ensure(sessionmaker(session.get_bind()).begin, exp.id, spec)
         doc = document.results_document(
             spec,
             repo.points(session, exp.id),
             experiment_id=exp.id,
             complete=exp.status == "succeeded",
+            exact=exact,
         )
         body = JSONResponse(doc).body
         cached = (doc, body, status.etag_of(body))

@@ -42,6 +42,13 @@ POINT_KEYS = {
 }
 
 
+@pytest.fixture(scope="module")
+def tiny_points() -> list[he.Point]:
+    """The points of TINY, run once for the tests that only read them (they never change
+    them: points are frozen dataclasses)."""
+    return he.run_experiment(he.parse_spec(TINY)).points
+
+
 @pytest.fixture
 def tiny_spec_file(tmp_path):
     path = tmp_path / "tiny.json"
@@ -94,6 +101,7 @@ def test_run_writes_results_plots_and_summary(tmp_path, tiny_spec_file, capsys):
     assert "kernel_rbf" in printed
 
 
+@pytest.mark.slow  # two whole runs; the engine's determinism is checked fast in test_experiment
 def test_same_spec_gives_same_document_numbers(tmp_path, tiny_spec_file):
     docs = []
     for i in range(2):
@@ -104,6 +112,36 @@ def test_same_spec_gives_same_document_numbers(tmp_path, tiny_spec_file):
             p.pop("seconds")
         docs.append(doc)
     assert docs[0] == docs[1]
+
+
+def test_run_computes_the_exact_theory_once_for_all_its_documents(tmp_path):
+    """Every document ``hsl run`` writes (one per point, then the final one) carries the exact
+    finite-size theory, computed once, first: the engine's memo tables of the finite-size
+    curve and the n_half search (functools.lru_cache) count every call, hit or miss."""
+    from hsl_engine import _finite_size
+
+    memos = (_finite_size._curve, _finite_size._n_half)
+    spec = {  # Gaussian features: an exact theory; one method: a short run
+        **TINY,
+        "model": {**TINY["model"], "features": "gaussian"},
+        "methods": [{"name": "layerwise_spectral"}],
+    }
+    spec_file = tmp_path / "gaussian.json"
+    spec_file.write_text(json.dumps(spec))
+    for memo in memos:
+        memo.cache_clear()
+    out = tmp_path / "tiny.json"
+
+    assert cli.main(["run", str(spec_file), "--out", str(out), "--quiet"]) == 0
+
+    assert [(m.cache_info().hits, m.cache_info().misses) for m in memos] == [(0, 1), (0, 1)]
+    doc = json.loads(out.read_text())
+    for memo in memos:
+        memo.cache_clear()
+    fresh = document.exact_theory(he.parse_spec(spec))
+    assert fresh["finite_size"] and fresh["finite_size_note"] is None
+    assert doc["theory"]["finite_size"] == fresh["finite_size"]
+    assert [t["n_half_finite_size"] for t in doc["thresholds"]] == fresh["n_half_finite_size"]
 
 
 def test_invalid_spec_names_field_and_range(tmp_path, capsys):
@@ -131,9 +169,9 @@ def test_presets_listing(capsys):
     assert data["fig2-cpu"]["spec"]["model"]["d"] == 60
 
 
-def test_points_round_trip_and_csv():
+def test_points_round_trip_and_csv(tiny_points):
     spec = he.parse_spec(TINY)
-    points = he.run_experiment(spec).points
+    points = list(tiny_points)
     assert [document.point_from_dict(document.point_to_dict(p)) for p in points] == points
     doc = document.results_document(spec, points)
     csv_text = document.points_csv(doc)
@@ -146,9 +184,9 @@ def test_points_round_trip_and_csv():
     assert float(first["mse"]) == points[0].mse
 
 
-def test_partial_document_while_running():
+def test_partial_document_while_running(tiny_points):
     spec = he.parse_spec(TINY)
-    points = he.run_experiment(spec).points[:2]  # two sizes: too few for a fit
+    points = tiny_points[:2]  # two sizes: too few for a fit
     doc = document.results_document(spec, points, experiment_id="x", complete=False)
     assert doc["complete"] is False and doc["experiment_id"] == "x"
     # too few points: no exponent, and the reason
@@ -169,6 +207,7 @@ def test_progress_reports_every_point(capsys):
     assert "ETA 0s" in lines[-1]
 
 
+@pytest.mark.slow  # the tiny run twice, once on PyTorch (the engine's torch tests are fast)
 def test_run_with_the_torch_backend_matches_numpy(tmp_path, tiny_spec_file, capsys):
     pytest.importorskip("torch")
     docs = {}
@@ -280,6 +319,7 @@ RESUMABLE = {
 }
 
 
+@pytest.mark.slow  # a real process interrupted mid-run, resumed, then run whole: ~10 s
 def test_ctrl_c_stops_at_a_point_boundary_and_resume_continues(tmp_path, capsys):
     import os
     import signal

@@ -246,7 +246,7 @@ def _stream(n=8000, d=10, seed=8):
     return x, y, rng.standard_normal((200, d))
 
 
-@pytest.mark.parametrize("kernel", ["rbf", "poly"])
+@pytest.mark.parametrize("kernel", ["rbf", pytest.param("poly", marks=pytest.mark.slow)])
 def test_incremental_matches_from_scratch(kernel):
     x, y, xt = _stream()
     kw = {"degree": 2} if kernel == "poly" else {}

@@ -92,7 +92,7 @@ def test_kernel_functions_agree():
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-13, atol=1e-15)
 
 
-@pytest.mark.parametrize("kernel", ["rbf", "poly"])
+@pytest.mark.parametrize("kernel", ["rbf", pytest.param("poly", marks=pytest.mark.slow)])
 def test_sweep_on_arrays_agrees(kernel):
     # plain arrays vs tensors, exact then Nystroem on growing prefixes (incremental)
     rng = np.random.default_rng(3)
@@ -118,7 +118,9 @@ def test_sweep_on_arrays_agrees(kernel):
     assert models["torch"]._state.rows_processed == models["numpy"]._state.rows_processed == 1500
 
 
-@pytest.mark.parametrize("method", ["kernel_rbf", "kernel_poly"])
+@pytest.mark.parametrize(
+    "method", ["kernel_rbf", pytest.param("kernel_poly", marks=pytest.mark.slow)]
+)
 def test_kernel_on_inputs_agrees(method):
     # the method's own sweep on lazy views of the seed's training stream, as `iter_run` runs it
     spec = _spec()
@@ -180,6 +182,7 @@ def test_latent_rbf_agrees():
         assert abs(mse_t - mse_n) <= MSE_ATOL
 
 
+@pytest.mark.slow  # whole kernel sweeps on both backends (n up to 1448): ~4 s each
 @pytest.mark.parametrize("method", ["kernel_rbf", "kernel_poly"])
 def test_iter_run_agrees(method):
     spec = _spec()
@@ -196,6 +199,7 @@ def test_iter_run_agrees(method):
         assert abs(q.mse - p.mse) <= MSE_ATOL
 
 
+@pytest.mark.slow  # a whole kernel sweep on torch's own generator: ~3 s
 def test_device_streams_run():
     # torch's own generator: different samples, so only a sane, finite result is expected
     spec = _spec()

@@ -92,6 +92,7 @@ def test_float32_storage_hands_out_rounded_inputs_and_float64_labels(seed):
     assert_array_equal(y32, y64)  # labels come from the float64 inputs, before rounding
 
 
+@pytest.mark.slow  # three methods, three ways, up to n = 9001: ~8 s each
 @pytest.mark.parametrize("split", [True, False])
 def test_streamed_and_stored_runs_give_identical_points(seed, split):
     base = spec_for(split).model_dump(mode="json")
@@ -124,7 +125,8 @@ def test_streamed_krylov_regenerates_samples_per_pass():
     assert data.train.stored_bytes == 0
 
 
-@pytest.mark.parametrize("noise", [0.0, 0.5])
+# noise-free labels in the slow set: the noisy case draws the noise stream as well
+@pytest.mark.parametrize("noise", [pytest.param(0.0, marks=pytest.mark.slow), 0.5])
 def test_kept_labels_regenerate_inputs_only_and_change_nothing(seed, noise):
     spec = he.parse_spec(
         {
@@ -199,6 +201,7 @@ def test_resumed_run_gives_the_same_points_for_the_dense_solver():
     assert numbers(resumed) == numbers(full[2:])
 
 
+@pytest.mark.slow  # two fresh processes, one streaming 800k samples: ~15 s
 def test_memory_of_a_streamed_run_does_not_grow_with_n(tmp_path):
     """Peak memory of a streamed run at 16x the samples grows by < 16 MiB (fresh processes):
     storing its samples would add 2 x 800k x (24 x 4 + 8) B = 159 MiB, and the second-layer

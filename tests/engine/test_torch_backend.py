@@ -120,6 +120,7 @@ def test_numpy_streams_on_torch_give_the_same_samples(seed, device):
     assert np.array_equal(a.test_labels, to_host(b.test_labels))
 
 
+@pytest.mark.slow  # draws 2-3 chunks of D = 105 inputs on the device: ~5 s on a CPU
 def test_device_streams_are_nested_keyed_and_deterministic(seed, device):
     spec = _spec(sweep={"seed": seed})
     be = _torch(device, device_streams=True)
@@ -156,14 +157,19 @@ def test_device_streams_draw_standard_normal_inputs(device):
     assert np.abs(corr - np.eye(16)).max() < 5 / np.sqrt(n)
 
 
+# the d = 14, q = 2 runs (D = 105) cost seconds each: in the slow set; the fast one keeps a
+# Krylov float64 (q = 3), an auto (Gaussian) and a float32 (tanh) run
+_HEAVY = pytest.mark.slow
+
+
 @pytest.mark.parametrize(
     ("model", "solver"),
     [
-        ({"q": 2}, {"eigensolver": "krylov", "dtype": "float64"}),
-        ({"q": 2}, {"eigensolver": "dense", "dtype": "float64"}),
+        pytest.param({"q": 2}, {"eigensolver": "krylov", "dtype": "float64"}, marks=_HEAVY),
+        pytest.param({"q": 2}, {"eigensolver": "dense", "dtype": "float64"}, marks=_HEAVY),
         ({"q": 3, "d": 8}, {"eigensolver": "krylov", "dtype": "float64"}),
         ({"features": "gaussian", "d": 12}, {"eigensolver": "auto", "dtype": "float64"}),
-        ({"q": 2}, {"eigensolver": "krylov", "dtype": "float32"}),
+        pytest.param({"q": 2}, {"eigensolver": "krylov", "dtype": "float32"}, marks=_HEAVY),
         ({"activation": "tanh", "features": "gaussian", "d": 12}, {"dtype": "float32"}),
     ],
 )

@@ -637,3 +637,59 @@ def test_0004_downgrade_drops_studies_and_labels_and_keeps_experiments(db_url, m
     with Session(migrated) as s:
         exp = s.get(Experiment, exp_id)
         assert (exp.tags, exp.notes, exp.standalone) == ([], None, True)
+
+
+# 9. revision 0005: the exact theory stored with its experiment ---------------------------
+
+THEORY = {
+    "engine_version": "0.4.0",
+    "finite_size": [{"n": 24.0, "mse": 0.5, "cos2": [0.25, 0.0], "outliers": [1.5, None]}],
+    "n_half_finite_size": [30.5, None],
+    "finite_size_note": None,
+}
+
+
+def experiment_columns(engine: sa.Engine) -> set[str]:
+    return {c["name"] for c in sa.inspect(engine).get_columns("experiments")}
+
+
+def test_0005_adds_a_null_theory_to_the_experiments_already_stored(db_url, engine):
+    migrate.upgrade(db_url, "0001")
+    ids = insert_at_0001(engine)
+    migrate.upgrade(db_url, "0004")
+    assert "theory" not in experiment_columns(engine)
+
+    migrate.upgrade(db_url)
+
+    assert migrate.is_current(engine) and "theory" in experiment_columns(engine)
+    with Session(engine) as s:
+        rows = s.execute(sa.select(Experiment.id, Experiment.theory)).all()
+        # null: computed and stored on the first results request (the service back-fills)
+        assert dict(rows) == {exp_id: None for exp_id in ids.values()}
+        # a stored theory is a JSON document: nested lists, nulls and floats round-trip
+        s.execute(
+            sa.update(Experiment).where(Experiment.id == ids["recorded"]).values(theory=THEORY)
+        )
+        s.commit()
+    with Session(engine) as s:
+        assert s.get(Experiment, ids["recorded"]).theory == THEORY
+        assert s.get(Experiment, ids["unrecorded"]).theory is None
+        # the theory is stored as SQL NULL, not JSON null: "not computed" is found by IS NULL
+        missing = s.scalars(sa.select(Experiment.id).where(Experiment.theory.is_(None)))
+        assert set(missing) == {ids["unrecorded"]}
+
+
+def test_0005_downgrade_drops_the_theory_and_keeps_the_experiments(db_url, migrated):
+    exp_id = seed_rows(migrated)
+    with Session(migrated) as s, s.begin():
+        s.get(Experiment, exp_id).theory = THEORY
+
+    migrate.downgrade(db_url, "0004")
+
+    assert "theory" not in experiment_columns(migrated)
+    assert raw_ids(migrated, "experiments") == {exp_id} and count(migrated, Point) == 2
+    migrate.upgrade(db_url)
+    assert migrate.is_current(migrated)
+    with Session(migrated) as s:
+        exp = s.get(Experiment, exp_id)
+        assert exp.theory is None and exp.tags == [] and exp.name == "fig3"

@@ -1,7 +1,8 @@
 """An app on a real, migrated database: a SQLite file by default, PostgreSQL where a test
 asks for it with ``@both_databases``.
 
-Each test gets its own database, upgraded with the real Alembic revisions. The broker is
+Each test gets its own database at the head revision: a copy of one upgraded with the real
+Alembic revisions once per session. The broker is
 outside the unit: a recording publisher stands in for it.
 """
 
@@ -17,7 +18,7 @@ from fastapi import FastAPI
 
 from service.app import create_app
 from service.config import Settings
-from service.db import keys, migrate
+from service.db import keys
 
 from .api import RecordingPublisher
 from .live import live  # noqa: F401  (a real server in a thread)
@@ -33,15 +34,11 @@ both_databases = pytest.mark.parametrize("database_url", ["sqlite", "postgresql"
 
 
 @pytest.fixture
-def database_url(request, tmp_path) -> str:
-    """A migrated database: ``sqlite`` (default) or ``postgresql`` via indirect parametrisation."""
+def database_url(request) -> str:
+    """A migrated database: ``sqlite`` (default) or ``postgresql`` via indirect parametrisation
+    (a copy of one upgraded with the real revisions once per session, tests/servers.py)."""
     kind = getattr(request, "param", "sqlite")
-    if kind == "sqlite":
-        url = f"sqlite:///{tmp_path}/t.db"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    migrate.upgrade(url)
-    return url
+    return request.getfixturevalue(f"migrated_{kind}_url")
 
 
 MakeClient = Callable[..., TestClient]

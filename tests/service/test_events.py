@@ -196,8 +196,9 @@ def test_open_streams_hold_no_request_slot_and_one_query_per_poll_serves_them_al
             for cl in clients:
                 cl.close()
     # nothing changed: each poll is one query for the 4 streams (one poll may be under way
-    # at either end of the window)
-    assert polls <= made <= polls + 2, (polls, made, statements[:5])
+    # at either end of the window: at the start, its query ran before the listener was added
+    # and its count came after ``start`` was read; at the end, the reverse)
+    assert polls - 1 <= made <= polls + 2, (polls, made, statements[:5])
 
 
 def test_quiet_streams_send_heartbeats_and_a_deleted_experiment_ends_its_stream(live):

@@ -3,19 +3,18 @@ from __future__ import annotations
 import pytest
 
 from service.config import Settings
-from tests.factories import migrated_sessions
+from service.db import make_engine, make_session_factory
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/worker.db"
-    return request.getfixturevalue("postgres_url")
+def db_url(request) -> str:
+    """A database at the head revision (a copy of one upgraded once per session)."""
+    return request.getfixturevalue(f"migrated_{request.param}_url")
 
 
 @pytest.fixture
 def sessions(db_url):
-    factory = migrated_sessions(db_url)
+    factory = make_session_factory(make_engine(db_url))
     yield factory
     factory.kw["bind"].dispose()
 

@@ -62,6 +62,7 @@ def test_a_worker_registers_beats_and_says_goodbye(sessions, fast):
     assert _row(sessions, reg.id) is None  # no heartbeat brings it back
 
 
+@pytest.mark.slow  # a probe process that imports PyTorch per database: ~2 s each
 def test_devices_are_probed_in_the_background_and_recorded(sessions, fast):
     reg = Registration(sessions, fast, kind="embedded", queues=["cpu", "gpu"])
     reg.start()
@@ -78,6 +79,7 @@ def test_devices_are_probed_in_the_background_and_recorded(sessions, fast):
         reg.stop()
 
 
+@pytest.mark.slow  # a process that imports PyTorch: ~3 s
 def test_probe_reports_what_the_engine_sees():
     devices = probe_devices()
     assert devices == Devices(he.torch_available(), he.cuda_devices(), he.cuda_memory_bytes(0))
