@@ -85,7 +85,10 @@ class ResourceEstimate:
     point_seconds : dict
         Method name -> the estimated seconds of each of its points of one seed on the
         reference machine (2 CPU cores; `POINT_OVERHEAD_SECONDS` plus the work at the rate of
-        its kind, `REFERENCE_RATES`); ``seconds`` is their sum times the seeds.
+        its kind, `REFERENCE_RATES`).
+    seconds : float
+        Estimated seconds of the whole experiment on the reference machine: the sum of
+        ``point_seconds`` times the seeds.
     """
 
     feature_dim: float
@@ -98,12 +101,7 @@ class ResourceEstimate:
     point_seconds: dict[str, list[float]] = field(
         default_factory=dict, repr=False, compare=False
     )
-
-    @property
-    def seconds(self) -> float:
-        """Estimated seconds of the whole experiment on the reference machine (2 CPU cores)."""
-        seeds = self.points / max(1, sum(len(v) for v in self.point_seconds.values()))
-        return seeds * sum(sum(v) for v in self.point_seconds.values())
+    seconds: float = 0.0
 
     @property
     def log10_peak_bytes(self) -> float:
@@ -265,6 +263,7 @@ def estimate_resources(
         peak = max(peak, run_peak)
     flops = spec.sweep.seeds * sum(sum(per_n) for per_n in work.values())
     points = len(spec.methods) * spec.sweep.seeds * len(ns)
+    total = spec.sweep.seeds * sum(sum(per_n) for per_n in seconds.values())
     return ResourceEstimate(
-        dim, n_max, BASELINE_BYTES + peak, flops, points, streamed, work, seconds
+        dim, n_max, BASELINE_BYTES + peak, flops, points, streamed, work, seconds, total
     )
