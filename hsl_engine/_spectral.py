@@ -237,9 +237,12 @@ class HiddenChunks:
             )
 
     def _compute(self, c: int):
+        # the projection's GEMMs in the solver's type (as the first layer's); h itself, and
+        # every sum over samples made from it, in float64
         x, y = self.samples.block(c)
         xp = array_namespace(x)
-        return hidden_features(self.spec, xp.astype(x, xp.float64, copy=False), self.directions), y
+        x = xp.astype(x, getattr(xp, self.spec.solver.dtype), copy=False)
+        return xp.astype(hidden_features(self.spec, x, self.directions), xp.float64), y
 
     def __iter__(self):
         if self._cache is not None:
