@@ -98,9 +98,7 @@ class ResourceEstimate:
     points: int
     streamed: bool = False
     point_flops: dict[str, list[float]] = field(default_factory=dict, repr=False, compare=False)
-    point_seconds: dict[str, list[float]] = field(
-        default_factory=dict, repr=False, compare=False
-    )
+    point_seconds: dict[str, list[float]] = field(default_factory=dict, repr=False, compare=False)
     seconds: float = 0.0
 
     @property
