@@ -261,16 +261,35 @@ def _finite_rows(doc: Mapping) -> list[Mapping]:
     return sorted(rows, key=lambda r: _num(r.get("n")))
 
 
+def _label_clip(doc: Mapping) -> float | None:
+    """The ``label_clip`` of the spec's layer-wise spectral method (an extension), if any."""
+    for meth in _list(_dict(doc.get("spec")).get("methods")):
+        if _dict(meth).get("name") == "layerwise_spectral":
+            clip = _num(meth.get("label_clip"))
+            return clip if _ok(clip) else None
+    return None
+
+
 def _theories(doc: Mapping) -> list[tuple[str, list[Mapping], dict]]:
-    """(label, rows, line style) of each theory curve the document carries."""
+    """(label, rows, line style) of each theory curve the document carries. With a
+    ``label_clip`` the labels say which preprocessing each theory is for: the finite-size
+    theory follows the method's clip, the asymptotic one is for T = y."""
     out = []
+    clip = _label_clip(doc)
     rows = _theory_rows(doc)
     if rows:
-        out.append((ASYMPTOTIC, rows, {"linestyle": "--", "color": "0.15", "linewidth": 1.1}))
+        label = ASYMPTOTIC + (", T = y" if clip is not None else "")
+        out.append((label, rows, {"linestyle": "--", "color": "0.15", "linewidth": 1.1}))
     rows = _finite_rows(doc)
     if rows:
-        out.append((FINITE_SIZE, rows, {"linestyle": "-.", "color": "C3", "linewidth": 1.3}))
+        label = FINITE_SIZE + (f", labels clipped at ±{clip:g} sd" if clip is not None else "")
+        out.append((label, rows, {"linestyle": "-.", "color": "C3", "linewidth": 1.3}))
     return out
+
+
+def _dash(label: str) -> str:
+    """The cos2 figure's dash of a theory curve (by its label, `_theories`)."""
+    return ":" if label.startswith(FINITE_SIZE) else "--"
 
 
 def _hermite(doc: Mapping) -> bool:
@@ -371,7 +390,7 @@ def _plot_mse(doc: Mapping):
             slope = _slope_over(rows, "mse", min(window), max(window))
             if slope is not None:
                 extra.append(f"slope {slope:.2f} over the fit window")
-        if label == ASYMPTOTIC and _ok(_num(pl.get("exponent_theory"))):
+        if label.startswith(ASYMPTOTIC) and _ok(_num(pl.get("exponent_theory"))):
             extra.append(f"n→∞ exponent {_num(pl.get('exponent_theory')):.2f}")
         full = label + (f": {', '.join(extra)}" if extra else "")
         ax.plot(tx, ty, label=full, zorder=2, **style)
@@ -588,7 +607,6 @@ def _plot_cos2(doc: Mapping):
     cmap = colormaps["plasma"]
     span = max(len(directions) - 1, 1)
     colour = {i: cmap(0.82 * k / span) for k, i in enumerate(directions)}
-    dashes = {ASYMPTOTIC: "--", FINITE_SIZE: ":"}
 
     drawn = False
     for i in directions:
@@ -635,7 +653,7 @@ def _plot_cos2(doc: Mapping):
                 ax.plot(
                     [p[0] for p in tpts],
                     [p[1] for p in tpts],
-                    linestyle=dashes.get(tlabel, "--"),
+                    linestyle=_dash(tlabel),
                     linewidth=1.0,
                     color=colour[i],
                     alpha=0.9,
@@ -650,7 +668,7 @@ def _plot_cos2(doc: Mapping):
 
     extra = []
     for tlabel, _rows, _style in theories:
-        extra.append(Line2D([], [], linestyle=dashes.get(tlabel, "--"), color="0.35", label=tlabel))
+        extra.append(Line2D([], [], linestyle=_dash(tlabel), color="0.35", label=tlabel))
     any_half = False
     for t in _list(doc.get("thresholds")):
         if not isinstance(t, Mapping):

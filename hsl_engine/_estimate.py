@@ -123,11 +123,29 @@ def krylov_vectors(d1: float) -> float:
 DENSE_SUM_BYTES = 2**30
 
 
+def label_clipped(spec: ExperimentSpec) -> bool:
+    """Whether the spec's layer-wise spectral method clips its labels (``label_clip``)."""
+    return any(getattr(meth, "label_clip", None) is not None for meth in spec.methods)
+
+
+def dense_flops(ns, dim: float, clipped: bool) -> list[float]:
+    """The dense solver's accumulation work per n (ascending): each new sample once, 4 D^2
+    flops (two sums, `DenseAccumulator`); with clipped labels all n samples at each n, 2 D^2
+    flops each (one sum, `MomentOperator.dense`)."""
+    out, previous = [], 0.0
+    for n in ns:
+        out.append(2.0 * n * dim * dim if clipped else 4.0 * (n - previous) * dim * dim)
+        previous = n
+    return out
+
+
 def choose_solver(spec: ExperimentSpec) -> str:
     """The ``auto`` rule, fixed per experiment (a sweep keeps one solver, so warm starts and
     the dense accumulation carry over): dense when its two D x D float64 sums fit in
     `DENSE_SUM_BYTES` and accumulating every sample once (4 n_max D^2 flops for the sweep)
-    costs less than the Krylov solves (`krylov_vectors` vectors per n); krylov otherwise."""
+    costs less than the Krylov solves (`krylov_vectors` vectors per n); krylov otherwise.
+    With clipped labels (``label_clip``) the dense matrix is rebuilt at every n (2 n D^2
+    flops each, `dense_flops`), and that sum is what the Krylov solves are weighed against."""
     choice = spec.solver.eigensolver
     if choice != "auto":
         return choice
@@ -138,7 +156,7 @@ def choose_solver(spec: ExperimentSpec) -> str:
     if 2 * 8 * dim * dim > DENSE_SUM_BYTES:
         return "krylov"
     ns = [n for n, _ in spec.sample_sizes()]
-    dense = 4.0 * max(ns) * dim * dim
+    dense = sum(dense_flops(ns, dim, label_clipped(spec)))
     per_n = krylov_vectors(m.hidden_dim)
     krylov = sum(per_n * flops_per_vector(n, m.d, dim, m.q, m.features) for n in ns)
     return "dense" if dense < krylov else "krylov"
@@ -224,7 +242,9 @@ def estimate_resources(
             run_peak += min(cache, 8.0 * (d1 + 1) * n_max)
             vectors = krylov_vectors(d1)
             passes = vectors / DEFAULT_EXPAND + 1.0
-            previous = 0.0
+            # latent_rbf's first layer never clips its labels
+            clipped = getattr(method, "label_clip", None) is not None
+            accumulate = dense_flops(ns, dim, clipped)
             for i, n in enumerate(ns):
                 regen = regen_flops(n)
                 # label statistics and the passes of steps 3-4 over the second batch
@@ -233,11 +253,12 @@ def estimate_resources(
                     # the readout batch: n more samples, drawn, labelled and projected
                     per_n[i] += 2.0 * 2.0 * n * d1 * (d * d if q2 else dim) + 2.0 * regen
                 per_n[i] += 2.0 * n_test * d1 * (d * d if q2 else dim)
-                if dense:  # the new samples accumulated, then one dense eigensolve
-                    per_n[i] += 4.0 * (n - previous) * dim * dim + 10.0 * dim**3
+                if clipped:  # the clipped labels' mean: one more pass over the labels
+                    per_n[i] += regen
+                if dense:  # the samples accumulated (`dense_flops`), then a dense eigensolve
+                    per_n[i] += accumulate[i] + 10.0 * dim**3
                 else:
                     per_n[i] += vectors * n * per_vector_per_sample + passes * regen
-                previous = n
         if method.name in ("kernel_rbf", "kernel_poly", "latent_rbf"):
             lm = float(method.n_landmarks)
             kernel_width = d1 if method.name == "latent_rbf" else width

@@ -2,7 +2,8 @@
 
 With ``features = "gaussian"`` the first-layer matrix is a spectral estimator of a multi-index
 model, ``C_hat = (1/n) sum_j T(y_j) z_j z_j^T`` with ``z ~ N(0, I_D)``, ``h = A z`` and
-``T(y) = (y - E y) * scale`` (centred labels for ``id``, standardised ones otherwise). As
+``T(y) = (y - E y) * scale`` (centred labels for ``id``, standardised ones otherwise; with
+the method's ``label_clip``, clipped at that many standard deviations and centred again). As
 ``n, D -> infinity`` with ``n / D -> delta`` and ``d1`` fixed, its spectrum is a bulk (a
 Marchenko-Pastur law weighted by T) plus at most one outlier per teacher direction on each side,
 and the top eigenvectors' overlaps with the teacher directions converge. The derivation is in
@@ -160,12 +161,15 @@ def _law(
     act: str,
     noise_std: float,
     preprocess: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    clip: float | None = None,
 ) -> _Law:
     """The discretised joint law of (h, T) for signed weights ``lambda``.
 
     ``preprocess``: optional knots ``(t, T(t))`` of another preprocessing, applied (linear
     interpolation, constant beyond the knots) to the engine's ``T`` and centred again; the
-    theory holds for any function of the label (docs/theory.md section 10).
+    theory holds for any function of the label (docs/theory.md section 10). ``clip``: the
+    method's ``label_clip``, the engine's ``T`` clipped at ``+-clip`` standard deviations of
+    y and centred again (a preprocessing with the knots ``+-clip sd scale``).
     """
     lam = np.asarray(weights, dtype=np.float64)
     d1 = lam.size
@@ -189,6 +193,11 @@ def _law(
     var = float(sum(np.sum(w_pt * (y - mean) ** 2) for y in ys))
     scale = 1.0 if act == "id" else 1.0 / math.sqrt(var) if var > 0 else 1.0
     ts = [(y - mean) * scale for y in ys]
+    if clip is not None:
+        if preprocess is not None:
+            raise ValueError("give a clip or a preprocessing, not both")
+        bound = float(clip) * math.sqrt(var) * scale
+        preprocess = ((-bound, bound), (-bound, bound))
     if preprocess is not None:
         ts = [np.interp(t, preprocess[0], preprocess[1]) for t in ts]
         shift = float(sum(np.sum(w_pt * t) for t in ts))
@@ -534,8 +543,19 @@ def _method_readout(spec: ExperimentSpec | None, model: ModelSpec) -> tuple[int,
     return degree, ridge
 
 
-def _one_teacher(model: ModelSpec, weights: tuple[float, ...], n: np.ndarray, readout):
-    law = _law(weights, model.activation, float(model.noise_std))
+def _method_clip(spec: ExperimentSpec | None) -> float | None:
+    """The ``label_clip`` of the spec's layer-wise spectral method (at most one per spec)."""
+    if spec is not None:
+        for meth in spec.methods:
+            if meth.name == "layerwise_spectral":
+                return meth.label_clip
+    return None
+
+
+def _one_teacher(
+    model: ModelSpec, weights: tuple[float, ...], n: np.ndarray, readout, clip: float | None
+):
+    law = _law(weights, model.activation, float(model.noise_std), clip=clip)
     sol = _solve(law, n, model.feature_dim)
     cos2, limit, outliers, radius = _select(sol, len(weights), model.feature_dim)
     mse = _mse(weights, model.activation, float(model.noise_std), law.b, cos2, n, *readout)
@@ -548,6 +568,7 @@ def finite_size_curve(
     *,
     signs=None,
     seeds: int | None = None,
+    label_clip: float | None = None,
 ) -> list[FiniteSizePoint]:
     """The exact proportional-regime prediction at each n of ``n_values``.
 
@@ -566,6 +587,10 @@ def finite_size_curve(
         ``mse`` are the means over the teachers; ``bulk_edges``, ``bulk_edge`` and
         ``outliers`` are the first teacher's. Where ``D d1`` exceeds `MAX_SIGN_DRAWS` the
         seeds' signs are not replayed and a fixed set of random signs stands for them.
+    label_clip : float, optional
+        The first layer's labels clipped at this many standard deviations (the method option
+        ``label_clip``, an extension). Default: the spec's layer-wise spectral method's (T = y
+        without one, or with a model spec alone).
 
     Raises
     ------
@@ -582,7 +607,9 @@ def finite_size_curve(
     if np.any(~np.isfinite(n)) or np.any(n <= 1):
         raise ValueError("n_values: every n must be a finite number > 1")
     sign_sets = _sign_sets(full, model, signs, seeds)
-    return _curve(model, tuple(float(x) for x in n), sign_sets, _method_readout(full, model))
+    clip = _method_clip(full) if label_clip is None else float(label_clip)
+    ns = tuple(float(x) for x in n)
+    return _curve(model, ns, sign_sets, _method_readout(full, model), clip)
 
 
 def _check(model: ModelSpec) -> None:
@@ -610,10 +637,12 @@ def _sign_sets(full, model: ModelSpec, signs, seeds) -> tuple[tuple[float, ...],
 
 
 @lru_cache(maxsize=32)
-def _curve(model: ModelSpec, n: tuple[float, ...], sign_sets, readout) -> list[FiniteSizePoint]:
+def _curve(
+    model: ModelSpec, n: tuple[float, ...], sign_sets, readout, clip: float | None
+) -> list[FiniteSizePoint]:
     ns = np.asarray(n)
     mag = power_law_weights(model.hidden_dim, model.gamma)
-    runs = [_one_teacher(model, tuple(mag * np.asarray(s)), ns, readout) for s in sign_sets]
+    runs = [_one_teacher(model, tuple(mag * np.asarray(s)), ns, readout, clip) for s in sign_sets]
     cos2 = np.mean([r[0] for r in runs], axis=0)
     rec = np.mean([np.sum(r[0] > 0.5, axis=1) for r in runs], axis=0)
     mse = np.mean([r[1] for r in runs], axis=0)
@@ -641,11 +670,13 @@ def n_half_finite_size(
     signs=None,
     seeds: int | None = None,
     n_range: tuple[float, float] | None = None,
+    label_clip: float | None = None,
 ) -> list[float | None]:
     """Per direction, the smallest n where the predicted (teacher-mean) cos2 reaches 1/2.
 
     Found on a log grid over ``n_range`` (default ``[D / 4, 1e4 D]``), then refined by
-    bisection in log n. None where it is not reached in the range.
+    bisection in log n. None where it is not reached in the range. ``label_clip`` as in
+    `finite_size_curve` (default: the spec's method's).
     """
     full = spec if isinstance(spec, ExperimentSpec) else None
     model = spec.model if isinstance(spec, ExperimentSpec) else spec
@@ -654,18 +685,22 @@ def n_half_finite_size(
     lo_n, hi_n = n_range if n_range is not None else (max(2.0, dim / 4.0), 1e4 * dim)
     if not 1 < lo_n < hi_n:
         raise ValueError(f"n_range: need 1 < lo < hi, got {n_range}")
-    return list(_n_half(model, _sign_sets(full, model, signs, seeds), float(lo_n), float(hi_n)))
+    clip = _method_clip(full) if label_clip is None else float(label_clip)
+    sign_sets = _sign_sets(full, model, signs, seeds)
+    return list(_n_half(model, sign_sets, float(lo_n), float(hi_n), clip))
 
 
 @lru_cache(maxsize=32)
-def _n_half(model: ModelSpec, sign_sets, lo_n: float, hi_n: float) -> tuple[float | None, ...]:
+def _n_half(
+    model: ModelSpec, sign_sets, lo_n: float, hi_n: float, clip: float | None
+) -> tuple[float | None, ...]:
     dim = model.feature_dim
     d1 = model.hidden_dim
     mag = power_law_weights(d1, model.gamma)
 
     def cos2_at(ns: np.ndarray) -> np.ndarray:  # (len(ns), d1), mean over teachers
         laws = [
-            _law(tuple(mag * np.asarray(s)), model.activation, float(model.noise_std))
+            _law(tuple(mag * np.asarray(s)), model.activation, float(model.noise_std), clip=clip)
             for s in sign_sets
         ]
         return np.mean([_select(_solve(law, ns, dim), d1, dim)[0] for law in laws], axis=0)

@@ -77,6 +77,10 @@ class MomentOperator:
         Type of the GEMMs (default: the inputs' type). Sums are float64.
     shift, scale : float
         The operator uses ``(y - shift) * scale``: centred (and standardised) labels.
+    bounds : (float, float), optional
+        Clip those to ``[lo, hi]`` and subtract ``offset``, the clipped labels' mean (the
+        method's ``label_clip``, `hsl_engine._spectral.label_map`): the labels stay centred.
+    offset : float
     """
 
     def __init__(
@@ -90,6 +94,8 @@ class MomentOperator:
         dtype=None,
         shift: float = 0.0,
         scale: float = 1.0,
+        bounds: tuple[float, float] | None = None,
+        offset: float = 0.0,
     ):
         self.backend = backend
         if labels is not None and not hasattr(inputs, "block"):
@@ -105,6 +111,8 @@ class MomentOperator:
         self._dt = backend.dtype(self.dtype)  # the GEMMs' type in the backend's terms
         self._f64 = backend.dtype(np.float64)
         self.shift, self.scale = float(shift), float(scale)
+        self.bounds = None if bounds is None else (float(bounds[0]), float(bounds[1]))
+        self.offset = float(offset)
         self.passes = 0  # block applications so far
         self.vectors = 0  # vectors applied so far (sum of block widths)
         self.flops = 0.0  # floating-point operations of those applications
@@ -117,12 +125,17 @@ class MomentOperator:
         """Multiply-adds x 2 per applied vector: two GEMMs over all samples."""
         return flops_per_vector(self.n, self.d or 0, self.dim, self.q, self.features)
 
+    def labels(self, y):
+        """The labels the operator uses, ``T(y)``, in float64 (see the parameters)."""
+        t = (y - self.shift) * self.scale
+        if self.bounds is None:
+            return t
+        return self.backend.xp.clip(t, *self.bounds) - self.offset
+
     def _chunk(self, c: int):
         xp = self.backend.xp
         x, y = self.samples.block(c)
-        return xp.astype(x, self._dt, copy=False), xp.astype(
-            (y - self.shift) * self.scale, self._dt, copy=False
-        )
+        return xp.astype(x, self._dt, copy=False), xp.astype(self.labels(y), self._dt, copy=False)
 
     def matmat(self, v):
         """``C_hat @ v`` for v of shape (D, k) (a backend array, or NumPy); returns a float64
@@ -216,7 +229,9 @@ class MomentOperator:
         if stop is not None:
             x, y = x[:stop], y[:stop]
         x = xp.astype(x, self._dt, copy=False)
-        y = xp.astype(y if raw else (y - self.shift) * self.scale, self._dt, copy=False)
+        if raw and self.bounds is not None:
+            raise ValueError("raw sums cannot carry clipped labels (see DenseAccumulator)")
+        y = xp.astype(y if raw else self.labels(y), self._dt, copy=False)
         s_y = self.backend.zeros((self.dim, self.dim))
         s_1 = self.backend.zeros((self.dim, self.dim)) if raw else None
         rows = self._rows(CHUNK_LIFT, self.dim)
@@ -242,8 +257,10 @@ class DenseAccumulator:
     Centring (and standardising) the labels depends on n, so the raw sums ``S_y = sum y F F^T``
     and ``S_1 = sum F F^T`` are kept, and ``C_hat = scale (S_y - shift S_1) / n`` (the ``-I``
     term vanishes for centred labels). That is two GEMMs per sample, once per sample for the
-    whole sweep. Complete chunks are added once, in chunk order; a partial last chunk is added
-    to a copy, so the matrix at n does not depend on which smaller n came before.
+    whole sweep. Clipped labels (``bounds``) cannot be recovered from such sums: an operator
+    with them builds its matrix from all n samples instead (`MomentOperator.dense`).
+    Complete chunks are added once, in chunk order; a partial last chunk is added to a copy,
+    so the matrix at n does not depend on which smaller n came before.
     """
 
     def __init__(self, dim: int):

@@ -98,6 +98,62 @@ def label_transform(samples, activation: str, backend: Backend | None = None):
     return mean, (1.0 if activation == "id" else 1.0 / std)
 
 
+@dataclass(frozen=True)
+class LabelMap:
+    """The first layer's label preprocessing ``T(y)`` for one set of n samples.
+
+    ``t = (y - shift) * scale``, then, with ``bounds = (lo, hi)``, ``clip(t, lo, hi) -
+    offset``; ``offset`` is the mean of the clipped values over the same samples, so ``sum T
+    = 0`` (which the moment operator's ``-I`` term needs). The keyword arguments of
+    `MomentOperator` (`kwargs`).
+    """
+
+    shift: float
+    scale: float
+    bounds: tuple[float, float] | None = None
+    offset: float = 0.0
+
+    def kwargs(self) -> dict:
+        return {
+            "shift": self.shift,
+            "scale": self.scale,
+            "bounds": self.bounds,
+            "offset": self.offset,
+        }
+
+
+def label_map(
+    samples, activation: str, backend: Backend | None = None, clip: float | None = None
+) -> LabelMap:
+    """The label preprocessing of the method for these samples.
+
+    Without ``clip``: `label_transform`'s centred (id) or standardised labels, the paper's
+    method. With ``clip`` (the method's ``label_clip``, an extension: docs/theory.md section
+    10): the same labels clipped at ``+-clip`` standard deviations of y, ``bounds = +-clip sd
+    scale``, and re-centred; ``sd`` (of the raw labels) and the clipped mean come from the
+    same n samples, in two passes over their chunks, merged in chunk order (stored or
+    regenerated samples, any backend, give the same numbers up to the backends' rounding).
+    """
+    mean, std = label_stats(samples, backend)
+    scale = 1.0 if activation == "id" else 1.0 / std
+    if clip is None:
+        return LabelMap(mean, scale)
+    bound = float(clip) * std * scale
+    lo, hi = -bound, bound
+
+    def clipped_sum(c: int) -> float:
+        y = samples.block(c)[1]
+        xp = array_namespace(y)
+        return float(xp.sum(xp.clip((y - mean) * scale, lo, hi)))
+
+    count = samples.n_chunks()
+    sums = backend.map_ordered(clipped_sum, count) if backend else map(clipped_sum, range(count))
+    total = 0.0
+    for part in sums:  # in chunk order: the same sum whatever the thread count
+        total += part
+    return LabelMap(mean, scale, (lo, hi), total / samples.n)
+
+
 class FirstLayerSolver:
     """Step 1-2 for one seed, warm-started across increasing sample sizes.
 
@@ -106,7 +162,9 @@ class FirstLayerSolver:
     * ``krylov``: the matrix-free block Krylov iteration of `hsl_engine._eigen`, warm-started
       from the previous n.
     * ``dense``: ``C_hat`` accumulated densely over the nested samples of the sweep (each
-      sample enters once, for all n; see `DenseAccumulator`), then its top eigenpairs.
+      sample enters once, for all n; see `DenseAccumulator`), then its top eigenpairs. With a
+      ``label_clip`` the matrix is built from all n samples at each n (the clipped labels
+      change with the statistics of n).
     * ``auto``: dense when its D x D matrices are small and the whole sweep costs less so
       (``4 n_max D^2`` flops against the Krylov estimate), else krylov. See `choose_solver`.
     """
@@ -118,9 +176,11 @@ class FirstLayerSolver:
         *,
         rng: np.random.Generator,
         full_spectrum: bool = False,
+        label_clip: float | None = None,
     ):
         self.spec = spec
         self.full_spectrum = full_spectrum
+        self.label_clip = label_clip
         self.backend = backend
         self.rng = rng
         self.d1 = spec.model.hidden_dim
@@ -128,27 +188,34 @@ class FirstLayerSolver:
         self.k_values = min(self.d1 + EXTRA_EIGENVALUES, self.dim)
         self.block = min(self.k_values + GUARD_VECTORS, self.dim)
         self.solver = choose_solver(spec)
+        # the dense solver accumulates raw sums over the nested samples, which only a shift
+        # and a scale can be applied to afterwards: a clip depends on every sample's label
+        # and on the statistics of all n, so with one the matrix is built anew at each n
+        self.incremental = label_clip is None
         self._warm: np.ndarray | None = None
         self._dense: DenseAccumulator | None = None
 
     def fit(self, samples) -> FirstLayer:
         """Top-d1 directions of C_hat for the samples of a `SampleView` (or `ArraySamples`)."""
         m = self.spec.model
-        shift, scale = label_transform(samples, m.activation, self.backend)
+        labels = label_map(samples, m.activation, self.backend, self.label_clip)
         op = MomentOperator(
             samples,
             q=m.q,
             features=m.features,
             backend=self.backend,
             dtype=np.dtype(self.spec.solver.dtype),
-            shift=shift,
-            scale=scale,
+            **labels.kwargs(),
         )
         if self.solver == "dense":
-            if self._dense is None:
-                self._dense = DenseAccumulator(self.dim)
+            if not self.incremental:
+                matrix = op.dense()
+            else:
+                if self._dense is None:
+                    self._dense = DenseAccumulator(self.dim)
+                matrix = self._dense.moment(op)
             res = dense_top(
-                self._dense.moment(op),
+                matrix,
                 self.k_values,
                 self.block,
                 v0=self._warm,
@@ -392,7 +459,11 @@ class LayerwiseSpectral:
         self.method = method
         self.data = data
         self.first = FirstLayerSolver(
-            spec, backend, rng=rng, full_spectrum=method.spectrum == "full"
+            spec,
+            backend,
+            rng=rng,
+            full_spectrum=method.spectrum == "full",
+            label_clip=method.label_clip,
         )
         degree = method.readout_degree
         if degree is None:

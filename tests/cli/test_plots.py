@@ -366,6 +366,19 @@ def test_both_theories_are_drawn_and_named(doc):
     assert b"finite-size theory" in plots.render(doc, "cos2", "svg")
 
 
+def test_theory_labels_name_the_label_clip(doc):
+    # with the layer-wise method's label_clip (an extension) the finite-size theory is the
+    # clip's and the asymptotic one is for T = y: the legends say so
+    doc["theory"]["finite_size"] = _finite_size(doc)
+    doc["spec"]["methods"] = [{"name": "layerwise_spectral", "label_clip": 1.5}]
+    for name in ("mse", "overlap", "cos2"):
+        svg = plots.render(doc, name, "svg").decode()
+        assert "finite-size theory (exact, Gaussian-equivalent), labels clipped at ±1.5 sd" in svg
+        assert "asymptotic theory (BBP, corrected tail), T = y" in svg, name
+    mse = plots.render(doc, "mse", "svg").decode()
+    assert "asymptotic theory (BBP, corrected tail), T = y: slope -0.50 over the fit" in mse
+
+
 def test_no_power_law_says_why(doc):
     doc["power_law"] = {
         "method": "layerwise_spectral",
