@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 from ._data import LABEL_SHARE, SAMPLE_BUDGET_BYTES
-from ._eigen import DEFAULT_EXPAND, DEFAULT_MAX_BASIS
+from ._eigen import CPU_EXPAND, DEFAULT_EXPAND, DEFAULT_MAX_BASIS
 from ._operator import flops_per_vector
 from ._spec import ExperimentSpec
 
@@ -241,7 +241,10 @@ def estimate_resources(
             cache = HIDDEN_CACHE_STREAMED_BYTES if streamed else HIDDEN_CACHE_BYTES
             run_peak += min(cache, 8.0 * (d1 + 1) * n_max)
             vectors = krylov_vectors(d1)
-            passes = vectors / DEFAULT_EXPAND + 1.0
+            # pass width as `hsl_engine._spectral.pass_width` (auto may run on the CPU: the
+            # narrower width, more passes, each regenerating what is not stored)
+            expand = DEFAULT_EXPAND if spec.device.startswith("cuda") else CPU_EXPAND
+            passes = vectors / expand + 1.0
             # latent_rbf's first layer never clips its labels
             clipped = getattr(method, "label_clip", None) is not None
             accumulate = dense_flops(ns, dim, clipped)

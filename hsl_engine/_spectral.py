@@ -12,7 +12,7 @@ from array_api_compat import array_namespace, device
 
 from ._backend import Backend, to_host
 from ._data import SeedData, project
-from ._eigen import DEFAULT_EXPAND, STORED_CPU_EXPAND, EigResult, block_krylov_top, dense_top
+from ._eigen import CPU_EXPAND, DEFAULT_EXPAND, EigResult, block_krylov_top, dense_top
 from ._errors import ConvergenceError, ConvergenceWarning
 from ._estimate import HIDDEN_CACHE_BYTES, HIDDEN_CACHE_STREAMED_BYTES, choose_solver
 from ._operator import DenseAccumulator, MomentOperator
@@ -84,11 +84,10 @@ def merged_mean_std(parts) -> tuple[float, float]:
     return mean, std if std > 0 and math.isfinite(std) else 1.0
 
 
-def pass_width(backend: Backend, samples) -> int:
-    """Vectors per Krylov pass: narrow on the CPU while the samples are kept in memory (fewer
-    vectors in all), wide where each pass regenerates them or a GPU applies the operator."""
-    stored = getattr(samples, "stored", True)
-    return STORED_CPU_EXPAND if stored and not backend.is_torch else DEFAULT_EXPAND
+def pass_width(backend: Backend) -> int:
+    """Vectors per Krylov pass: 4 on the CPU (fewer vectors in all), 8 on a GPU (wide
+    kernels). Never a function of the sample storage: the numbers must not depend on it."""
+    return DEFAULT_EXPAND if backend.device.startswith("cuda") else CPU_EXPAND
 
 
 def label_transform(samples, activation: str, backend: Backend | None = None):
@@ -247,7 +246,7 @@ class FirstLayerSolver:
                 max_passes=self.spec.solver.max_passes,
                 rng=self.rng,
                 v0=self._warm,
-                expand=pass_width(self.backend, op.samples),
+                expand=pass_width(self.backend),
             )
         except ConvergenceError as exc:
             warnings.warn(

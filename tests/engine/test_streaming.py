@@ -109,6 +109,30 @@ def test_streamed_and_stored_runs_give_identical_points(seed, split):
         assert without_time(stored) == without_time(streamed) == without_time(partial), method
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_krylov_solver_gives_the_same_points_streamed_or_stored(seed, dtype):
+    # spec_for's D = 78 runs the dense solver under auto; the Krylov solver's own choices
+    # (pass width, stopping) must not depend on the storage either (engine 0.6.0 briefly
+    # chose the pass width by it: 4 vectors stored, 8 streamed, and the points differed)
+    base = spec_for(True).model_dump(mode="json")
+    base["sweep"]["seed"] = seed
+    base["methods"] = [{"name": "layerwise_spectral"}]
+    base["solver"] = {"eigensolver": "krylov", "dtype": dtype}
+    spec = he.parse_spec(base)
+    runs = [
+        without_time(
+            he.iter_run(
+                spec,
+                "layerwise_spectral",
+                0,
+                backend=he.get_backend("cpu", sample_budget_bytes=budget),
+            )
+        )
+        for budget in (None, 0, 2e5)
+    ]
+    assert runs[0] == runs[1] == runs[2]
+
+
 def test_streamed_krylov_regenerates_samples_per_pass():
     spec = he.parse_spec(
         {
