@@ -2,7 +2,7 @@
 
 1. GEMM peaks of this machine, float64 and float32, measured now.
 2. Moment-operator throughput (its GEMM flop count per second) against those peaks, at the
-   width hsl applies (8 vectors) and at a full block.
+   widths hsl applies (4 vectors a pass on the CPU, 8 on a GPU) and at a full block.
 3. A fig2-cpu sweep of the layer-wise spectral method (one seed, warm-started over n) by
    (a) hsl as a user runs it, and on the same samples by
    (b) the dense D x D moment matrix rebuilt for every n, then a full ``eigh``;
@@ -33,7 +33,7 @@ import numpy as np
 import scipy.linalg
 
 import hsl_engine as he
-from hsl_engine._eigen import _by_magnitude
+from hsl_engine._eigen import CPU_EXPAND, DEFAULT_EXPAND, _by_magnitude
 from hsl_engine._operator import DenseAccumulator, MomentOperator
 from hsl_engine._spectral import (
     HiddenChunks,
@@ -285,7 +285,7 @@ def main(*, quick: bool = False, threads: int | None = None) -> int:
     say(f"\n2. moment operator at n={n_max}, d={spec.model.d} (4 n d^2 flops per vector):")
     op_ratio = {}
     for dtype, peak in ((np.float64, peak64), (np.float32, peak32)):
-        for k in (8, sw.d1 + 14):
+        for k in (CPU_EXPAND, DEFAULT_EXPAND, sw.d1 + 14):
             rate = operator_throughput(view, k, dtype, threads)
             op_ratio.setdefault(np.dtype(dtype).name, []).append(rate / peak)
             say(

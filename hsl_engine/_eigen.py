@@ -8,17 +8,20 @@ basis vector, Ritz vectors, residuals and thick restarts cost no extra operator 
 Converged vectors stop generating new directions ("soft locking"), so later passes get cheaper.
 The iteration is warm-started from the previous sample size of the same seed.
 
-Each pass applies the operator to ``expand`` = 8 vectors at once, the first pass included: it
-takes the warm start's leading ``max(k_vectors, expand)`` vectors (the previous n's wanted
-ones) rather than its whole Ritz block. Between two n of the fig2-cpu sweep the previous top 18
-eigenvectors hold only 22-49 % (mean over the new top 18) of the new ones, so the other 18
-vectors of a full-block start bought little: an 8-wide first pass spends 849 vectors over the
-sweep against 980. In CPU time per vector (measured on a busy 2-core machine, n = 216000) a
-q = 2 pass of 4 vectors costs ~5 % more than one of 8 and a pass of 1 vector ~30 % more
-(earlier wall-clock figures: 8 at ~60 % of the GEMM peak, 4 at ~45 %). Narrower passes need
-fewer vectors (4 wide: 658 over the sweep, 2 wide: 577, against 817) but two or four times as
-many passes, each with its fixed cost, and a GPU wants wide passes; 8 stays the default until
-a quiet machine times the narrower ones.
+Each pass applies the operator to ``expand`` vectors at once: 4 on the CPU (`CPU_EXPAND`)
+while the sweep's samples fit the default sample budget, 8 (`DEFAULT_EXPAND`) beyond it, where
+every pass regenerates them, and on a GPU (`hsl_engine._estimate.pass_width`: the spec and
+the kind of device decide, never the memory a run may keep, so stored and regenerated samples
+give the same numbers). The first pass takes the warm
+start's leading ``max(k_vectors, expand)`` vectors (the previous n's wanted ones) rather than
+its whole Ritz block: between two n of the fig2-cpu sweep the previous top 18 eigenvectors
+hold only 22-49 % (mean over the new top 18) of the new ones, so the other 18 vectors of a
+full-block start bought little (849 vectors over the sweep against 980). Narrower passes
+need fewer vectors, and on the CPU a pass of 4 costs only a little more per vector than one
+of 8 (measured in CPU time on one core, q = 2, n = 216000, float32, engine 0.6.0's operator:
+1.07x per vector at 4, 1.05x at 6, 1.29x at 2). Over the 9-point fig2-cpu sweep 4 wide
+takes 930 vectors against 1069 at 8, 946 at 3 and 924 at 2, and 4 % less CPU time than 8
+(2 and 3 take more: more passes, each with its fixed cost). A GPU wants wide passes.
 
 Convergence test (see `block_krylov_top`): the wanted vectors to ``tol``, and tighter (down to
 ``tol / 10``) where their residual over the gap to the nearest unwanted value exceeds 1e-2;
@@ -76,11 +79,11 @@ GUARD_SLACK = 5e-3
 WANTED_ANGLE = 1e-2
 WANTED_FLOOR = 0.1
 DEFAULT_EXPAND = 8
-# Pass width on the CPU (NumPy, and PyTorch on the CPU, which must agree with it): 4 vectors a
-# pass need 13 % fewer vectors over the fig2-cpu sweep (930 against 1069) at 7 % more CPU
-# time per vector (q = 2, n = 216000, float32), 4 % less CPU time in all. On a GPU, wide
-# passes win: DEFAULT_EXPAND. The width depends on the device only, never on whether the
-# samples are stored or regenerated, so the numbers do not depend on the sample budget.
+# Pass width on the CPU (NumPy, and PyTorch on the CPU, which must agree with it) for sweeps
+# whose samples fit the default budget: 4 vectors a pass need 13 % fewer vectors over the
+# fig2-cpu sweep (930 against 1069) at 7 % more CPU time per vector (q = 2, n = 216000,
+# float32), 4 % less CPU time in all. Where passes regenerate the samples, and on a GPU, wide
+# passes win: DEFAULT_EXPAND (see `hsl_engine._estimate.pass_width`).
 CPU_EXPAND = 4
 DEFAULT_MAX_BASIS = 360
 

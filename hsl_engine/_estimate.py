@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ._data import LABEL_SHARE, SAMPLE_BUDGET_BYTES
+from ._data import LABEL_SHARE, SAMPLE_BUDGET_BYTES, budget_rows
 from ._eigen import CPU_EXPAND, DEFAULT_EXPAND, DEFAULT_MAX_BASIS
 from ._operator import flops_per_vector
 from ._spec import ExperimentSpec
@@ -162,6 +162,22 @@ def choose_solver(spec: ExperimentSpec) -> str:
     return "dense" if dense < krylov else "krylov"
 
 
+def pass_width(spec: ExperimentSpec, device: str) -> int:
+    """Vectors per Krylov pass: 4 on the CPU (fewer vectors in all) while the sweep's samples
+    fit the default sample budget, 8 where every pass would regenerate them (wide passes
+    amortise that) and on a GPU (wide kernels).
+
+    Decided by the spec and the kind of device alone, under the default budget
+    `SAMPLE_BUDGET_BYTES` rather than a deployment's own, so the numbers of a spec never
+    depend on how much memory a run may keep (stored and regenerated samples agree).
+    """
+    if device.startswith("cuda"):
+        return DEFAULT_EXPAND
+    keep, _ = budget_rows(spec, SAMPLE_BUDGET_BYTES)
+    n_max = max(n for n, _ in spec.sample_sizes())
+    return CPU_EXPAND if n_max <= keep else DEFAULT_EXPAND
+
+
 def estimate_resources(
     spec: ExperimentSpec,
     *,
@@ -241,9 +257,8 @@ def estimate_resources(
             cache = HIDDEN_CACHE_STREAMED_BYTES if streamed else HIDDEN_CACHE_BYTES
             run_peak += min(cache, 8.0 * (d1 + 1) * n_max)
             vectors = krylov_vectors(d1)
-            # pass width as `hsl_engine._spectral.pass_width` (auto may run on the CPU: the
-            # narrower width, more passes, each regenerating what is not stored)
-            expand = DEFAULT_EXPAND if spec.device.startswith("cuda") else CPU_EXPAND
+            # (auto may run on the CPU: its width, the narrower one)
+            expand = pass_width(spec, "cuda" if device.startswith("cuda") else "cpu")
             passes = vectors / expand + 1.0
             # latent_rbf's first layer never clips its labels
             clipped = getattr(method, "label_clip", None) is not None

@@ -12,9 +12,14 @@ from array_api_compat import array_namespace, device
 
 from ._backend import Backend, to_host
 from ._data import SeedData, project
-from ._eigen import CPU_EXPAND, DEFAULT_EXPAND, EigResult, block_krylov_top, dense_top
+from ._eigen import EigResult, block_krylov_top, dense_top
 from ._errors import ConvergenceError, ConvergenceWarning
-from ._estimate import HIDDEN_CACHE_BYTES, HIDDEN_CACHE_STREAMED_BYTES, choose_solver
+from ._estimate import (
+    HIDDEN_CACHE_BYTES,
+    HIDDEN_CACHE_STREAMED_BYTES,
+    choose_solver,
+    pass_width,
+)
 from ._operator import DenseAccumulator, MomentOperator
 from ._spec import ExperimentSpec
 
@@ -82,12 +87,6 @@ def merged_mean_std(parts) -> tuple[float, float]:
         count = total
     std = math.sqrt(m2 / count) if count else 0.0
     return mean, std if std > 0 and math.isfinite(std) else 1.0
-
-
-def pass_width(backend: Backend) -> int:
-    """Vectors per Krylov pass: 4 on the CPU (fewer vectors in all), 8 on a GPU (wide
-    kernels). Never a function of the sample storage: the numbers must not depend on it."""
-    return DEFAULT_EXPAND if backend.device.startswith("cuda") else CPU_EXPAND
 
 
 def label_transform(samples, activation: str, backend: Backend | None = None):
@@ -246,7 +245,7 @@ class FirstLayerSolver:
                 max_passes=self.spec.solver.max_passes,
                 rng=self.rng,
                 v0=self._warm,
-                expand=pass_width(self.backend),
+                expand=pass_width(self.spec, self.backend.device),
             )
         except ConvergenceError as exc:
             warnings.warn(

@@ -256,3 +256,19 @@ def test_presets_follow_the_paper():
     assert he.preset("kernels-nystroem").method("kernel_rbf").max_train is None
     assert he.preset("fig2-spectrum").method("layerwise_spectral").spectrum == "full"
     assert max(a for a in he.preset("fig4-staircase").sweep.alphas) == pytest.approx(3.1)
+
+
+def test_pass_width_follows_the_spec_and_the_device_never_the_budget():
+    from hsl_engine._eigen import CPU_EXPAND, DEFAULT_EXPAND
+    from hsl_engine._estimate import pass_width
+
+    small = he.preset("fig2-cpu")  # 216000 samples of d = 60: stored under the default budget
+    assert pass_width(small, "cpu") == CPU_EXPAND < DEFAULT_EXPAND
+    assert pass_width(small, "cuda:0") == DEFAULT_EXPAND
+    # the paper's fig2 sweep (n up to 7 x 10^8 at d = 400) regenerates its samples per pass
+    assert pass_width(he.preset("fig2-d400"), "cpu") == DEFAULT_EXPAND
+    # a deployment with a smaller budget streams fig2-cpu, with the narrow passes the spec
+    # chose: the estimate counts twice the passes, each regenerating the samples
+    cpu = he.estimate_resources(small, sample_budget_bytes=0, device="cpu")
+    gpu = he.estimate_resources(small, sample_budget_bytes=0, device="cuda")
+    assert cpu.streamed and cpu.flops > 1.2 * gpu.flops

@@ -112,7 +112,7 @@ def test_streamed_and_stored_runs_give_identical_points(seed, split):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_the_krylov_solver_gives_the_same_points_streamed_or_stored(seed, dtype):
     # spec_for's D = 78 runs the dense solver under auto; the Krylov solver's own choices
-    # (pass width, stopping) must not depend on the storage either (engine 0.6.0 briefly
+    # (pass width, stopping) must not depend on the storage either (a build of engine 0.6.0
     # chose the pass width by it: 4 vectors stored, 8 streamed, and the points differed)
     base = spec_for(True).model_dump(mode="json")
     base["sweep"]["seed"] = seed
