@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -71,13 +72,13 @@ def gemm_peak(dtype, size: int = 3000, repeat: int = 3) -> float:
     return 2.0 * size**3 / _best(lambda: a @ b, repeat)
 
 
-def operator_throughput(view, k: int, dtype, threads: int | None) -> float:
+def operator_throughput(view, k: int, dtype, threads: int | None, repeat: int = 3) -> float:
     op = MomentOperator(
         view, q=2, features="hermite", backend=he.get_backend("cpu", threads=threads), dtype=dtype
     )
     v = np.random.default_rng(1).standard_normal((op.dim, k))
     op.matmat(v)
-    return op.flops_per_vector() * k / _best(lambda: op.matmat(v), 3)
+    return op.flops_per_vector() * k / _best(lambda: op.matmat(v), repeat)
 
 
 def bench_spec(quick: bool) -> he.ExperimentSpec:
@@ -140,11 +141,10 @@ def top_by_magnitude(c: np.ndarray, k: int):
     return theta[order], u[:, order]
 
 
-def run_hsl(sw: Sweep) -> list[dict[str, Any]]:
+def run_hsl(sw: Sweep) -> Iterator[dict[str, Any]]:
     method = LayerwiseSpectral(
         sw.spec, sw.spec.methods[0], sw.data, sw.backend, rng=np.random.default_rng(0)
     )
-    rows = []
     for n, _ in sw.spec.sample_sizes():
         t0 = time.perf_counter()
         fit = method.fit(n)
@@ -157,35 +157,29 @@ def run_hsl(sw: Sweep) -> list[dict[str, Any]]:
             "vectors": fit.first.vectors,
             "solver": fit.first.solver,
         }
-        rows.append(row)
-    return rows
+        yield row
 
 
-def run_dense_per_n(sw: Sweep) -> list[dict[str, Any]]:
-    rows = []
+def run_dense_per_n(sw: Sweep) -> Iterator[dict[str, Any]]:
     for n, _ in sw.spec.sample_sizes():
         t0 = time.perf_counter()
         theta, u = top_by_magnitude(sw.operator(n, np.float64).dense(), sw.d1 + 10)
-        rows.append(sw.finish(n, u[:, : sw.d1], theta, t0))
-    return rows
+        yield sw.finish(n, u[:, : sw.d1], theta, t0)
 
 
-def run_incremental_dense(sw: Sweep) -> list[dict[str, Any]]:
+def run_incremental_dense(sw: Sweep) -> Iterator[dict[str, Any]]:
     acc = DenseAccumulator(sw.spec.model.feature_dim)
-    rows = []
     for n, _ in sw.spec.sample_sizes():
         t0 = time.perf_counter()
         theta, u = top_by_magnitude(acc.moment(sw.operator(n, np.float32)), sw.d1 + 10)
-        rows.append(sw.finish(n, u[:, : sw.d1], theta, t0))
-    return rows
+        yield sw.finish(n, u[:, : sw.d1], theta, t0)
 
 
-def run_paper(sw: Sweep, dtype, points: list[int] | None = None) -> list[dict[str, Any]]:
+def run_paper(sw: Sweep, dtype, points: list[int] | None = None) -> Iterator[dict[str, Any]]:
     """The paper's algorithm: 15 block power steps ``Q <- qr(C Q)`` on k = d1 + 10 vectors
     from a random start at every n. The first d1 columns of the final Q are the directions
     (column j of a QR spans the dominant j-dimensional subspace); the eigenvalue estimates
     are the Rayleigh quotients of the last step, read off its images (no extra pass)."""
-    rows = []
     k = sw.d1 + 10
     for n, _ in sw.spec.sample_sizes():
         if points is not None and n not in points:
@@ -197,8 +191,36 @@ def run_paper(sw: Sweep, dtype, points: list[int] | None = None) -> list[dict[st
             w = op.matmat(q)
             quotients = np.einsum("ij,ij->j", q, w)
             q, _ = np.linalg.qr(w)
-        rows.append(sw.finish(n, q[:, : sw.d1], quotients, t0))
-    return rows
+        yield sw.finish(n, q[:, : sw.d1], quotients, t0)
+
+
+def run_sweeps(sw: Sweep, repeats: int) -> dict[str, list[dict[str, Any]]]:
+    """Every method's sweep, interleaved point by point ((a), (b), (c), (d) at one n, then the
+    next n), ``repeats`` times; each point keeps its fastest time over the repeats. A machine
+    whose speed drifts (a shared host) then slows all methods alike instead of the one that
+    happens to run during the slow spell. (The results are deterministic: only the times
+    differ between repeats.)"""
+    best: dict[str, list[dict[str, Any]]] = {}
+    n_max = sw.spec.sample_sizes()[-1][0]
+    for _ in range(repeats):
+        runs = {
+            "a": run_hsl(sw),
+            "b": run_dense_per_n(sw),
+            "c": run_incremental_dense(sw),
+            "d": run_paper(sw, np.float64),
+        }
+        rows: dict[str, list[dict[str, Any]]] = {key: [] for key in runs}
+        for step in zip(*runs.values()):
+            for key, row in zip(runs, step):
+                rows[key].append(row)
+        rows["d32"] = list(run_paper(sw, np.float32, points=[n_max]))
+        if not best:
+            best = rows
+            continue
+        for key, got in rows.items():
+            for kept, row in zip(best[key], got):
+                kept["seconds"] = min(kept["seconds"], row["seconds"])
+    return best
 
 
 def accuracy(rows, reference) -> dict[str, float]:
@@ -233,7 +255,8 @@ def _child_peak(spec: he.ExperimentSpec, budget: float, threads: int | None) -> 
         "peak = [int(line.split()[1]) * 1024 for line in open('/proc/self/status')\n"
         "        if line.startswith('VmHWM')][0]\n"
         "print(json.dumps({'seconds': time.perf_counter() - t0, 'peak_bytes': peak,\n"
-        "                  'mse': pts[-1].mse, 'vectors': pts[-1].extra.get('passes')}))\n"
+        "                  'mse': pts[-1].mse, 'passes': pts[-1].extra.get('passes'),\n"
+        "                  'converged': pts[-1].extra.get('converged')}))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, spec.canonical_json(), repr(budget), str(threads)],
@@ -252,7 +275,7 @@ def memory_spec(quick: bool) -> he.ExperimentSpec:
             "model": {"d": 40, "gamma": 1.0},
             "sweep": {"n_values": [n], "seeds": 1, "n_test": 2000},
             "methods": [{"name": "layerwise_spectral", "sample_split": True}],
-            "solver": {"dtype": "float32", "max_passes": 60},
+            "solver": {"dtype": "float32", "max_passes": 150},
         }
     )
 
@@ -273,34 +296,41 @@ def main(*, quick: bool = False, threads: int | None = None) -> int:
         f"n = {', '.join(str(n) for n, _ in spec.sample_sizes())}, sample split, float32"
     )
 
-    peak64, peak32 = gemm_peak(np.float64), gemm_peak(np.float32)
-    say(
-        f"\n1. GEMM peak (3000^3): float64 {peak64 / 1e9:.1f} GFLOP/s, "
-        f"float32 {peak32 / 1e9:.1f} GFLOP/s"
-    )
-
     sw = Sweep(spec, threads)
     n_max = spec.sample_sizes()[-1][0]
     view = sw.data.train.view(n_max)
-    say(f"\n2. moment operator at n={n_max}, d={spec.model.d} (4 n d^2 flops per vector):")
-    op_ratio = {}
-    for dtype, peak in ((np.float64, peak64), (np.float32, peak32)):
-        for k in (CPU_EXPAND, DEFAULT_EXPAND, sw.d1 + 14):
-            rate = operator_throughput(view, k, dtype, threads)
-            op_ratio.setdefault(np.dtype(dtype).name, []).append(rate / peak)
-            say(
-                f"   {np.dtype(dtype).name} k={k:<3} {rate / 1e9:6.1f} GFLOP/s = "
-                f"{rate / peak:6.1%} of the {np.dtype(dtype).name} peak (target >= 60 %)"
-            )
+    # the peaks and the operator measured in rounds, interleaved, each keeping its best: a
+    # slow spell of the machine then cannot lower one figure and spare the other
+    widths = (CPU_EXPAND, DEFAULT_EXPAND, sw.d1 + 14)
+    peaks: dict[str, float] = {}
+    rates: dict[tuple[str, int], float] = {}
+    for _ in range(1 if quick else 3):
+        for dtype in (np.float64, np.float32):
+            name = np.dtype(dtype).name
+            peaks[name] = max(peaks.get(name, 0.0), gemm_peak(dtype, repeat=1))
+            for k in widths:
+                rate = operator_throughput(view, k, dtype, threads, repeat=1)
+                rates[name, k] = max(rates.get((name, k), 0.0), rate)
+    say(
+        f"\n1. GEMM peak (3000^3): float64 {peaks['float64'] / 1e9:.1f} GFLOP/s, "
+        f"float32 {peaks['float32'] / 1e9:.1f} GFLOP/s"
+    )
+    say(
+        f"\n2. moment operator at n={n_max}, d={spec.model.d} (4 n d^2 flops per vector; hsl "
+        f"applies {CPU_EXPAND} vectors a pass on the CPU, {DEFAULT_EXPAND} on a GPU):"
+    )
+    for (name, k), rate in rates.items():
+        say(
+            f"   {name} k={k:<3} {rate / 1e9:6.1f} GFLOP/s = {rate / peaks[name]:6.1%} of the "
+            f"{name} peak (target >= 60 %)"
+        )
 
-    say("\n3. the sweep, one seed (first layer + second layer + test metrics per n):")
-    results = {
-        "a": run_hsl(sw),
-        "b": run_dense_per_n(sw),
-        "c": run_incremental_dense(sw),
-        "d": run_paper(sw, np.float64),
-        "d32": run_paper(sw, np.float32, points=[n_max]),
-    }
+    repeats = 1 if quick else 2
+    say(
+        "\n3. the sweep, one seed (first layer + second layer + test metrics per n; the methods "
+        f"interleaved point by point, {'once' if repeats == 1 else f'best of {repeats}'}):"
+    )
+    results = run_sweeps(sw, repeats)
     ref = results["b"]
     say(
         f"   {'n':>8} {'(a) hsl':>8} {'vectors':>7} {'(b) dense':>9} {'(c) incr.':>9} "
@@ -351,7 +381,8 @@ def main(*, quick: bool = False, threads: int | None = None) -> int:
     est = he.estimate_resources(mspec, sample_budget_bytes=0.0)
     say(
         "   streamed (every sample regenerated per pass): peak "
-        f"{streamed['peak_bytes'] / 2**20:.0f} MiB in {streamed['seconds']:.1f} s "
+        f"{streamed['peak_bytes'] / 2**20:.0f} MiB in {streamed['seconds']:.1f} s, "
+        f"{streamed['passes']} passes, converged {streamed['converged']} "
         f"(target < 600 MB; estimate {est.peak_bytes / 2**20:.0f} MiB)"
     )
     say(

@@ -38,3 +38,4 @@ def test_quick_bench_prints_every_figure_and_hsl_keeps_equal_accuracy(capsys):
     assert "mse equal: True" in out
     peak = re.search(r"streamed \(every sample regenerated per pass\): peak (\d+) MiB", out)
     assert peak and int(peak.group(1)) * 2**20 < 600e6
+    assert re.search(r"\d+ passes, converged True", out)
