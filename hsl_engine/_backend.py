@@ -206,7 +206,10 @@ class Backend:
                 pending[i] = None  # free the result once added
                 if i + window < count:
                     pending.append(pool.submit(func, i + window))
-                total = part if total is None else _add(total, part)
+                if total is None:  # a copy: func may hand out arrays it keeps
+                    total = tuple(x.copy() if isinstance(x, np.ndarray) else x for x in part)
+                else:
+                    total = _add_into(total, part)
         return total
 
 
@@ -239,6 +242,19 @@ def single_threaded_blas() -> Iterator[None]:
 
 def _add(a: tuple[Any, ...], b: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(x + y for x, y in zip(a, b))
+
+
+def _add_into(total: tuple[Any, ...], part: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``_add``, writing into ``total``'s NumPy arrays where the sum keeps their type (the same
+    rounding as ``x + y``, without a fresh array per chunk)."""
+    out = []
+    for x, y in zip(total, part):
+        if isinstance(x, np.ndarray) and np.result_type(x, y) == x.dtype:
+            np.add(x, y, out=x)
+            out.append(x)
+        else:
+            out.append(x + y)
+    return tuple(out)
 
 
 def _pool(size: int) -> ThreadPoolExecutor:
