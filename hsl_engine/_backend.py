@@ -184,32 +184,27 @@ class Backend:
         """
         if count == 0:
             raise ValueError("ordered_sum needs at least one item")
+        total = None
         if self.is_torch:
-            total = func(0)
-            for i in range(1, count):
-                total = _add(total, func(i))
+            for i in range(count):
+                total = _accumulate(total, func(i))
             return total
         if self.threads <= 1 or count == 1:
             # single-threaded BLAS here too: a GEMM's rounding can depend on BLAS threading
             with single_threaded_blas():
-                total = func(0)
-                for i in range(1, count):
-                    total = _add(total, func(i))
+                for i in range(count):
+                    total = _accumulate(total, func(i))
             return total
         pool = _pool(self.threads)
         window = 2 * self.threads
         with single_threaded_blas():
             pending = [pool.submit(func, i) for i in range(min(window, count))]
-            total = None
             for i in range(count):
                 part = pending[i].result()
                 pending[i] = None  # free the result once added
                 if i + window < count:
                     pending.append(pool.submit(func, i + window))
-                if total is None:  # a copy: func may hand out arrays it keeps
-                    total = tuple(x.copy() if isinstance(x, np.ndarray) else x for x in part)
-                else:
-                    total = _add_into(total, part)
+                total = _accumulate(total, part)
         return total
 
 
@@ -240,13 +235,12 @@ def single_threaded_blas() -> Iterator[None]:
                 _BLAS_LIMIT = None
 
 
-def _add(a: tuple[Any, ...], b: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(x + y for x, y in zip(a, b))
-
-
-def _add_into(total: tuple[Any, ...], part: tuple[Any, ...]) -> tuple[Any, ...]:
-    """``_add``, writing into ``total``'s NumPy arrays where the sum keeps their type (the same
-    rounding as ``x + y``, without a fresh array per chunk)."""
+def _accumulate(total: tuple[Any, ...] | None, part: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``total + part`` elementwise, written into ``total``'s NumPy arrays where the sum keeps
+    their type (the same rounding as ``x + y``, without a fresh array per item). The first
+    part is copied: ``func`` may hand out arrays it keeps."""
+    if total is None:
+        return tuple(x.copy() if isinstance(x, np.ndarray) else x for x in part)
     out = []
     for x, y in zip(total, part):
         if isinstance(x, np.ndarray) and np.result_type(x, y) == x.dtype:

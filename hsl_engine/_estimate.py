@@ -258,7 +258,7 @@ def estimate_resources(
             run_peak += min(cache, 8.0 * (d1 + 1) * n_max)
             vectors = krylov_vectors(d1)
             # (auto may run on the CPU: its width, the narrower one)
-            expand = pass_width(spec, "cuda" if device.startswith("cuda") else "cpu")
+            expand = pass_width(spec, device)
             passes = vectors / expand + 1.0
             # latent_rbf's first layer never clips its labels
             clipped = getattr(method, "label_clip", None) is not None
