@@ -5,7 +5,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 import hsl_engine as he
-from hsl_engine._operator import MomentOperator
+from hsl_engine._operator import MomentOperator, _weigh_rows
 
 
 def explicit_moment(inputs, y, q, features):
@@ -65,6 +65,40 @@ def test_float32_operator_is_close_to_float64(seed):
     # rounding of inputs and products (~1e-7 relative), not of a float32 sum over n samples
     assert r32.dtype == np.float64
     assert_allclose(r32, r64, rtol=0, atol=2e-6 * np.abs(r64).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("m", "k", "d"), [(1, 1, 1), (37, 3, 7), (300, 4, 60), (129, 8, 17)])
+def test_compiled_row_step_matches_its_formula(seed, dtype, m, k, d):
+    # The Numba step of the CPU q = 2 pass (odd sizes: the vectorised loops' remainders)
+    rng = np.random.default_rng(seed)
+    xb = rng.standard_normal((m, d)).astype(dtype)
+    g = rng.standard_normal((k, d, d))
+    g = (g + g.transpose(0, 2, 1)).astype(dtype)
+    yb = rng.standard_normal(m).astype(dtype)
+    trace = np.trace(g, axis1=1, axis2=2).astype(dtype)
+    xg = np.einsum("jab,ib->ija", g, xb)  # G_j x_i
+    x64, xg64 = xb.astype(np.float64), xg.astype(np.float64)
+    w = 0.5 * yb[:, None] * (np.einsum("ija,ia->ij", xg64, x64) - trace[None, :])
+    wsum = np.full(k, 1.5)
+    got = np.ascontiguousarray(xg)
+    _weigh_rows(got, xb, yb, trace, wsum)
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    scale = np.abs(w).max()
+    assert got.dtype == dtype
+    assert_allclose(got, w[:, :, None] * x64[:, None, :], rtol=0, atol=tol * scale * 4)
+    assert_allclose(wsum, 1.5 + w.sum(axis=0), rtol=0, atol=tol * scale * m)
+
+
+def test_a_nan_sample_shows_in_the_operator():
+    # a bad sample poisons the result instead of vanishing in the compiled step
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 6)).astype(np.float32)
+    y = rng.standard_normal(500).astype(np.float32)
+    x[321, 2] = np.nan
+    op = MomentOperator(x, y, q=2, features="hermite", backend=he.get_backend("cpu"))
+    out = op.matmat(rng.standard_normal((he.feature_dim(6, 2), 4)))
+    assert np.isnan(out).all()
 
 
 def test_cuda_is_a_clear_error():
