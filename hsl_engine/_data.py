@@ -16,6 +16,7 @@ import numpy as np
 from array_api_compat import array_namespace, device
 
 from ._backend import Backend, numpy_backend, single_threaded_blas
+from ._compiled import quad_rows
 from ._features import SQRT2, feature_dim, lift, vec_to_sym
 from ._spec import ExperimentSpec, ModelSpec
 
@@ -125,6 +126,11 @@ def project(x, directions, q: int, *, matrices=None):
         for s in range(0, n, step):
             xb = x[s : s + step]
             xg = xp.reshape(xb @ gcat, (xb.shape[0], k, d))
+            if isinstance(x, np.ndarray):  # one compiled pass, no (rows, k, 1) temporaries
+                out = np.empty((xb.shape[0], k), x.dtype)
+                quad_rows(xg, np.ascontiguousarray(xb), trace.astype(x.dtype), out)
+                parts.append(out)
+                continue
             quad = xp.matmul(xg, xb[:, :, None])[:, :, 0]
             parts.append((quad - trace) / SQRT2)
     else:

@@ -19,7 +19,10 @@ from ._eigen import CPU_EXPAND, DEFAULT_EXPAND, DEFAULT_MAX_BASIS
 from ._operator import flops_per_vector
 from ._spec import ExperimentSpec
 
-BASELINE_BYTES = 150e6  # interpreter, NumPy/SciPy and their buffers
+# The interpreter, NumPy/SciPy and their buffers (~125 MB resident after importing the
+# engine), and Numba with LLVM once the compiled kernels are loaded (~145 MB more, ~110 MB
+# of it the shared library's pages, shared between worker processes): measured 268 MB
+BASELINE_BYTES = 300e6
 # Operator vectors per n of a warm-started Krylov solve, in blocks of d1 + 14 (reported +
 # guard) vectors: measured 4.3-6.4 blocks' worth on the fig2-cpu sweep (d = 60) and 4.0-8.4
 # (6.3 on average, 5.5-6.5 at the largest n) on fig2-d120-cpu; 8 bounds the sweeps' totals.
@@ -89,6 +92,9 @@ class ResourceEstimate:
     seconds : float
         Estimated seconds of the whole experiment on the reference machine: the sum of
         ``point_seconds`` times the seeds.
+    kinds : dict
+        Method name -> the kind of its work, which sets its rate in `REFERENCE_RATES`
+        (``q2``, ``explicit``, ``dense`` or ``kernel``).
     """
 
     feature_dim: float
@@ -100,6 +106,7 @@ class ResourceEstimate:
     point_flops: dict[str, list[float]] = field(default_factory=dict, repr=False, compare=False)
     point_seconds: dict[str, list[float]] = field(default_factory=dict, repr=False, compare=False)
     seconds: float = 0.0
+    kinds: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def log10_peak_bytes(self) -> float:
@@ -238,6 +245,7 @@ def estimate_resources(
     # the work of each point of one seed: method -> flops per n, ascending n
     work: dict[str, list[float]] = {}
     seconds: dict[str, list[float]] = {}
+    kinds: dict[str, str] = {}
     dtype = spec.solver.dtype
     for method in spec.methods:
         kind = "kernel"
@@ -295,6 +303,7 @@ def estimate_resources(
                 per_n[i] += regen_flops(rows + new_rows) - regen_flops(rows)
                 rows += new_rows
         work[method.name] = per_n
+        kinds[method.name] = kind
         rate = REFERENCE_RATES[(kind, dtype)]
         seconds[method.name] = [POINT_OVERHEAD_SECONDS + w / rate for w in per_n]
         peak = max(peak, run_peak)
@@ -302,5 +311,5 @@ def estimate_resources(
     points = len(spec.methods) * spec.sweep.seeds * len(ns)
     total = spec.sweep.seeds * sum(sum(per_n) for per_n in seconds.values())
     return ResourceEstimate(
-        dim, n_max, BASELINE_BYTES + peak, flops, points, streamed, work, seconds, total
+        dim, n_max, BASELINE_BYTES + peak, flops, points, streamed, work, seconds, total, kinds
     )

@@ -22,18 +22,21 @@ from __future__ import annotations
 import numpy as np
 
 from ._backend import Backend
+from ._compiled import weigh_rows
 from ._features import feature_dim, lift, sym_to_vec, vec_to_sym
 
-# Rows per GEMM inside a chunk: small enough that the intermediates (rows x k x d) stay in
-# cache (~2 MB), large enough that GEMMs run near peak (measured on 2 cores, d = 60: 256
-# rows best for k = 18 vectors, 512-1024 for k = 4).
-CHUNK_BYTES = 2 * 2**20
+# Rows per GEMM block inside a chunk: the (rows, k d) buffer of ``x G_j`` about 512 KiB, so
+# it stays in L2 between its GEMM, the compiled row pass and the second GEMM. Measured on one
+# core, d = 60, engine 0.7.0 (GFLOP/s at 128 / 256 / 512 / 1024 rows): float64 k = 4 48.6 /
+# 50.3 / 49.7 / 44.9, k = 8 54.6 / 53.6 / 50.5 / 48.7; float32 k = 4 90.9 / 104.7 / 108.9 /
+# 107.4, k = 8 98.1 / 108.0 / 111.4 / 100.3 (the earlier 2 MiB rule took 1024 rows at k = 4).
+CHUNK_BYTES = 2**19
 CHUNK_LIFT = 512
 ARRAY_ROWS = 4096  # chunk rows when the operator is given plain arrays
 
 
-def q2_chunk(k: int, d: int) -> int:
-    return int(min(1024, max(256, CHUNK_BYTES // (8 * k * d))))
+def q2_chunk(k: int, d: int, itemsize: int = 8) -> int:
+    return int(min(1024, max(256, CHUNK_BYTES // (itemsize * k * d))))
 
 
 class ArraySamples:
@@ -156,7 +159,7 @@ class MomentOperator:
         g = vec_to_sym(v.T, d)  # (k, d, d)
         gcat = xp.astype(xp.reshape(xp.permute_dims(g, (1, 0, 2)), (d, k * d)), self._dt)
         trace = xp.astype(xp.sum(xp.linalg.diagonal(g), axis=-1), self._dt)
-        rows = self._rows(q2_chunk(k, d), k * d)
+        rows = self._rows(q2_chunk(k, d, self.dtype.itemsize), k * d)
 
         def chunk(c: int):
             x, y = self._chunk(c)
@@ -285,70 +288,15 @@ class DenseAccumulator:
         return (c + c.T) / 2
 
 
-_KERNELS: dict = {}
-
-
-def _compiled(func):
-    """``func`` compiled by Numba at its first call (once per dtype), releasing the GIL:
-    chunks run in threads. Numba is imported then, not with the package (it takes ~1 s).
-
-    Floating-point reassociation and contraction only (``fastmath`` without its no-NaN and
-    no-infinity assumptions), so the sums vectorise and a NaN or an infinity still shows.
-    The machine code is cached on disk where a cache directory is writable; elsewhere each
-    process compiles it (about a second)."""
-
-    def call(*args):
-        kernel = _KERNELS.get(func.__name__)
-        if kernel is None:
-            import numba
-
-            flags = {"reassoc", "contract", "nsz", "arcp"}
-            try:
-                kernel = numba.njit(nogil=True, fastmath=flags, cache=True)(func)
-            except RuntimeError:  # no writable cache location
-                kernel = numba.njit(nogil=True, fastmath=flags)(func)
-            kernel = _KERNELS.setdefault(func.__name__, kernel)
-        return kernel(*args)
-
-    call.py_func = func
-    call.__doc__ = func.__doc__
-    return call
-
-
-@_compiled
-def _weigh_rows(xg, xb, yb, trace, wsum):
-    """In place, row by row: ``xg[i, j] = w_ij x_i`` with ``w_ij = y_i (x_i^T G_j x_i -
-    tr G_j) / 2``, where ``xg[i, j] = G_j x_i`` on entry; ``wsum[j] += sum_i w_ij`` in
-    float64.
-
-    One read and one write of ``xg`` while it is in cache, where NumPy needed four passes and
-    temporaries (measured on one core, d = 60, 1024 rows x 4 vectors: 71 us against 163 us in
-    float32, 71 us against 473 us in float64)."""
-    m, k, d = xg.shape
-    quad = np.empty(k, xg.dtype)
-    for i in range(m):
-        for j in range(k):
-            s = xg.dtype.type(0.0)
-            for a in range(d):
-                s += xg[i, j, a] * xb[i, a]
-            quad[j] = s
-        half_y = xg.dtype.type(0.5) * yb[i]
-        for j in range(k):
-            w = half_y * (quad[j] - trace[j])
-            wsum[j] += w
-            for a in range(d):
-                xg[i, j, a] = w * xb[i, a]
-
-
 def _q2_chunk_numpy(x, y, gcat, trace, rows: int):
     """One chunk of the q = 2 pass on the CPU: ``(sum w x x^T, sum w)`` in float64, with
     ``w_j = y (x^T G_j x - tr G_j) / 2`` per row.
 
     The same arithmetic as the generic lines of `MomentOperator._matmat_q2`, shaped for one
     CPU core: per block of rows, one GEMM writes ``x G_j`` into a buffer, the compiled
-    `_weigh_rows` overwrites it with the weighted rows, and a second GEMM adds ``x^T`` times
-    them into a float64 sum (in float32 the products are summed over at most ~1000 rows
-    inside the GEMM).
+    `hsl_engine._compiled.weigh_rows` overwrites it with the weighted rows, and a second
+    GEMM adds ``x^T`` times them into a float64 sum (in float32 the products are summed over
+    at most ~1000 rows inside the GEMM).
     """
     d = x.shape[1]
     k = gcat.shape[1] // d
@@ -360,7 +308,7 @@ def _q2_chunk_numpy(x, y, gcat, trace, rows: int):
         xb, yb = x[s : s + rows], y[s : s + rows]
         m = xb.shape[0]
         xg = np.matmul(xb, gcat, out=buf[:m])
-        _weigh_rows(xg.reshape(m, k, d), xb, yb, trace, wsum)
+        weigh_rows(xg.reshape(m, k, d), xb, yb, trace, wsum)
         acc += xb.T @ buf[:m]
     return acc, wsum
 

@@ -45,6 +45,25 @@ def test_sym_vec_isometry_and_quadratic_form(seed):
     assert_allclose(project(x, v, 2), direct, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("n", "d", "k"), [(1, 1, 1), (2500, 7, 3), (700, 33, 11)])
+def test_compiled_projection_matches_the_lift(seed, dtype, n, d, k):
+    # project's q = 2 rows pass (compiled on the CPU) over odd sizes, several of its 2048-row
+    # blocks, and a strided view of the inputs
+    rng = np.random.default_rng(seed)
+    wide = rng.standard_normal((n, 2 * d))
+    x = wide[:, ::2]  # a strided view
+    if dtype == np.float32:
+        x = x.astype(np.float32)
+    v = rng.standard_normal((k, he.feature_dim(d, 2)))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    got = project(x, v, 2)
+    ref = he.lift(np.asarray(x, np.float64), 2) @ v.T
+    assert got.dtype == dtype and got.shape == (n, k)
+    tol = 1e-12 if dtype == np.float64 else 3e-5 * d
+    assert_allclose(got, ref, rtol=0, atol=tol * max(1.0, np.abs(ref).max()))
+
+
 @pytest.mark.parametrize(("d", "q"), [(4, 2), (3, 3)])
 def test_features_are_orthonormal_statistically(seed, d, q):
     # E[F F^T] = I. With n samples each entry of the empirical second moment has standard
