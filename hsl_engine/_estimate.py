@@ -14,10 +14,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ._data import LABEL_SHARE, SAMPLE_BUDGET_BYTES, budget_rows
 from ._eigen import CPU_EXPAND, DEFAULT_EXPAND, DEFAULT_MAX_BASIS
 from ._operator import flops_per_vector
-from ._spec import ExperimentSpec
+from ._spec import ExperimentSpec, parse_spec
 
 # The interpreter, NumPy/SciPy and their buffers (~125 MB resident after importing the
 # engine), and Numba with LLVM once the compiled kernels are loaded (~145 MB more, ~110 MB
@@ -42,25 +44,27 @@ HIDDEN_CACHE_STREAMED_BYTES = 32 * 2**20
 # The cost model of the ETA and of the time quotes: a point's seconds on the reference
 # machine (2 cores) are a fixed cost plus its work at the rate its kind of work sustains,
 # whole point included (operator, sample generation, second layer, readout, test metrics).
-# The rates differ 4x between kinds: the q = 2 Hermite operator runs GEMMs with inner
-# dimension d over k d columns, the explicit-feature operator (Gaussian features, q = 3)
-# thin GEMMs of k = 8 columns over D-wide features. Fitted (least squares, t = a + w / rate)
-# on quiet-machine runs of the CPU presets (tests/engine/data/recorded_runs.json, load < 2.4
-# from the runs themselves), all float64: fig2-cpu's q = 2 Krylov 44 GFLOP/s and its kernel
-# 44, fig3-cpu's explicit-feature Krylov 11, fig4-cpu's dense 37; a = 0.12-0.14 s (0.4 s on
-# fig2-cpu's larger first layer). q = 2 in float32: 100 on hsl bench's float32 sweep (the
-# same machine and hour), taken as 90. Explicit and dense in float32: twice float64 (the
-# GEMM peaks' ratio), not measured.
+# The rates differ several-fold between kinds: the q = 2 Hermite operator runs GEMMs with
+# inner dimension d over k d columns, the explicit-feature operator (Gaussian features,
+# q = 3) thin GEMMs of k columns over D-wide features. A rate is of the work as counted here,
+# which takes `KRYLOV_BLOCKS` blocks of vectors per n where the solver needs 4-8, so the q = 2
+# rates exceed the operator's own GFLOP/s. Fitted by `fit_rates` (`scripts/record-runs
+# --fit`, relative least squares, t = a + w / rate) to the runs of the CPU presets in
+# tests/engine/data/recorded_runs.json (engine 0.7.0, the 2-core development machine of
+# 2026-12-05, GEMM peaks ~150 / ~300 GFLOP/s, nothing else running): fig2-cpu's q = 2 Krylov
+# in float64 88.8 GFLOP/s and its RBF kernel 52.8, fig2-d120-cpu's q = 2 Krylov in float32
+# 203.3, fig3-cpu's explicit-feature Krylov 15.2, fig4-cpu's dense 37.1; a = 0.02-0.37 s.
+# Explicit and dense in float32: twice float64 (the GEMM peaks' ratio), not measured.
 POINT_OVERHEAD_SECONDS = 0.15
 REFERENCE_RATES = {  # (kind, dtype) -> FLOP/s of a whole point
-    ("q2", "float32"): 90e9,
-    ("q2", "float64"): 44e9,
-    ("explicit", "float32"): 22e9,
-    ("explicit", "float64"): 11e9,
+    ("q2", "float32"): 200e9,
+    ("q2", "float64"): 88e9,
+    ("explicit", "float32"): 30e9,
+    ("explicit", "float64"): 15e9,
     ("dense", "float32"): 74e9,
     ("dense", "float64"): 37e9,
-    ("kernel", "float32"): 44e9,
-    ("kernel", "float64"): 44e9,
+    ("kernel", "float32"): 52e9,
+    ("kernel", "float64"): 52e9,
 }
 
 
@@ -313,3 +317,33 @@ def estimate_resources(
     return ResourceEstimate(
         dim, n_max, BASELINE_BYTES + peak, flops, points, streamed, work, seconds, total, kinds
     )
+
+
+def fit_rates(runs) -> dict[tuple[str, str], tuple[float, float, int]]:
+    """The cost model fitted to recorded runs (``scripts/record-runs``): for each (kind of
+    work, dtype), ``seconds = a + work / rate`` by least squares in relative terms over every
+    recorded point, the work as `estimate_resources` counts it. Returns ``{(kind, dtype): (a, rate, points)}``.
+
+    Parameters
+    ----------
+    runs : list of dict
+        Each with ``spec`` (a spec document) and ``points`` (``[method, seed, n, seconds]``).
+    """
+    groups: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for run in runs:
+        spec = parse_spec(run["spec"])
+        est = estimate_resources(spec)
+        index = {n: i for i, (n, _) in enumerate(spec.sample_sizes())}
+        for method, _seed, n, seconds in run["points"]:
+            key = (est.kinds[method], spec.solver.dtype)
+            groups.setdefault(key, []).append((est.point_flops[method][index[n]], seconds))
+    out = {}
+    for key, rows in groups.items():
+        work = np.array([w for w, _ in rows])
+        secs = np.array([t for _, t in rows])
+        # relative residuals (each row divided by its seconds): the quick points, which
+        # set the fixed cost, weigh as much as the long ones, which set the rate
+        design = np.stack([np.ones_like(work), work], axis=1) / secs[:, None]
+        (a, inverse_rate), *_ = np.linalg.lstsq(design, np.ones_like(secs), rcond=None)
+        out[key] = (float(a), float(1.0 / inverse_rate), len(rows))
+    return out

@@ -255,6 +255,21 @@ def test_eta_against_recorded_runs():
         assert not 1 / 3 <= old <= 3, (run["preset"], old)  # what the cost model replaces
 
 
+def test_reference_rates_are_those_the_recorded_runs_fit():
+    """The cost model's rates (the quote before a run starts) are refitted whenever the runs
+    are recorded again (``scripts/record-runs --fit``): within 20 % of the least-squares fit
+    for every kind of work and dtype the recordings hold, and its fixed cost per point
+    stays small against the points' seconds."""
+    from hsl_engine._estimate import REFERENCE_RATES, fit_rates
+
+    fitted = fit_rates(json.loads(RECORDED.read_text())["runs"])
+    assert {("q2", "float64"), ("q2", "float32"), ("dense", "float64")} <= set(fitted)
+    for key, (a, rate, count) in fitted.items():
+        assert count >= 20, key
+        assert 1 / 1.2 <= REFERENCE_RATES[key] / rate <= 1.2, (key, rate)
+        assert 0.0 <= a <= 1.0, (key, a)
+
+
 def test_eta_is_none_before_the_first_point_and_ignores_unknown_points():
     spec = small_spec(sweep={"seeds": 1})
     assert he.expected_seconds(spec, []) is None
