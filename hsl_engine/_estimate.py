@@ -322,7 +322,8 @@ def estimate_resources(
 def fit_rates(runs) -> dict[tuple[str, str], tuple[float, float, int]]:
     """The cost model fitted to recorded runs (``scripts/record-runs``): for each (kind of
     work, dtype), ``seconds = a + work / rate`` by least squares in relative terms over every
-    recorded point, the work as `estimate_resources` counts it. Returns ``{(kind, dtype): (a, rate, points)}``.
+    recorded point, the work as `estimate_resources` counts it. Returns ``{(kind, dtype):
+    (a, rate, points)}``.
 
     Parameters
     ----------
