@@ -27,6 +27,7 @@ ALLOWED_THIRD_PARTY = {
     "pydantic_core",
     "array_api_compat",
     "threadpoolctl",
+    "numba",  # the compiled CPU row passes (hsl_engine/_compiled.py), imported at first use
     "torch",  # optional (the gpu extra): imported inside functions only, see below
 }
 
