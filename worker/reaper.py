@@ -59,7 +59,9 @@ class Reaper:
         if epoch is None:  # unknown now (down, or no identity): decide when it answers
             return False
         restarted = epoch != self.epoch
-        if restarted and self.epoch is not None:
+        if self.epoch is None:
+            log.info("reaper: watching the broker (identity %s)", epoch)
+        elif restarted:
             log.warning("reaper: the broker restarted; publishing every queued run again")
         self.epoch = epoch
         return restarted

@@ -132,6 +132,9 @@ def test_04_redis_restarted_empty_while_work_is_queued_and_running(stack, scenar
     st = stack().start(workers=1)
     ids = [st.submit(variant(SLOW_SPEC, i, n_values=[2000, 8000, 30000])) for i in range(3)]
     st.wait_for(lambda: any(st.running_run(i) for i in ids), what="a running run")
+    # the reaper must know the broker before it restarts, or its first look sees only the
+    # new one (it then republishes everything queued as a new reaper does, undetected)
+    st.wait_for(lambda: st.log_count("reaper: watching the broker") >= 1, what="the reaper")
     redis_server.stop(signal.SIGKILL)
     redis_server.start()  # same port, empty: every queued message is gone
     restarted = time.monotonic()
