@@ -11,8 +11,6 @@ import functools
 
 import numpy as np
 
-_KERNELS: dict = {}
-
 
 def compiled(func):
     """``func`` compiled by Numba at its first call (once per dtype), releasing the GIL:
@@ -21,11 +19,13 @@ def compiled(func):
     Floating-point reassociation and contraction only (``fastmath`` without its no-NaN and
     no-infinity assumptions), so the sums vectorise and a NaN or an infinity still shows.
     The machine code is cached on disk where a cache directory is writable; elsewhere each
-    process compiles it (about a second)."""
+    process compiles it (about a second). Two threads that meet the first call at once may
+    each build a dispatcher; one is kept, and Numba compiles under its own lock."""
+    kernel = None
 
     @functools.wraps(func)
     def call(*args):
-        kernel = _KERNELS.get(func.__name__)
+        nonlocal kernel
         if kernel is None:
             import numba
 
@@ -34,7 +34,6 @@ def compiled(func):
                 kernel = numba.njit(nogil=True, fastmath=flags, cache=True)(func)
             except RuntimeError:  # no writable cache location
                 kernel = numba.njit(nogil=True, fastmath=flags)(func)
-            kernel = _KERNELS.setdefault(func.__name__, kernel)
         return kernel(*args)
 
     call.py_func = func

@@ -128,7 +128,7 @@ def project(x, directions, q: int, *, matrices=None):
             xg = xp.reshape(xb @ gcat, (xb.shape[0], k, d))
             if isinstance(x, np.ndarray):  # one compiled pass, no (rows, k, 1) temporaries
                 out = np.empty((xb.shape[0], k), x.dtype)
-                quad_rows(xg, np.ascontiguousarray(xb), trace.astype(x.dtype), out)
+                quad_rows(xg, np.ascontiguousarray(xb), trace, out)  # trace: x's dtype
                 parts.append(out)
                 continue
             quad = xp.matmul(xg, xb[:, :, None])[:, :, 0]

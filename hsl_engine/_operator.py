@@ -35,7 +35,7 @@ CHUNK_LIFT = 512
 ARRAY_ROWS = 4096  # chunk rows when the operator is given plain arrays
 
 
-def q2_chunk(k: int, d: int, itemsize: int = 8) -> int:
+def q2_chunk(k: int, d: int, itemsize: int) -> int:
     return int(min(1024, max(256, CHUNK_BYTES // (itemsize * k * d))))
 
 
