@@ -40,7 +40,7 @@ from hsl_engine._spectral import (
     HiddenChunks,
     LayerwiseSpectral,
     Readout,
-    hidden_features,
+    heldout_features,
     label_transform,
     normalised_mse,
     overlaps,
@@ -124,7 +124,7 @@ class Sweep:
         readout = Readout(1, self.spec.methods[0].readout_ridge).fit_chunks(
             lambda: ((quadratic_form(h, a2), y) for h, y in readout_chunks)
         )
-        h_test = hidden_features(self.spec, self.data.test_inputs, directions)
+        h_test = heldout_features(self.spec, self.data.test_inputs, directions)
         pred = readout.predict(quadratic_form(h_test, a2))
         return {
             "n": n,

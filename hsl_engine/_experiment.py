@@ -19,7 +19,7 @@ from ._spectral import (
     FirstLayerSolver,
     HiddenView,
     LayerwiseSpectral,
-    hidden_features,
+    heldout_features,
     normalised_mse,
     overlaps,
 )
@@ -118,7 +118,7 @@ class _LatentRBF:
         stream = self.data.second if self.method.sample_split else self.data.train
         second = stream.view(_capped(n, self.method.max_train))
         h = HiddenView(self.spec, second, first.directions)
-        h_test = hidden_features(self.spec, self.data.test_inputs, first.directions)
+        h_test = heldout_features(self.spec, self.data.test_inputs, first.directions)
         fit = self.krr.fit_predict(h, second.y, h_test)
         used = (n if self.method.sample_split else 0) + fit.n_train_used
         return Measurement(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._backend import Backend
+from ._backend import Backend, single_threaded_blas
 from ._compiled import weigh_rows
 from ._features import feature_dim, lift, sym_to_vec, vec_to_sym
 
@@ -281,7 +281,8 @@ class DenseAccumulator:
         s_y, s_1 = self.s_y, self.s_1
         tail = op.n - complete * rows
         if tail:
-            t_y, t_1 = op.chunk_moments(complete, tail, raw=True)
+            with single_threaded_blas():  # as the chunks above: rounding whatever the cores
+                t_y, t_1 = op.chunk_moments(complete, tail, raw=True)
             s_y, s_1 = s_y + t_y, s_1 + t_1
             op.flops += 4.0 * tail * self.dim**2
         c = (s_y - op.shift * s_1) * (op.scale / op.n)

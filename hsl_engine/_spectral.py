@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace, device
 
-from ._backend import Backend, to_host
+from ._backend import Backend, numpy_backend, single_threaded_blas, to_host
 from ._data import SeedData, project
 from ._eigen import EigResult, block_krylov_top, dense_top
 from ._errors import ConvergenceError, ConvergenceWarning
@@ -276,6 +276,14 @@ def hidden_features(spec: ExperimentSpec, inputs, directions):
     return project(inputs, directions.T, spec.model.q)
 
 
+def heldout_features(spec: ExperimentSpec, inputs, directions):
+    """`hidden_features` of the test set with single-threaded BLAS: like every chunk of
+    training samples, its rounding then does not depend on how many cores the machine has
+    (same spec, same engine version and device: the same numbers)."""
+    with single_threaded_blas():
+        return hidden_features(spec, inputs, directions)
+
+
 def quadratic_form(h, a2):
     """``h^T A2 h - tr A2`` per row, shape (n,)."""
     xp = array_namespace(h)
@@ -285,7 +293,13 @@ def quadratic_form(h, a2):
 
 class HiddenChunks:
     """``h_hat = A_hat F(x)`` and labels of a sample source, chunk by chunk: kept in memory
-    when they fit ``cache_bytes`` (8 d1 bytes a sample), recomputed at each pass otherwise."""
+    when they fit ``cache_bytes`` (8 d1 bytes a sample), recomputed at each pass otherwise.
+
+    Either way the chunks are computed by the backend's `Backend.map_ordered` (in threads,
+    with single-threaded BLAS), so kept and recomputed chunks are the same numbers: a float32
+    GEMM's rounding depends on how many threads BLAS splits it over, and a stored run (which
+    keeps them) and a streamed one (which recomputes them beyond `HIDDEN_CACHE_STREAMED_BYTES`)
+    must agree bit for bit."""
 
     def __init__(
         self,
@@ -296,18 +310,14 @@ class HiddenChunks:
         cache_bytes: float | None = None,
     ):
         self.spec, self.samples, self.directions = spec, samples, directions
+        self.backend = backend or numpy_backend()
         self.n = samples.n
         self._cache = None
         if cache_bytes is None:
             stored = getattr(samples, "stored", True)
             cache_bytes = HIDDEN_CACHE_BYTES if stored else HIDDEN_CACHE_STREAMED_BYTES
         if self.n * (directions.shape[1] + 1) * 8 <= cache_bytes:
-            count = samples.n_chunks()
-            self._cache = (
-                backend.map_ordered(self._compute, count)
-                if backend is not None
-                else [self._compute(c) for c in range(count)]
-            )
+            self._cache = self.backend.map_ordered(self._compute, samples.n_chunks())
 
     def _compute(self, c: int):
         # the projection's GEMMs in the solver's type (as the first layer's); h itself, and
@@ -320,9 +330,12 @@ class HiddenChunks:
     def __iter__(self):
         if self._cache is not None:
             yield from self._cache
-        else:
-            for c in range(self.samples.n_chunks()):
-                yield self._compute(c)
+            return
+        count = self.samples.n_chunks()
+        window = 2 * max(1, self.backend.threads)  # chunks computed ahead of the reader
+        for start in range(0, count, window):
+            todo = min(window, count - start)
+            yield from self.backend.map_ordered(lambda i, s=start: self._compute(s + i), todo)
 
 
 class HiddenView:
@@ -502,7 +515,7 @@ class LayerwiseSpectral:
             ).fit_chunks(pairs)
         else:
             readout = Readout(self.degree, self.method.readout_ridge).fit_chunks(pairs)
-        h_test = hidden_features(self.spec, self.data.test_inputs, first.directions)
+        h_test = heldout_features(self.spec, self.data.test_inputs, first.directions)
         pred = readout.predict(quadratic_form(h_test, a2))
         used = 3 * n if self.method.sample_split else n
         return SpectralFit(

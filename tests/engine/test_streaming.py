@@ -367,3 +367,68 @@ def test_the_torch_cpu_backend_reads_the_same_samples(seed):
     tx, ty = he.make_seed_data(spec, 0, backend=torch_cpu).train.take(n)
     assert_array_equal(tx.numpy(), x)
     assert_array_equal(ty.numpy(), y)
+
+
+_POINTS = r"""
+import dataclasses, hashlib, json, sys
+import hsl_engine as he
+import hsl_engine._spectral as spectral
+out = {}
+for label, raw in json.loads(sys.argv[1]):
+    spec = he.parse_spec(raw)
+    for mode, budget in (("stored", None), ("streamed", 0.0)):
+        # the streamed run keeps no hidden features (recomputed at every pass), the stored
+        # one keeps them all
+        spectral.HIDDEN_CACHE_STREAMED_BYTES = 0 if mode == "streamed" else 32 * 2**20
+        be = he.get_backend("cpu", sample_budget_bytes=budget)
+        pts = [dataclasses.replace(p, seconds=0.0) for p in
+               he.iter_run(spec, "layerwise_spectral", 0, backend=be)]
+        out[f"{label}:{mode}"] = hashlib.sha256(repr(pts).encode()).hexdigest()
+print(json.dumps(out))
+"""
+
+
+def test_layerwise_points_do_not_depend_on_storage_or_the_thread_count(seed):
+    """Whole points (first layer, second layer, readout, test metrics) are the same bit for
+    bit with every sample stored and every sample regenerated, and in processes with one and
+    with two threads (chunk threads and BLAS). A float32 GEMM's rounding depends on how many
+    threads BLAS splits it over: engine 0.7.0 recomputed the hidden features of a streamed
+    run beyond its cache in the calling thread with multi-threaded BLAS, where a stored run
+    computed them in chunk threads with single-threaded BLAS, and the test MSE of a streamed
+    n = 10^6 run differed from the stored one in its tenth digit."""
+    specs = [
+        (
+            label,
+            {
+                "model": {"d": d, "gamma": 1.0, "noise_std": 0.2},
+                # 3 chunks and a cut one; d = 40 so the float32 GEMMs are large enough for
+                # BLAS to split them over threads
+                "sweep": {"n_values": [3 * 4096 + 1001], "seeds": 1, "seed": seed, "n_test": 3000},
+                "methods": [{"name": "layerwise_spectral", "sample_split": True}],
+                "solver": {"eigensolver": solver, "dtype": dtype},
+            },
+        )
+        for label, d, solver, dtype in [
+            ("krylov32", 40, "krylov", "float32"),
+            ("dense64", 24, "dense", "float64"),
+        ]
+    ]
+    digests = []
+    for threads in (1, 2):
+        env = {
+            **os.environ,
+            "HSL_THREADS": str(threads),
+            "OPENBLAS_NUM_THREADS": str(threads),
+            "OMP_NUM_THREADS": str(threads),
+        }
+        out = subprocess.run(
+            [sys.executable, "-c", _POINTS, json.dumps(specs)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        digests.append(json.loads(out.stdout))
+    assert digests[0] == digests[1]
+    for label, _ in specs:
+        assert digests[0][f"{label}:stored"] == digests[0][f"{label}:streamed"], label
