@@ -80,6 +80,7 @@ class _KernelOnInputs:
             n_landmarks=method.n_landmarks,
             incremental=True,
             rng=rng,
+            threads=backend.threads,
             **kw,
         )
 
@@ -111,6 +112,7 @@ class _LatentRBF:
             bandwidth=method.bandwidth,
             incremental=False,
             rng=krr_rng,
+            threads=backend.threads,
         )
 
     def measure(self, n: int) -> Measurement:

@@ -13,6 +13,9 @@ sample stream) are brought block by block into that namespace and onto that devi
 predictions come back in it. The hot work runs there: kernel blocks, the Nystroem sums
 ``Phi^T Phi``, ``Phi^T y``, ``Phi^T 1`` over row blocks, and the predictions over test blocks.
 
+On the CPU (NumPy) the products run in fixed tiles with single-threaded BLAS, shared out to
+chunk threads, so the numbers are the same on any number of cores (see `_TILE_ROWS`).
+
 The small dense linear algebra runs on the host with SciPy, on both backends: the
 eigendecomposition of the (m, m) landmark kernel, the Cholesky solve of the (r, r) Nystroem
 normal equations (r <= m) and, in the exact regime (n <= m), the Cholesky solve of the
@@ -38,7 +41,7 @@ import scipy.linalg
 from array_api_compat import array_namespace, device, is_array_api_obj, is_numpy_namespace
 from scipy.spatial.distance import pdist
 
-from hsl_engine._backend import to_host
+from hsl_engine._backend import numpy_backend, single_threaded_blas, to_host
 from hsl_engine._errors import EngineError
 
 __all__ = [
@@ -62,6 +65,14 @@ _EIG_RTOL = 1e-10
 _BANDWIDTH_SAMPLES = 1000
 
 KERNELS = ("rbf", "poly")
+
+# On the CPU (NumPy) every product runs in fixed tiles, each with single-threaded BLAS in a
+# chunk thread (`Backend.map_ordered`), and the small LAPACK calls run single-threaded: a
+# threaded GEMM or factorisation rounds differently with another number of threads, and the
+# same spec must give the same numbers on any machine. Kernel rows are cut into row tiles;
+# the Nystroem Gram matrix into column panels. The tiles do not depend on the thread count.
+_TILE_ROWS = 512
+_PANEL_COLS = 128
 
 Array = Any  # a NumPy array or a PyTorch tensor
 KernelFn = Callable[[Array, Array], Array]
@@ -248,7 +259,10 @@ class KernelRidgeSweep:
     rng : numpy.random.Generator
         Reserved for randomised choices (a NumPy generator on every backend, so all backends
         would choose alike); the current landmark rule is deterministic and does not draw
-        from it. Results are bitwise deterministic for the same sequence of calls.
+        from it. Results are bitwise deterministic for the same sequence of calls, on any
+        number of cores (NumPy: see `_TILE_ROWS`).
+    threads : int, optional
+        Chunk threads of the NumPy path (default: the cores available).
     """
 
     def __init__(
@@ -261,6 +275,7 @@ class KernelRidgeSweep:
         degree: int | None = None,
         incremental: bool = True,
         rng: np.random.Generator,
+        threads: int | None = None,
     ):
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -291,6 +306,7 @@ class KernelRidgeSweep:
         self.degree = degree
         self.incremental = bool(incremental)
         self._rng = rng
+        self._tiles = _Tiles(threads)
         self._state: _NystroemState | None = None
 
     def fit_predict(self, x_train, y_train, x_test) -> KernelFit:
@@ -315,6 +331,14 @@ class KernelRidgeSweep:
         EngineError
             If a Cholesky factorisation or the kernel eigendecomposition fails.
         """
+        if is_numpy_namespace(_namespace_of(x_test)[0]):
+            # reads of lazy views of learned features project them: single-threaded BLAS
+            # there too (the tiled products run in chunk threads under the same limit)
+            with single_threaded_blas():
+                return self._fit_predict(x_train, y_train, x_test)
+        return self._fit_predict(x_train, y_train, x_test)
+
+    def _fit_predict(self, x_train, y_train, x_test) -> KernelFit:
         n = x_train.shape[0]
         if not is_array_api_obj(x_train) and n <= self.n_landmarks:
             x_train, y_train = x_train[0:n], y_train[0:n]  # a lazy view: small, materialise
@@ -326,22 +350,24 @@ class KernelRidgeSweep:
             x_test = _check_data(x_train[0:1], y_train[0:1], x_test)[2]
         bandwidth = self._bandwidth_for(x_train)
         kernel_fn = self._kernel_fn(bandwidth)
+        xp, dev = _namespace_of(x_test)
+        tiles = self._tiles if is_numpy_namespace(xp) else None
 
         if n <= self.n_landmarks:
-            predictions = _exact_fit_predict(x_train, y_train, x_test, kernel_fn, self.ridge)
+            predictions = _exact_fit_predict(x_train, y_train, x_test, kernel_fn, self.ridge, tiles)
             return KernelFit(predictions, n, n, "exact", bandwidth)
 
         m = self.n_landmarks
-        xp, dev = _namespace_of(x_test)
         state = self._state if self.incremental else None
         if state is None or not state.extends(x_train, y_train, bandwidth, xp, dev):
             landmarks, y_landmarks = _float64(xp, x_train[:m], dev), _float64(xp, y_train[:m], dev)
-            state = _NystroemState(landmarks, y_landmarks, kernel_fn, bandwidth)  # copies them
+            # (copies them)
+            state = _NystroemState(landmarks, y_landmarks, kernel_fn, bandwidth, tiles)
         state.update(x_train, y_train)
         coef, intercept = state.solve(self.ridge)
         if self.incremental:
             self._state = state
-        predictions = _predict(x_test, state.landmarks, coef, intercept, kernel_fn)
+        predictions = _predict(x_test, state.landmarks, coef, intercept, kernel_fn, tiles)
         return KernelFit(predictions, n, m, "nystroem", bandwidth)
 
     def _bandwidth_for(self, x_train) -> float | None:
@@ -382,6 +408,8 @@ class _NystroemState:
         ``kernel_fn(a, b)`` returns the kernel matrix of shape ``(len(a), len(b))``.
     bandwidth : float or None
         Stored only to tell whether a later call uses the same kernel.
+    tiles : _Tiles, optional
+        The NumPy path's tiled products (None with PyTorch).
     """
 
     def __init__(
@@ -390,18 +418,22 @@ class _NystroemState:
         y_landmarks: Array,
         kernel_fn: KernelFn,
         bandwidth: float | None,
+        tiles: _Tiles | None = None,
     ):
         xp, dev = self.xp, self.device = _namespace_of(landmarks)
         self.landmarks = _float64(xp, landmarks, dev, copy=True)
         self.y_landmarks = _float64(xp, y_landmarks, dev, copy=True)
         self.kernel_fn = kernel_fn
         self.bandwidth = bandwidth
+        self.tiles = tiles
 
-        k_ll = to_host(kernel_fn(self.landmarks, self.landmarks))
+        lm = self.landmarks
+        k_ll = to_host(_kernel_rows(kernel_fn, lm, lm, tiles))
         # Symmetrise: the GEMM expansion is symmetric only up to rounding.
         k_ll = 0.5 * (k_ll + k_ll.T)
         try:
-            s, u = scipy.linalg.eigh(k_ll, check_finite=False)
+            with single_threaded_blas():
+                s, u = scipy.linalg.eigh(k_ll, check_finite=False)
         except (np.linalg.LinAlgError, ValueError) as exc:
             raise EngineError(f"eigendecomposition of the landmark kernel failed: {exc}") from exc
         s_max = float(s[-1]) if s.size else 0.0
@@ -479,13 +511,30 @@ class _NystroemState:
             stop = min(start + _CHUNK_ROWS, n)
             # one read of a lazy view per block, brought to the state's device
             xb, yb = _float64(xp, x[start:stop], dev), _float64(xp, y[start:stop], dev)
-            phi = self.kernel_fn(xb, self.landmarks) @ self.proj
-            phi -= self.mu0
             y_c = yb - self.y0
-            # A full GEMM rather than SYRK: SciPy's bundled SYRK measured slower than NumPy's
-            # GEMM here, and the full matrix avoids triangle bookkeeping.
-            self.gram += phi.T @ phi
-            self.phi_y += y_c @ phi
+            # NumPy computes ``phi.T @ phi`` as a SYRK (half the flops of a GEMM); the tiled
+            # path keeps that saving with panels of the upper triangle only, and `solve`
+            # reads the upper triangle.
+            if self.tiles is None:
+                phi = self.kernel_fn(xb, self.landmarks) @ self.proj
+                phi -= self.mu0
+                self.gram += phi.T @ phi
+                self.phi_y += y_c @ phi
+            else:
+                phi = self.tiles.rows(
+                    lambda a, b, xb=xb: (
+                        self.kernel_fn(xb[a:b], self.landmarks) @ self.proj - self.mu0
+                    ),
+                    stop - start,
+                    self.rank,
+                )
+
+                def panel(a: int, b: int, phi=phi) -> None:  # its upper part, rows 0..b-1
+                    self.gram[:b, a:b] += phi[:, :b].T @ phi[:, a:b]
+
+                self.tiles.each(panel, self.rank, _PANEL_COLS)
+                with single_threaded_blas():
+                    self.phi_y += y_c @ phi
             self.phi_sum += xp.sum(phi, axis=0)
             self.y_sum = self.y_sum + xp.sum(y_c)
             # Bookkeeping per block keeps the state consistent (sums cover exactly rows
@@ -512,18 +561,21 @@ class _NystroemState:
         """
         n = self.n_done
         gram, phi_y, phi_sum = to_host(self.gram), to_host(self.phi_y), to_host(self.phi_sum)
+        gram = np.triu(gram) + np.triu(gram, 1).T  # the tiled path sums the upper part only
         mean_phi = phi_sum / n
         mean_y = float(self.y_sum) / n
         a = gram - n * np.outer(mean_phi, mean_phi)
         a[np.diag_indices_from(a)] += n * ridge
         b = phi_y - n * mean_phi * mean_y
-        beta = _cholesky_solve(a, b, lower=False, what="Nystroem normal equations")
-        intercept = self.y0 + mean_y - float(mean_phi @ beta) - float(self._mu0_host @ beta)
-        return _float64(self.xp, self._proj_host @ beta, self.device), intercept
+        with single_threaded_blas():
+            beta = _cholesky_solve(a, b, lower=False, what="Nystroem normal equations")
+            intercept = self.y0 + mean_y - float(mean_phi @ beta) - float(self._mu0_host @ beta)
+            coef = self._proj_host @ beta
+        return _float64(self.xp, coef, self.device), intercept
 
 
 def _exact_fit_predict(
-    x: Array, y: Array, x_test: Array, kernel_fn: KernelFn, ridge: float
+    x: Array, y: Array, x_test: Array, kernel_fn: KernelFn, ridge: float, tiles: _Tiles | None
 ) -> Array:
     """Exact KRR with an unpenalised intercept; see :class:`KernelRidgeSweep`.
 
@@ -537,23 +589,33 @@ def _exact_fit_predict(
     x_test : array, shape (n_test, d)
     kernel_fn : callable
     ridge : float
+    tiles : _Tiles or None
+        The NumPy path's tiled products (None with PyTorch).
 
     Returns
     -------
     array, shape (n_test,), in the namespace of ``x_test``
     """
     n = x.shape[0]
-    a = to_host(kernel_fn(x, x))
+    a = to_host(_kernel_rows(kernel_fn, x, x, tiles))
     a[np.diag_indices_from(a)] += n * ridge
     y = to_host(y)
     y_mean = float(y.mean())
     # Centring first only improves rounding: the intercept formula is shift-equivariant.
     rhs = np.column_stack([y - y_mean, np.ones(n)])
-    z = _cholesky_solve(a, rhs, lower=True, what="exact kernel ridge system")
+    with single_threaded_blas():
+        z = _cholesky_solve(a, rhs, lower=True, what="exact kernel ridge system")
     shift = z[:, 0].sum() / z[:, 1].sum()
     alpha = z[:, 0] - shift * z[:, 1]
     xp, dev = _namespace_of(x)
-    return _predict(x_test, x, _float64(xp, alpha, dev), y_mean + shift, kernel_fn)
+    return _predict(x_test, x, _float64(xp, alpha, dev), y_mean + shift, kernel_fn, tiles)
+
+
+def _kernel_rows(kernel_fn: KernelFn, a: Array, b: Array, tiles: _Tiles | None) -> Array:
+    """``kernel_fn(a, b)``: in row tiles of ``a`` on the NumPy path."""
+    if tiles is None:
+        return kernel_fn(a, b)
+    return tiles.rows(lambda i, j: kernel_fn(a[i:j], b), a.shape[0], b.shape[0])
 
 
 def _cholesky_solve(a: np.ndarray, b: np.ndarray, *, lower: bool, what: str) -> np.ndarray:
@@ -576,9 +638,16 @@ def _predict(
     coef: Array,
     intercept: float,
     kernel_fn: KernelFn,
+    tiles: _Tiles | None = None,
 ) -> Array:
     """``K(x_test, centers) @ coef + intercept`` in row blocks, shape (n_test,), in the
-    namespace and on the device of ``x_test``."""
+    namespace and on the device of ``x_test`` (in tiles on the NumPy path)."""
+    if tiles is not None:
+        out = tiles.rows(
+            lambda a, b: (kernel_fn(x_test[a:b], centers) @ coef)[:, None], x_test.shape[0], 1
+        )[:, 0]
+        out += intercept
+        return out
     xp, dev = _namespace_of(x_test)
     out = xp.empty((x_test.shape[0],), dtype=xp.float64, device=dev)
     for start in range(0, x_test.shape[0], _CHUNK_ROWS):
@@ -586,6 +655,29 @@ def _predict(
         out[start:stop] = kernel_fn(x_test[start:stop], centers) @ coef
     out += intercept
     return out
+
+
+class _Tiles:
+    """Products of the NumPy path in fixed tiles, run in ``threads`` chunk threads with
+    single-threaded BLAS (see `_TILE_ROWS`)."""
+
+    def __init__(self, threads: int | None):
+        self.backend = numpy_backend(threads)
+
+    def each(self, fn: Callable[[int, int], None], n: int, step: int) -> None:
+        """``fn(a, b)`` for the tiles ``[a, b)`` of ``range(n)``; each writes its own slice."""
+        bounds = [(a, min(a + step, n)) for a in range(0, n, step)]
+        self.backend.map_ordered(lambda i: fn(*bounds[i]), len(bounds))
+
+    def rows(self, fn: Callable[[int, int], np.ndarray], n: int, width: int) -> np.ndarray:
+        """``fn(a, b)`` of shape (b - a, width) for the row tiles of ``range(n)``, stacked."""
+        out = np.empty((n, width))
+
+        def tile(a: int, b: int) -> None:
+            out[a:b] = fn(a, b)
+
+        self.each(tile, n, _TILE_ROWS)
+        return out
 
 
 # --- arrays of either backend -----------------------------------------------------------------

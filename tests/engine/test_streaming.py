@@ -381,38 +381,51 @@ for label, raw in json.loads(sys.argv[1]):
         # one keeps them all
         spectral.HIDDEN_CACHE_STREAMED_BYTES = 0 if mode == "streamed" else 32 * 2**20
         be = he.get_backend("cpu", sample_budget_bytes=budget)
-        pts = [dataclasses.replace(p, seconds=0.0) for p in
-               he.iter_run(spec, "layerwise_spectral", 0, backend=be)]
-        out[f"{label}:{mode}"] = hashlib.sha256(repr(pts).encode()).hexdigest()
+        for method in spec.methods:
+            pts = [dataclasses.replace(p, seconds=0.0) for p in
+                   he.iter_run(spec, method.name, 0, backend=be)]
+            out[f"{label}:{method.name}:{mode}"] = hashlib.sha256(repr(pts).encode()).hexdigest()
 print(json.dumps(out))
 """
 
 
-def test_layerwise_points_do_not_depend_on_storage_or_the_thread_count(seed):
-    """Whole points (first layer, second layer, readout, test metrics) are the same bit for
-    bit with every sample stored and every sample regenerated, and in processes with one and
-    with two threads (chunk threads and BLAS). A float32 GEMM's rounding depends on how many
-    threads BLAS splits it over: engine 0.7.0 recomputed the hidden features of a streamed
-    run beyond its cache in the calling thread with multi-threaded BLAS, where a stored run
-    computed them in chunk threads with single-threaded BLAS, and the test MSE of a streamed
-    n = 10^6 run differed from the stored one in its tenth digit."""
+@pytest.mark.slow  # two processes, five methods, stored and streamed: ~12 s
+def test_points_do_not_depend_on_storage_or_the_thread_count(seed):
+    """Whole points of every method (for the layer-wise method: first layer, second layer,
+    readout, test metrics) are the same bit for bit with every sample stored and every
+    sample regenerated, and in processes with one and with two threads (chunk threads and
+    BLAS): same spec, same engine version, same device, the same numbers on any machine.
+
+    A threaded GEMM or ``eigh`` rounds differently with another thread count. Engine 0.7.0
+    recomputed the hidden features of a streamed run beyond its cache in the calling thread
+    with multi-threaded BLAS, where a stored run computed them in chunk threads with
+    single-threaded BLAS (the test MSE of a streamed n = 10^6 run differed from the stored
+    one in its tenth digit), and its dense solver, test-set projection and kernel baselines
+    used threaded BLAS and LAPACK."""
+    methods = [
+        {"name": "layerwise_spectral", "sample_split": True},
+        {"name": "kernel_rbf", "n_landmarks": 600},
+        {"name": "kernel_poly", "n_landmarks": 600},
+        {"name": "latent_rbf", "n_landmarks": 500, "sample_split": True},
+    ]
     specs = [
         (
             label,
             {
                 "model": {"d": d, "gamma": 1.0, "noise_std": 0.2},
-                # 3 chunks and a cut one; d = 40 so the float32 GEMMs are large enough for
-                # BLAS to split them over threads
-                "sweep": {"n_values": [3 * 4096 + 1001], "seeds": 1, "seed": seed, "n_test": 3000},
-                "methods": [{"name": "layerwise_spectral", "sample_split": True}],
+                # 3 chunks and a cut one (the kernels exact at 500, Nystroem at 13289); d = 40
+                # so the float32 GEMMs are large enough for BLAS to split them over threads
+                "sweep": {"n_values": [500, 3 * 4096 + 1001], "seeds": 1, "seed": seed,
+                          "n_test": 3000},
+                "methods": chosen,
                 "solver": {"eigensolver": solver, "dtype": dtype},
             },
         )
-        for label, d, solver, dtype in [
-            ("krylov32", 40, "krylov", "float32"),
-            ("dense64", 24, "dense", "float64"),
+        for label, d, solver, dtype, chosen in [
+            ("krylov32", 40, "krylov", "float32", methods[:1]),
+            ("dense64", 24, "dense", "float64", methods),
         ]
-    ]
+    ]  # fmt: skip
     digests = []
     for threads in (1, 2):
         env = {
@@ -429,6 +442,8 @@ def test_layerwise_points_do_not_depend_on_storage_or_the_thread_count(seed):
         )
         assert out.returncode == 0, out.stderr[-3000:]
         digests.append(json.loads(out.stdout))
+    assert len(digests[0]) == 2 * 5
     assert digests[0] == digests[1]
-    for label, _ in specs:
-        assert digests[0][f"{label}:stored"] == digests[0][f"{label}:streamed"], label
+    for key, digest in digests[0].items():
+        if key.endswith(":stored"):
+            assert digest == digests[0][key.replace(":stored", ":streamed")], key
