@@ -82,8 +82,11 @@ DEFAULT_EXPAND = 8
 # Pass width on the CPU (NumPy, and PyTorch on the CPU, which must agree with it) for sweeps
 # whose samples fit the default budget: 4 vectors a pass need 13 % fewer vectors over the
 # fig2-cpu sweep (930 against 1069) at 7 % more CPU time per vector (q = 2, n = 216000,
-# float32), 4 % less CPU time in all. Where passes regenerate the samples, and on a GPU, wide
-# passes win: DEFAULT_EXPAND (see `hsl_engine._estimate.pass_width`).
+# float32), 4 % less CPU time in all. Measured again with engine 0.7.0's compiled operator
+# (the bench's fig2-cpu sweep, best of two, load ~0.6): widths 2 / 3 / 4 / 6 / 8 took 5.84 /
+# 5.36 / 5.11 / 5.28 / 5.56 s for 924 / 946 / 930 / 1008 / 1069 vectors. Where passes
+# regenerate the samples, and on a GPU, wide passes win: DEFAULT_EXPAND (see
+# `hsl_engine._estimate.pass_width`).
 CPU_EXPAND = 4
 DEFAULT_MAX_BASIS = 360
 
