@@ -38,6 +38,25 @@ def spec_for(split=True, **model):
     )
 
 
+def in_processes_with_1_and_2_threads(code: str, arg: str) -> list:
+    """The JSON that ``python -c code arg`` prints, in a process with one thread (chunk
+    threads and BLAS) and in one with two."""
+    outputs = []
+    for threads in (1, 2):
+        env = {
+            **os.environ,
+            "HSL_THREADS": str(threads),
+            "OPENBLAS_NUM_THREADS": str(threads),
+            "OMP_NUM_THREADS": str(threads),
+        }
+        out = subprocess.run(
+            [sys.executable, "-c", code, arg], capture_output=True, text=True, env=env
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        outputs.append(json.loads(out.stdout))
+    return outputs
+
+
 def without_time(points):
     return [dataclasses.replace(p, seconds=0.0) for p in points]
 
@@ -319,19 +338,7 @@ def test_samples_are_bit_for_bit_the_same_whatever_the_thread_count(seed):
         assert all(n % rows for n in ns)
         cases.append((spec, ns))
     arg = json.dumps([(spec.model_dump(mode="json"), ns) for spec, ns in cases])
-    digests = []
-    for threads in (1, 2):
-        env = {
-            **os.environ,
-            "HSL_THREADS": str(threads),
-            "OPENBLAS_NUM_THREADS": str(threads),
-            "OMP_NUM_THREADS": str(threads),
-        }
-        out = subprocess.run(
-            [sys.executable, "-c", _DIGESTS, arg], capture_output=True, text=True, env=env
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        digests.append(json.loads(out.stdout))
+    digests = in_processes_with_1_and_2_threads(_DIGESTS, arg)
     assert digests[0] == digests[1]
     found = digests[0]
     for i, (spec, ns) in enumerate(cases):
@@ -426,22 +433,7 @@ def test_points_do_not_depend_on_storage_or_the_thread_count(seed):
             ("dense64", 24, "dense", "float64", methods),
         ]
     ]  # fmt: skip
-    digests = []
-    for threads in (1, 2):
-        env = {
-            **os.environ,
-            "HSL_THREADS": str(threads),
-            "OPENBLAS_NUM_THREADS": str(threads),
-            "OMP_NUM_THREADS": str(threads),
-        }
-        out = subprocess.run(
-            [sys.executable, "-c", _POINTS, json.dumps(specs)],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        digests.append(json.loads(out.stdout))
+    digests = in_processes_with_1_and_2_threads(_POINTS, json.dumps(specs))
     assert len(digests[0]) == 2 * 5
     assert digests[0] == digests[1]
     for key, digest in digests[0].items():
