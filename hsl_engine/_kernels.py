@@ -529,10 +529,13 @@ class _NystroemState:
                     self.rank,
                 )
 
-                def panel(a: int, b: int, phi=phi) -> None:  # its upper part, rows 0..b-1
-                    self.gram[:b, a:b] += phi[:, :b].T @ phi[:, a:b]
-
-                self.tiles.each(panel, self.rank, _PANEL_COLS)
+                # column panels of the Gram's upper part (rows 0..b-1), all computed before
+                # any is added: a block that raises leaves the sums as they were
+                panels = self.tiles.each(
+                    lambda a, b, phi=phi: phi[:, :b].T @ phi[:, a:b], self.rank, _PANEL_COLS
+                )
+                for a, b, part in panels:
+                    self.gram[:b, a:b] += part
                 with single_threaded_blas():
                     self.phi_y += y_c @ phi
             self.phi_sum += xp.sum(phi, axis=0)
@@ -664,16 +667,17 @@ class _Tiles:
     def __init__(self, threads: int | None):
         self.backend = numpy_backend(threads)
 
-    def each(self, fn: Callable[[int, int], None], n: int, step: int) -> None:
-        """``fn(a, b)`` for the tiles ``[a, b)`` of ``range(n)``; each writes its own slice."""
+    def each(self, fn: Callable[[int, int], Any], n: int, step: int) -> list[tuple[int, int, Any]]:
+        """``(a, b, fn(a, b))`` for the tiles ``[a, b)`` of ``range(n)``, in order."""
         bounds = [(a, min(a + step, n)) for a in range(0, n, step)]
-        self.backend.map_ordered(lambda i: fn(*bounds[i]), len(bounds))
+        done = self.backend.map_ordered(lambda i: fn(*bounds[i]), len(bounds))
+        return [(a, b, out) for (a, b), out in zip(bounds, done)]
 
     def rows(self, fn: Callable[[int, int], np.ndarray], n: int, width: int) -> np.ndarray:
         """``fn(a, b)`` of shape (b - a, width) for the row tiles of ``range(n)``, stacked."""
         out = np.empty((n, width))
 
-        def tile(a: int, b: int) -> None:
+        def tile(a: int, b: int) -> None:  # each tile writes its own rows
             out[a:b] = fn(a, b)
 
         self.each(tile, n, _TILE_ROWS)
