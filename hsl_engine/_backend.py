@@ -174,17 +174,25 @@ class Backend:
                 return [func(i) for i in range(count)]
             return list(_pool(self.threads).map(func, range(count)))
 
-    def ordered_sum(self, func: Callable[[int], tuple[Any, ...]], count: int) -> tuple[Any, ...]:
-        """``sum(func(i) for i in range(count))`` elementwise over tuples of arrays.
+    def ordered_sum(
+        self,
+        func: Callable[[int], tuple[Any, ...]],
+        count: int,
+        initial: tuple[Any, ...] | None = None,
+    ) -> tuple[Any, ...]:
+        """``sum(func(i) for i in range(count))`` elementwise over tuples of arrays, added to
+        ``initial`` if given (NumPy: in place, into its arrays).
 
         The items run in ``threads`` threads with single-threaded BLAS, but their results are
         added strictly in index order, so the sum is the same bit for bit whatever the thread
         count. At most ``2 * threads`` items are in flight (results wait for their turn).
-        PyTorch adds them in order in this thread.
+        PyTorch adds them in order in this thread. With ``initial`` the additions are
+        ``((initial + f(0)) + f(1)) + ...``: a running sum continued over more items rounds as
+        one made in a single call.
         """
         if count == 0:
             raise ValueError("ordered_sum needs at least one item")
-        total = None
+        total = initial
         if self.is_torch:
             for i in range(count):
                 total = _accumulate(total, func(i))

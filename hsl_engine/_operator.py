@@ -271,11 +271,14 @@ class DenseAccumulator:
             raise ValueError("DenseAccumulator needs non-decreasing n")
         if complete > self.chunks_done:
             first = self.chunks_done
-            s_y, s_1 = op.backend.ordered_sum(
-                lambda i: op.chunk_moments(first + i, raw=True), complete - first
+            # chunk by chunk onto the running sums (copies: a chunk that raises leaves them
+            # as they were), so the sums at n are rounded alike whichever smaller n came
+            # before: a run resumed at some n gives an uninterrupted run's points bit for bit
+            self.s_y, self.s_1 = op.backend.ordered_sum(
+                lambda i: op.chunk_moments(first + i, raw=True),
+                complete - first,
+                initial=(self.s_y + 0.0, self.s_1 + 0.0),
             )
-            self.s_y += s_y
-            self.s_1 += s_1
             op.flops += 4.0 * (complete - first) * rows * self.dim**2
             self.chunks_done = complete
         s_y, s_1 = self.s_y, self.s_1
