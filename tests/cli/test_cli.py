@@ -384,6 +384,10 @@ def test_ctrl_c_stops_at_a_point_boundary_and_resume_continues(tmp_path, capsys)
     for doc in (final, full):
         for p in doc["points"]:
             p.pop("seconds")
+            # the work done, not a result: the resumed run's first point also accumulates
+            # the chunks of the points it skipped (with 3 or more points stored, more
+            # chunks than the uninterrupted run adds at that n)
+            p.pop("operator_flops")
     assert final["points"] == full["points"]
     assert final["curves"] == full["curves"] and final["thresholds"] == full["thresholds"]
 
