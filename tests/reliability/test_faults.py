@@ -248,8 +248,13 @@ def test_07_worker_killed_after_storing_a_point_before_acknowledging(stack, scen
 def test_08_memory_and_time_limits_fail_the_run_not_the_worker(stack, scenario):
     scenario("08-resource-limits")
     # 12 s: the hog must reach its allocation within the limit even on a loaded machine
-    # (at load 10 it took more than 4 s and failed on time instead); the slow run takes
-    # ~30 s on an idle 2-core machine, well beyond it
+    # (at load 10 it took more than 4 s and failed on time instead). The slow run must take
+    # well beyond it however fast the engine and the host get: Gaussian d = 30 up to
+    # n = 250000 took 6-8 s with engine 0.7.1 on a quick spell of the 2-core host (and
+    # ~30 s when this test was written), so this scenario failed when the run succeeded in
+    # time. Now the dense solver on Hermite d = 56 (D = 1596, its sums 4 D^2 flops a
+    # sample, 4.1e12 over n = 400000, ~45 s here), with 0.3 MB of samples per 1000 and
+    # 41 MB of sums: far inside the 3 GiB, so it fails on time, never on memory.
     st = stack(HSL_MEMORY_LIMIT_BYTES=3 * 2**30, HSL_RUN_TIME_LIMIT=12).start(workers=1)
     # Samples stream beyond a budget now, so a large n no longer hogs memory. The dense
     # solver's two D x D sums at d = 200 (D = 20100) take 6.5 GB at once: within the
@@ -261,7 +266,11 @@ def test_08_memory_and_time_limits_fail_the_run_not_the_worker(stack, scenario):
         "sweep": {**SLOW_SPEC["sweep"], "n_values": [500]},
         "solver": {"eigensolver": "dense"},
     }
-    slow = variant(SLOW_SPEC, 3, n_values=[60000, 90000, 120000, 150000, 200000, 250000])
+    slow = {
+        **variant(SLOW_SPEC, 3, n_values=[100000, 200000, 300000, 400000]),
+        "model": {"d": 56, "q": 2, "epsilon": 0.5, "features": "hermite"},
+        "solver": {"eigensolver": "dense"},
+    }
     small = variant(TINY_SPEC, 1)
     hog_id, slow_id = st.submit(hog), st.submit(slow)
     hog_doc, slow_doc = st.wait(hog_id), st.wait(slow_id)
