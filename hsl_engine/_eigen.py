@@ -49,6 +49,7 @@ D x 360, and threaded BLAS on them spent more time than it saved (on a busy 2-co
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,24 +151,20 @@ def dense_top(
     xp = be.xp
     dim = c.shape[0]
     k = min(max(k_values, k_block), dim)
-    if be.is_torch:
-        theta_d, u = xp.linalg.eigh(c)
-        theta = be.to_numpy(theta_d)
+    # NumPy: single-threaded LAPACK and BLAS, which round alike on any number of cores (a
+    # threaded eigh does not; it costs 1.2x at D = 1830 on 2 cores). PyTorch: on its device.
+    with contextlib.nullcontext() if be.is_torch else single_threaded_blas():
+        if be.is_torch:
+            theta_d, u = xp.linalg.eigh(c)
+            theta = be.to_numpy(theta_d)
+        else:
+            theta, u = _host_top(c, k, v0, rng, all_values)
         everything = _by_magnitude(theta)
         vals = theta[everything[:k]]
         vecs = xp.take(u, be.asarray(everything[:k]), axis=1)
         res = be.to_numpy(
             xp.linalg.vector_norm(c @ vecs - vecs * be.asarray(vals)[None, :], axis=0)
         )
-    else:
-        # single-threaded LAPACK and BLAS: threaded, they round differently on a machine
-        # with another number of cores (and the eigh costs 1.2x at D = 1830 on 2 cores)
-        with single_threaded_blas():
-            theta, u = _host_top(c, k, v0, rng, all_values)
-            everything = _by_magnitude(theta)
-            vals = theta[everything[:k]]
-            vecs = u[:, everything[:k]]
-            res = np.linalg.norm(c @ vecs - vecs * vals[None, :], axis=0)
     values = np.asarray(theta)[everything] if all_values else vals[:k_values]
     return EigResult(values, vecs[:, :k_block], res[:k_values], 1, True)
 

@@ -536,8 +536,7 @@ class _NystroemState:
                 )
                 for a, b, part in panels:
                     self.gram[:b, a:b] += part
-                with single_threaded_blas():
-                    self.phi_y += y_c @ phi
+                self.phi_y += y_c @ phi  # single-threaded BLAS: see `fit_predict`
             self.phi_sum += xp.sum(phi, axis=0)
             self.y_sum = self.y_sum + xp.sum(y_c)
             # Bookkeeping per block keeps the state consistent (sums cover exactly rows
@@ -646,9 +645,7 @@ def _predict(
     """``K(x_test, centers) @ coef + intercept`` in row blocks, shape (n_test,), in the
     namespace and on the device of ``x_test`` (in tiles on the NumPy path)."""
     if tiles is not None:
-        out = tiles.rows(
-            lambda a, b: (kernel_fn(x_test[a:b], centers) @ coef)[:, None], x_test.shape[0], 1
-        )[:, 0]
+        out = tiles.rows(lambda a, b: kernel_fn(x_test[a:b], centers) @ coef, x_test.shape[0], None)
         out += intercept
         return out
     xp, dev = _namespace_of(x_test)
@@ -673,9 +670,10 @@ class _Tiles:
         done = self.backend.map_ordered(lambda i: fn(*bounds[i]), len(bounds))
         return [(a, b, out) for (a, b), out in zip(bounds, done)]
 
-    def rows(self, fn: Callable[[int, int], np.ndarray], n: int, width: int) -> np.ndarray:
-        """``fn(a, b)`` of shape (b - a, width) for the row tiles of ``range(n)``, stacked."""
-        out = np.empty((n, width))
+    def rows(self, fn: Callable[[int, int], np.ndarray], n: int, width: int | None) -> np.ndarray:
+        """``fn(a, b)`` of shape (b - a, width), or (b - a,) for ``width`` None, for the row
+        tiles of ``range(n)``, stacked."""
+        out = np.empty((n,) if width is None else (n, width))
 
         def tile(a: int, b: int) -> None:  # each tile writes its own rows
             out[a:b] = fn(a, b)

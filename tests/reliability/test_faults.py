@@ -253,8 +253,9 @@ def test_08_memory_and_time_limits_fail_the_run_not_the_worker(stack, scenario):
     # n = 250000 took 6-8 s with engine 0.7.1 on a quick spell of the 2-core host (and
     # ~30 s when this test was written), so this scenario failed when the run succeeded in
     # time. Now the dense solver on Hermite d = 56 (D = 1596, its sums 4 D^2 flops a
-    # sample, 4.1e12 over n = 400000, ~45 s here), with 0.3 MB of samples per 1000 and
-    # 41 MB of sums: far inside the 3 GiB, so it fails on time, never on memory.
+    # sample: 4.5e12 flops by the estimate, quoted 2 min; its first two points took 8.4 s
+    # and 8.5 s here), 0.82 GiB by the estimate: far inside the 3 GiB, so it fails on
+    # time, never on memory.
     st = stack(HSL_MEMORY_LIMIT_BYTES=3 * 2**30, HSL_RUN_TIME_LIMIT=12).start(workers=1)
     # Samples stream beyond a budget now, so a large n no longer hogs memory. The dense
     # solver's two D x D sums at d = 200 (D = 20100) take 6.5 GB at once: within the
