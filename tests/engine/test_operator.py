@@ -5,7 +5,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 import hsl_engine as he
-from hsl_engine._compiled import weigh_rows
+from hsl_engine._compiled import lifted_q2_pass, weigh_rows
 from hsl_engine._operator import MomentOperator
 
 
@@ -16,19 +16,28 @@ def explicit_moment(inputs, y, q, features):
 
 
 @pytest.mark.parametrize(
-    ("q", "d", "features"), [(2, 6, "hermite"), (3, 4, "hermite"), (2, 5, "gaussian")]
+    ("q", "d", "features", "form"),
+    [
+        (2, 6, "hermite", "lifted"),
+        (2, 6, "hermite", "matrix"),
+        (3, 4, "hermite", "auto"),
+        (2, 5, "gaussian", "auto"),
+    ],
 )
 @pytest.mark.parametrize("threads", [1, 2])
-def test_matrix_free_equals_dense_from_explicit_features(seed, q, d, features, threads):
+def test_matrix_free_equals_dense_from_explicit_features(seed, q, d, features, form, threads):
     rng = np.random.default_rng(seed)
-    n = 700  # more than one chunk of the q = 2 path (256) and of the lift path (512)
+    # more than one block of the q = 2 matrix path (256 rows), of the lifted pass's float32
+    # sums (256) and of the lift path (512); not a multiple of the lifted pass's 4 rows
+    n = 701
     dim = math.comb(d + q - 1, q)
     inputs = rng.standard_normal((n, d if features == "hermite" else dim))
     y = rng.standard_normal(n)
     y -= y.mean()
     op = MomentOperator(
-        inputs, y, q=q, features=features, backend=he.get_backend("cpu", threads=threads)
-    )
+        inputs, y, q=q, features=features, backend=he.get_backend("cpu", threads=threads),
+        form=form,
+    )  # fmt: skip
     reference = explicit_moment(inputs, y, q, features)
     v = rng.standard_normal((dim, 5))
     assert_allclose(op.matmat(v), reference @ v, rtol=1e-11, atol=1e-12)
@@ -36,21 +45,24 @@ def test_matrix_free_equals_dense_from_explicit_features(seed, q, d, features, t
     assert op.passes == 1
 
 
-def test_q2_trace_term_matters_even_for_centred_labels(seed):
-    # The identity component of (x x^T - I) does not cancel in the matrix form; dropping it
-    # would shift every result by a multiple of I. Check against an identity input.
+@pytest.mark.parametrize("form", ["lifted", "matrix"])
+def test_q2_trace_term_matters_even_for_centred_labels(seed, form):
+    # The identity component of (x x^T - I) does not cancel (the diagonal features are
+    # (x_a^2 - 1)/sqrt 2); dropping it would shift every result by a multiple of I. Check
+    # against an identity input.
     rng = np.random.default_rng(seed)
     d, n = 5, 300
     x = rng.standard_normal((n, d))
     y = rng.standard_normal(n)
     y -= y.mean()
-    op = MomentOperator(x, y, q=2, features="hermite", backend=he.get_backend("cpu"))
+    op = MomentOperator(x, y, q=2, features="hermite", backend=he.get_backend("cpu"), form=form)
     eye = he.sym_to_vec(np.eye(d)[None])[0]
     ref = explicit_moment(x, y, 2, "hermite") @ eye
     assert_allclose(op.matmat(eye[:, None])[:, 0], ref, rtol=1e-11, atol=1e-12)
 
 
-def test_float32_operator_is_close_to_float64(seed):
+@pytest.mark.parametrize("form", ["lifted", "matrix"])
+def test_float32_operator_is_close_to_float64(seed, form):
     rng = np.random.default_rng(seed)
     d, n = 8, 2000
     x = rng.standard_normal((n, d))
@@ -60,8 +72,9 @@ def test_float32_operator_is_close_to_float64(seed):
     v = rng.standard_normal((he.feature_dim(d, 2), 3))
     r64 = MomentOperator(x, y, q=2, features="hermite", backend=be).matmat(v)
     r32 = MomentOperator(
-        x.astype(np.float32), y.astype(np.float32), q=2, features="hermite", backend=be
-    ).matmat(v.astype(np.float32))
+        x.astype(np.float32), y.astype(np.float32), q=2, features="hermite", backend=be,
+        form=form,
+    ).matmat(v.astype(np.float32))  # fmt: skip
     # float32 GEMMs, float64 sums: the result is float64 and carries only the float32
     # rounding of inputs and products (~1e-7 relative), not of a float32 sum over n samples
     assert r32.dtype == np.float64
@@ -91,13 +104,69 @@ def test_compiled_row_step_matches_its_formula(seed, dtype, m, k, d):
     assert_allclose(wsum, 1.5 + w.sum(axis=0), rtol=0, atol=tol * scale * m)
 
 
-def test_a_nan_sample_shows_in_the_operator():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("m", "k", "d"), [(1, 4, 1), (3, 4, 2), (6, 8, 8), (257, 4, 9), (515, 8, 23), (300, 4, 60)]
+)
+def test_lifted_pass_matches_its_formula(seed, dtype, m, k, d):
+    # The compiled q = 2 pass on odd sizes: rows not a multiple of 4 (the zero-weighted
+    # padding rows), d below and off the 8-wide blocks (their overrun), more than one
+    # block of float32 sums (LIFTED_FLUSH_ROWS), vectors in two groups of 4
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, d)).astype(dtype)
+    y = rng.standard_normal(m).astype(dtype)
+    dim = he.feature_dim(d, 2)
+    vt = rng.standard_normal((k, dim)).astype(dtype)
+    f = he.lift(x.astype(np.float64), 2)
+    want = 0.5 + (f.T @ (y.astype(np.float64)[:, None] * (f @ vt.T.astype(np.float64)))).T
+    got = np.full((k, dim), 0.5)  # added to, not overwritten
+    lifted_q2_pass(x, y, vt, got)
+    scale = np.abs(f).max() ** 2 * np.abs(vt).max() * dim * np.abs(y).sum()
+    tol = 1e-14 if dtype == np.float64 else 1e-6
+    assert got.dtype == np.float64
+    assert_allclose(got, want, rtol=0, atol=tol * scale)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lifted_and_matrix_forms_agree_at_fig2_size(seed, dtype):
+    # d = 60 (D = 1830, the fig2-cpu presets), 5 vectors (padded to 8 in the lifted pass),
+    # two chunks of samples with a partial last one
+    rng = np.random.default_rng(seed)
+    d, n = 60, 5003
+    x = rng.standard_normal((n, d)).astype(dtype)
+    y = rng.standard_normal(n).astype(dtype)
+    y -= y.mean()
+    be = he.get_backend("cpu")
+    v = rng.standard_normal((he.feature_dim(d, 2), 5))
+    ops = {
+        form: MomentOperator(x, y, q=2, features="hermite", backend=be, form=form)
+        for form in ("lifted", "matrix")
+    }
+    lifted, matrix = (ops[form].matmat(v) for form in ("lifted", "matrix"))
+    tol = 1e-12 if dtype == np.float64 else 2e-6
+    assert_allclose(lifted, matrix, rtol=0, atol=tol * np.abs(matrix).max())
+    # each form counts its own work: 4 n D against 4 n d^2 flops per vector
+    assert ops["lifted"].flops == 5 * 4.0 * n * he.feature_dim(d, 2)
+    assert ops["matrix"].flops == 5 * 4.0 * n * d * d
+
+
+def test_operator_form_is_checked():
+    x, y = np.zeros((8, 3)), np.zeros(8)
+    with pytest.raises(ValueError, match="form must be"):
+        MomentOperator(x, y, q=2, features="hermite", backend=he.get_backend("cpu"), form="vech")
+    assert MomentOperator(x, y, q=2, features="hermite", backend=he.get_backend("cpu")).form == (
+        "lifted"
+    )
+
+
+@pytest.mark.parametrize("form", ["lifted", "matrix"])
+def test_a_nan_sample_shows_in_the_operator(form):
     # a bad sample poisons the result instead of vanishing in the compiled step
     rng = np.random.default_rng(0)
     x = rng.standard_normal((500, 6)).astype(np.float32)
     y = rng.standard_normal(500).astype(np.float32)
     x[321, 2] = np.nan
-    op = MomentOperator(x, y, q=2, features="hermite", backend=he.get_backend("cpu"))
+    op = MomentOperator(x, y, q=2, features="hermite", backend=he.get_backend("cpu"), form=form)
     out = op.matmat(rng.standard_normal((he.feature_dim(6, 2), 4)))
     assert np.isnan(out).all()
 
