@@ -1,5 +1,5 @@
-"""Compiled CPU kernels (Numba): the q = 2 moment operator on lifted features, and the
-row-wise steps between the GEMMs of the q = 2 matrix paths.
+"""Compiled CPU kernels (Numba): the q = 2 moment operator and hidden features on lifted
+coordinates, and the row-wise step between the GEMMs of the q = 2 matrix form.
 
 NumPy runs ``x^T G_j x`` per row and the weighted rows as several passes over (rows, k, d)
 temporaries; these loops make one pass while the GEMM's output is in cache. Each is compiled
@@ -70,26 +70,10 @@ def weigh_rows(xg, xb, yb, trace, wsum):
                 xg[i, j, a] = w * xb[i, a]
 
 
-@compiled
-def quad_rows(xg, xb, trace, out):
-    """``out[i, j] = (x_i^T G_j x_i - tr G_j) / sqrt 2``, where ``xg[i, j] = G_j x_i``: the
-    teacher's and the student's hidden features ``<A_j, F(x_i)>`` for q = 2
-    (`hsl_engine._data.project`)."""
-    m, k, d = xg.shape
-    inv = xg.dtype.type(1.0 / np.sqrt(2.0))
-    for i in range(m):
-        for j in range(k):
-            s = xg.dtype.type(0.0)
-            for a in range(d):
-                s += xg[i, j, a] * xb[i, a]
-            out[i, j] = (s - trace[j]) * inv
-
-
 # Rows whose float32 products `lifted_q2_pass` sums before adding them to its float64 sums.
 LIFTED_FLUSH_ROWS = 256
 
 
-@compiled
 def lifted_q2_pass(x, y, vt, out):
     """``out[j] += sum_i y_i (F(x_i) . vt[j]) F(x_i)`` for the q = 2 Hermite features
     ``F(x)`` (`hsl_engine._features.lift`: ``F_aa = (x_a^2 - 1)/sqrt 2``, ``F_ab = x_a x_b``),
@@ -107,6 +91,23 @@ def lifted_q2_pass(x, y, vt, out):
     vectors' sums. The sums of float32 products are added to ``out`` every
     `LIFTED_FLUSH_ROWS` rows; the rounding depends on the rows alone, not on threads.
     """
+    _lifted_q2(x, y, vt, out, np.empty((0, 0), x.dtype))
+
+
+def lifted_q2_features(x, vt, dots):
+    """``dots[i, j] = F(x_i) . vt[j]``, in the type of ``x``: the q = 2 hidden features
+    ``<A_j, F(x_i)>`` (`hsl_engine._data.project`) by the first half of `lifted_q2_pass`.
+
+    x : (m, d); vt : (k, D), k a multiple of 4; dots : (m, k), written.
+    """
+    _lifted_q2(x, np.zeros(x.shape[0], x.dtype), vt, np.empty((0, 0)), dots)
+
+
+@compiled
+def _lifted_q2(x, y, vt, out, dots):
+    """`lifted_q2_pass` (``dots`` empty) or `lifted_q2_features` (``dots`` of shape (m, k):
+    the dot products are stored and nothing is added to ``out``)."""
+    features_only = dots.shape[0] > 0
     m, d = x.shape
     kp, dim = vt.shape
     dt = x.dtype.type
@@ -114,7 +115,7 @@ def lifted_q2_pass(x, y, vt, out):
     one = dt(1.0)
     rows = np.zeros((4, dim + 8), x.dtype)  # the 4 rows' features (+ a block's overrun)
     xpad = np.zeros((4, d + 8), x.dtype)
-    part = np.zeros((kp, dim), x.dtype)
+    part = np.zeros((0 if features_only else kp, dim), x.dtype)
     w = np.zeros(16, x.dtype)
     yr = np.zeros(4, x.dtype)
     u1, u2, u3, u4 = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(4)
@@ -179,6 +180,13 @@ def lifted_q2_pass(x, y, vt, out):
                 s31 += a3 * b1
                 s32 += a3 * b2
                 s33 += a3 * b3
+            if features_only:
+                for r in range(min(4, m - r0)):
+                    dots[r0 + r, j0] = (s00, s10, s20, s30)[r]
+                    dots[r0 + r, j0 + 1] = (s01, s11, s21, s31)[r]
+                    dots[r0 + r, j0 + 2] = (s02, s12, s22, s32)[r]
+                    dots[r0 + r, j0 + 3] = (s03, s13, s23, s33)[r]
+                continue
             w[0], w[1], w[2], w[3] = yr[0] * s00, yr[0] * s01, yr[0] * s02, yr[0] * s03
             w[4], w[5], w[6], w[7] = yr[1] * s10, yr[1] * s11, yr[1] * s12, yr[1] * s13
             w[8], w[9], w[10], w[11] = yr[2] * s20, yr[2] * s21, yr[2] * s22, yr[2] * s23
@@ -194,7 +202,7 @@ def lifted_q2_pass(x, y, vt, out):
                 h2[c] += w02 * a0 + w12 * a1 + w22 * a2 + w32 * a3
                 h3[c] += w03 * a0 + w13 * a1 + w23 * a2 + w33 * a3
         since += 4
-        if since >= LIFTED_FLUSH_ROWS or r0 + 4 >= m:
+        if not features_only and (since >= LIFTED_FLUSH_ROWS or r0 + 4 >= m):
             for j in range(kp):
                 pj, oj = part[j], out[j]
                 for c in range(dim):

@@ -16,7 +16,7 @@ import numpy as np
 from array_api_compat import array_namespace, device
 
 from ._backend import Backend, numpy_backend, single_threaded_blas
-from ._compiled import quad_rows
+from ._compiled import lifted_q2_features
 from ._features import SQRT2, feature_dim, lift, vec_to_sym
 from ._spec import ExperimentSpec, ModelSpec
 
@@ -117,7 +117,18 @@ def project(x, directions, q: int, *, matrices=None):
     step = _CHUNK
     if not isinstance(x, np.ndarray):  # a device: fewer, larger kernels (<= 64 MB each)
         step = max(_CHUNK, 2**23 // max(1, k * d))
-    if q == 2:
+    if q == 2 and isinstance(x, np.ndarray):
+        # the compiled lifted pass: 2 D flops per row and direction, against 2 d^2 for the
+        # matrix form below (1.5-1.6x faster at d = 60 with 8 directions)
+        width = -(-k // 4) * 4
+        vt = np.zeros((width, directions.shape[1]), x.dtype)
+        vt[:k] = np.asarray(directions)
+        for s in range(0, n, step):
+            xb = np.ascontiguousarray(x[s : s + step])
+            out = np.empty((xb.shape[0], width), x.dtype)
+            lifted_q2_features(xb, vt, out)
+            parts.append(out if width == k else out[:, :k].copy())
+    elif q == 2:
         g = vec_to_sym(directions, d) if matrices is None else matrices
         g = xp.astype(g, x.dtype, copy=False)
         gcat = xp.reshape(xp.permute_dims(g, (1, 0, 2)), (d, k * d))
@@ -126,11 +137,6 @@ def project(x, directions, q: int, *, matrices=None):
         for s in range(0, n, step):
             xb = x[s : s + step]
             xg = xp.reshape(xb @ gcat, (xb.shape[0], k, d))
-            if isinstance(x, np.ndarray):  # one compiled pass, no (rows, k, 1) temporaries
-                out = np.empty((xb.shape[0], k), x.dtype)
-                quad_rows(xg, np.ascontiguousarray(xb), trace, out)  # trace: x's dtype
-                parts.append(out)
-                continue
             quad = xp.matmul(xg, xb[:, :, None])[:, :, 0]
             parts.append((quad - trace) / SQRT2)
     else:

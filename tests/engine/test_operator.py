@@ -5,7 +5,8 @@ import pytest
 from numpy.testing import assert_allclose
 
 import hsl_engine as he
-from hsl_engine._compiled import lifted_q2_pass, weigh_rows
+from hsl_engine._compiled import lifted_q2_features, lifted_q2_pass, weigh_rows
+from hsl_engine._data import project
 from hsl_engine._operator import MomentOperator
 
 
@@ -125,6 +126,29 @@ def test_lifted_pass_matches_its_formula(seed, dtype, m, k, d):
     tol = 1e-14 if dtype == np.float64 else 1e-6
     assert got.dtype == np.float64
     assert_allclose(got, want, rtol=0, atol=tol * scale)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("m", "k", "d"), [(1, 1, 1), (3, 4, 2), (6, 5, 8), (2049, 11, 23)])
+def test_lifted_hidden_features_match_the_lift(seed, dtype, m, k, d):
+    # <A_j, F(x_i)> by the compiled pass (`project` on NumPy), against the explicit lift:
+    # odd row counts (the padding rows are not written back), directions padded to 4, more
+    # than one of project's 2048-row blocks
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, d)).astype(dtype)
+    dirs = rng.standard_normal((k, he.feature_dim(d, 2)))
+    want = he.lift(x.astype(np.float64), 2) @ dirs.T
+    got = project(x, dirs, 2)
+    tol = 1e-13 if dtype == np.float64 else 2e-6
+    assert got.dtype == dtype and got.shape == (m, k) and got.flags.c_contiguous
+    assert_allclose(got, want, rtol=0, atol=tol * max(1.0, np.abs(want).max()))
+    width = -(-k // 4) * 4
+    vt = np.zeros((width, dirs.shape[1]), dtype)
+    vt[:k] = dirs
+    dots = np.full((m, width), np.nan, dtype)
+    lifted_q2_features(x, vt, dots)
+    assert not np.isnan(dots).any()  # every row and (padded) direction written
+    assert_allclose(dots[:, k:], 0.0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
