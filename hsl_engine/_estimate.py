@@ -52,25 +52,25 @@ HIDDEN_CACHE_STREAMED_BYTES = 32 * 2**20
 # the operator's own GFLOP/s. Fitted by `fit_rates` (`scripts/record-runs --fit`, relative
 # least squares, t = a + w / rate) to the runs of the CPU presets in
 # tests/engine/data/recorded_runs.json (engine 0.8.0, the 2-core development machine of
-# 2026-12-05, recorded back to back from a 1-minute load of 0.75): fig2-cpu's q = 2 Krylov in
-# float64 129.0 GFLOP/s and its RBF kernel 63.0 (a = 0: the free fit gave -0.02 s),
-# fig2-d120-cpu's q = 2 Krylov in float32 294.3, fig3-cpu's explicit-feature Krylov 19.9,
-# fig4-cpu's dense 50.2; a = 0-0.25 s, one fixed cost of 0.1 s for all (0.15 s before: with
+# 2026-12-05, recorded back to back from a 1-minute load of 1.4): fig2-cpu's q = 2 Krylov in
+# float64 136.6 GFLOP/s and its RBF kernel 60.0 (a = 0: the free fit is slightly negative),
+# fig2-d120-cpu's q = 2 Krylov in float32 305.9, fig3-cpu's explicit-feature Krylov 19.8,
+# fig4-cpu's dense 52.6; a = 0-0.25 s, one fixed cost of 0.1 s for all (0.15 s before: with
 # the faster q = 2 rates it left the first ETA of the quick presets, whose first points take
 # 0.06-0.08 s, at 0.44-0.53x the truth).
 # (Engine 0.7.0's matrix-form operator, recorded the same morning: 88.8, 52.8, 203.3, 15.2,
-# 37.1: the q = 2 rates rose 1.45x with the lifted pass; the others moved with the host.)
+# 37.1: the q = 2 rates rose 1.5x with the lifted passes; the others moved with the host.)
 # Explicit and dense in float32: twice float64 (the GEMM peaks' ratio), not measured.
 POINT_OVERHEAD_SECONDS = 0.1
 REFERENCE_RATES = {  # (kind, dtype) -> FLOP/s of a whole point
-    ("q2", "float32"): 294e9,
-    ("q2", "float64"): 129e9,
+    ("q2", "float32"): 306e9,
+    ("q2", "float64"): 137e9,
     ("explicit", "float32"): 40e9,
     ("explicit", "float64"): 20e9,
-    ("dense", "float32"): 100e9,
-    ("dense", "float64"): 50e9,
-    ("kernel", "float32"): 63e9,
-    ("kernel", "float64"): 63e9,
+    ("dense", "float32"): 106e9,
+    ("dense", "float64"): 53e9,
+    ("kernel", "float32"): 60e9,
+    ("kernel", "float64"): 60e9,
 }
 
 
