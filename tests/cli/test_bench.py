@@ -19,11 +19,14 @@ def test_quick_bench_prints_every_figure_and_hsl_keeps_equal_accuracy(capsys):
         "2. moment operator",
         "k=4 ",
         "k=8 ",
+        "lifted",
+        "faster per vector",
         "(b) dense per n + eigh",
         "(c) incremental dense + eigh",
         "(d) paper's algorithm, float64",
         "sweep speed-up of hsl:",
         "largest point n=",
+        "hsl's lifted operator in float64",
         "4. peak memory",
     ):
         assert figure in out, figure
