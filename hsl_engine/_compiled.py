@@ -74,6 +74,15 @@ def weigh_rows(xg, xb, yb, trace, wsum):
 LIFTED_FLUSH_ROWS = 256
 
 
+def lifted_vectors(v, dtype) -> np.ndarray:
+    """Rows ``v`` (k, D) as the lifted passes take them: C-contiguous in ``dtype``, k padded
+    with zero rows to a multiple of 4 (the passes take vectors four at a time)."""
+    k = v.shape[0]
+    vt = np.zeros((-(-k // 4) * 4, v.shape[1]), dtype)
+    vt[:k] = v
+    return vt
+
+
 def lifted_q2_pass(x, y, vt, out):
     """``out[j] += sum_i y_i (F(x_i) . vt[j]) F(x_i)`` for the q = 2 Hermite features
     ``F(x)`` (`hsl_engine._features.lift`: ``F_aa = (x_a^2 - 1)/sqrt 2``, ``F_ab = x_a x_b``),

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._backend import Backend, single_threaded_blas
-from ._compiled import lifted_q2_pass, weigh_rows
+from ._compiled import lifted_q2_pass, lifted_vectors, weigh_rows
 from ._features import feature_dim, lift, sym_to_vec, vec_to_sym
 
 # Rows per GEMM block inside a chunk: the (rows, k d) buffer of ``x G_j`` about 512 KiB, so
@@ -174,13 +174,11 @@ class MomentOperator:
     # -- q = 2 on lifted coordinates (compiled, NumPy) ------------------------------------------
     def _matmat_lifted(self, v):
         k = v.shape[1]
-        width = -(-k // 4) * 4  # the compiled pass takes vectors four at a time
-        vt = np.zeros((width, self.dim), self.dtype)
-        vt[:k] = v.T
+        vt = lifted_vectors(v.T, self.dtype)
 
         def chunk(c: int):
             x, y = self._chunk(c)
-            out = np.zeros((width, self.dim))
+            out = np.zeros(vt.shape)
             lifted_q2_pass(np.ascontiguousarray(x), np.ascontiguousarray(y), vt, out)
             return (out,)
 
