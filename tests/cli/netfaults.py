@@ -19,9 +19,16 @@ from typing import Any
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0) rather than FIN."""
+    """Close with RST (SO_LINGER 0) rather than FIN. A socket that a pump thread is blocked
+    reading is shut for reading first: that wakes the reader, and the kernel tears the
+    connection down (and sends the RST) only once no call is using it. Without it, an open
+    event stream was not reset at all; its client saw nothing until its 60 s read timeout."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
         sock.close()
     except OSError:
         pass
