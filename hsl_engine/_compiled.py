@@ -19,10 +19,17 @@ def compiled(func):
 
     Floating-point reassociation and contraction only (``fastmath`` without its no-NaN and
     no-infinity assumptions), so the sums vectorise and a NaN or an infinity still shows.
+    Numba's SLP vectorizer (off by default) is on while these kernels compile, and only
+    then: it vectorises straight-line code, the 8-wide blocks of `lifted_q2_pass`'s feature
+    rows. Each new signature is compiled under Numba's compiler lock with the setting
+    switched on and restored, so a kernel's machine code, and so its rounding, is the same
+    in every process, and other Numba code in the process compiles as it would without hsl.
     The machine code is cached on disk where a cache directory is writable; elsewhere each
     process compiles it (about a second). Two threads that meet the first call at once may
-    each build a dispatcher; one is kept, and Numba compiles under its own lock."""
+    each build a dispatcher; one is kept."""
     kernel = None
+    ready: set = set()  # the argument types compiled with the engine's settings
+    seen: set = set()  # cheap keys of the arguments met (typeof takes ~6 us an array)
 
     @functools.wraps(func)
     def call(*args):
@@ -30,19 +37,46 @@ def compiled(func):
         if kernel is None:
             import numba
 
-            # straight-line code vectorised too (off by default in Numba): the 8-wide blocks
-            # of `lifted_q2_pass`'s feature rows. Set before any kernel here compiles, so a
-            # kernel's machine code, and so its rounding, is the same in every process.
-            numba.config.SLP_VECTORIZE = 1
             flags = {"reassoc", "contract", "nsz", "arcp"}
             try:
                 kernel = numba.njit(nogil=True, fastmath=flags, cache=True)(func)
             except RuntimeError:  # no writable cache location
                 kernel = numba.njit(nogil=True, fastmath=flags)(func)
+        key = tuple(
+            (a.dtype, a.ndim, a.flags.num) if isinstance(a, np.ndarray) else type(a) for a in args
+        )
+        if key not in seen:
+            types = tuple(kernel.typeof_pyval(a) for a in args)
+            if types not in ready:
+                _compile_vectorised(kernel, types)
+                ready.add(types)
+            seen.add(key)
         return kernel(*args)
 
+    def dispatcher():
+        """The Numba dispatcher (None before the first call) and the argument types it
+        compiled with the engine's settings (for tests)."""
+        return kernel, frozenset(ready)
+
     call.py_func = func
+    call.dispatcher = dispatcher
     return call
+
+
+def _compile_vectorised(kernel, types) -> None:
+    """Compile (or load from the cache) ``kernel`` for ``types`` with the SLP vectorizer on,
+    holding Numba's compiler lock, under which every Numba compilation in the process runs,
+    so that no other compilation sees the setting."""
+    import numba
+    from numba.core.compiler_lock import global_compiler_lock
+
+    with global_compiler_lock:
+        saved = numba.config.SLP_VECTORIZE
+        numba.config.SLP_VECTORIZE = 1
+        try:
+            kernel.compile(types)
+        finally:
+            numba.config.SLP_VECTORIZE = saved
 
 
 @compiled

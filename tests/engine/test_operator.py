@@ -110,9 +110,10 @@ def test_compiled_row_step_matches_its_formula(seed, dtype, m, k, d):
     ("m", "k", "d"), [(1, 4, 1), (3, 4, 2), (6, 8, 8), (257, 4, 9), (515, 8, 23), (300, 4, 60)]
 )
 def test_lifted_pass_matches_its_formula(seed, dtype, m, k, d):
-    # The compiled q = 2 pass on odd sizes: rows not a multiple of 4 (the zero-weighted
-    # padding rows), d below and off the 8-wide blocks (their overrun), more than one
-    # block of float32 sums (LIFTED_FLUSH_ROWS), vectors in two groups of 4
+    # The compiled q = 2 pass on odd sizes: rows not a multiple of its groups of 8 (the
+    # zero-weighted padding rows; m = 300 leaves a whole four of them), d below and off the
+    # 8-wide blocks (their overrun), more than one block of float32 sums
+    # (LIFTED_FLUSH_ROWS), vectors in two groups of 4
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((m, d)).astype(dtype)
     y = rng.standard_normal(m).astype(dtype)
@@ -127,9 +128,30 @@ def test_lifted_pass_matches_its_formula(seed, dtype, m, k, d):
     tol = 1e-12 if dtype == np.float64 else 1e-5
     assert got.dtype == np.float64
     assert_allclose(got, want, rtol=0, atol=tol * np.abs(want - 0.5).max())
-    # a row left out (here the last, in the padded group when m % 4) would show
+    # a row left out (here the last, in the padded group when m % 8) would show
     last = y[-1] * np.outer(f[-1] @ vt.T.astype(np.float64), f[-1])
     assert np.abs(last).max() > 10 * tol * np.abs(want - 0.5).max()
+
+
+def test_kernels_compile_with_slp_and_leave_numbas_setting_alone():
+    # The engine's kernels compile with Numba's SLP vectorizer on (their machine code and
+    # rounding must not depend on what else the process compiled), and only they do: the
+    # setting is as it was before and after, and a new signature (here a read-only array)
+    # is compiled by the engine, not left to the dispatcher (which would compile it
+    # without SLP).
+    import numba
+
+    before = numba.config.SLP_VECTORIZE
+    x = np.random.default_rng(0).standard_normal((9, 5)).astype(np.float32)
+    x.setflags(write=False)
+    vt = np.ones((4, he.feature_dim(5, 2)), np.float32)
+    dots = np.zeros((9, 4), np.float32)
+    lifted_q2_features(x, vt, dots)
+    lifted_q2_pass(x, np.ones(9, np.float32), vt, np.zeros((4, vt.shape[1])))
+    assert numba.config.SLP_VECTORIZE == before
+    kernel, ready = lifted_q2_features.__globals__["_lifted_q2"].dispatcher()
+    assert set(kernel.overloads) == set(ready) and len(ready) >= 2
+    assert any(not t[0].mutable for t in ready)  # the read-only x compiled by the engine
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
