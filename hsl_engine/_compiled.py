@@ -9,6 +9,7 @@ at its first call, once per dtype, and releases the GIL (the chunk threads run t
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 
@@ -25,9 +26,10 @@ def compiled(func):
     switched on and restored, so a kernel's machine code, and so its rounding, is the same
     in every process, and other Numba code in the process compiles as it would without hsl.
     The machine code is cached on disk where a cache directory is writable; elsewhere each
-    process compiles it (about a second). Two threads that meet the first call at once may
-    each build a dispatcher; one is kept."""
+    process compiles it (about a second). The chunk threads that meet the first call share
+    one dispatcher."""
     kernel = None
+    made = threading.Lock()
     ready: set = set()  # the argument types compiled with the engine's settings
     seen: set = set()  # cheap keys of the arguments met (typeof takes ~6 us an array)
 
@@ -35,13 +37,15 @@ def compiled(func):
     def call(*args):
         nonlocal kernel
         if kernel is None:
-            import numba
+            with made:
+                if kernel is None:
+                    import numba
 
-            flags = {"reassoc", "contract", "nsz", "arcp"}
-            try:
-                kernel = numba.njit(nogil=True, fastmath=flags, cache=True)(func)
-            except RuntimeError:  # no writable cache location
-                kernel = numba.njit(nogil=True, fastmath=flags)(func)
+                    flags = {"reassoc", "contract", "nsz", "arcp"}
+                    try:
+                        kernel = numba.njit(nogil=True, fastmath=flags, cache=True)(func)
+                    except RuntimeError:  # no writable cache location
+                        kernel = numba.njit(nogil=True, fastmath=flags)(func)
         key = tuple(
             (a.dtype, a.ndim, a.flags.num) if isinstance(a, np.ndarray) else type(a) for a in args
         )
