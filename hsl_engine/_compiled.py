@@ -110,6 +110,8 @@ def weigh_rows(xg, xb, yb, trace, wsum):
 
 # Rows whose float32 products `lifted_q2_pass` sums before adding them to its float64 sums.
 LIFTED_FLUSH_ROWS = 256
+# Most bytes of 8 rows' features for `lifted_q2_pass` to add its weighted rows 8 at a time
+LIFTED_GROUP_BYTES = 512 * 1024
 
 
 def lifted_vectors(v, dtype) -> np.ndarray:
@@ -131,17 +133,21 @@ def lifted_q2_pass(x, y, vt, out):
 
     The two products of the pass on the D = d (d + 1)/2 lifted coordinates instead of d x d
     matrices: 4 D multiply-add flops per row and vector where the matrix form
-    (`hsl_engine._operator._q2_chunk_numpy`) takes 4 d^2, ~1.97x fewer at d = 60. Eight rows
-    at a time, in two fours: a four's features are written into an L1-sized buffer (8-wide
-    blocks, each block's overrun rewritten by the next segment) and one loop over the D
-    coordinates takes their 16 dot products with 4 vectors while they are in L1; then one
-    loop adds the 8 weighted rows to 4 vectors' sums: one read and one write of the sums per
-    8 rows, not per 4 (that loop alone: 100 against 82 GFLOP/s on one core in float32; the
-    whole pass 1.03-1.08x faster, engine 0.8.0's four-row pass giving the same numbers bit
-    for bit on this machine). The sums of float32 products are added to ``out`` every
-    `LIFTED_FLUSH_ROWS` rows; the rounding depends on the rows alone, not on threads.
+    (`hsl_engine._operator._q2_chunk_numpy`) takes 4 d^2, ~1.97x fewer at d = 60. Four rows
+    at a time, their features are written into an L1-sized buffer (8-wide blocks, each
+    block's overrun rewritten by the next segment) and one loop over the D coordinates takes
+    their 16 dot products with 4 vectors while they are in L1. Then one loop adds the
+    weighted rows to 4 vectors' sums, 8 rows at a time (two fours) where their features fit
+    in `LIFTED_GROUP_BYTES`, else 4: one read and one write of the sums per 8 rows (that
+    loop alone 100 against 82 GFLOP/s on one core in float32; the whole pass 1.04-1.12x
+    faster at d = 60 and 120, and 0.86-0.98x at d = 250, where 8 rows' features leave L2).
+    Either way the numbers are those of engine 0.8.0's four-row pass, bit for bit on this
+    machine. The sums of float32 products are added to ``out`` every `LIFTED_FLUSH_ROWS`
+    rows; the rounding depends on the rows alone, not on threads.
     """
-    _lifted_q2(x, y, vt, out, np.empty((0, 0), x.dtype))
+    # 8 rows a group up to d = 180 in float32, 127 in float64 (see above)
+    group = 8 if 8 * (vt.shape[1] + 8) * x.itemsize <= LIFTED_GROUP_BYTES else 4
+    _lifted_q2(x, y, vt, out, np.empty((0, 0), x.dtype), group)
 
 
 def lifted_q2_features(x, vt, dots):
@@ -150,28 +156,29 @@ def lifted_q2_features(x, vt, dots):
 
     x : (m, d); vt : (k, D), k a multiple of 4; dots : (m, k), written.
     """
-    _lifted_q2(x, np.zeros(x.shape[0], x.dtype), vt, np.empty((0, 0)), dots)
+    _lifted_q2(x, np.zeros(x.shape[0], x.dtype), vt, np.empty((0, 0)), dots, 4)
 
 
 @compiled
-def _lifted_q2(x, y, vt, out, dots):
+def _lifted_q2(x, y, vt, out, dots, group):
     """`lifted_q2_pass` (``dots`` empty) or `lifted_q2_features` (``dots`` of shape (m, k):
-    the dot products are stored and nothing is added to ``out``)."""
+    the dot products are stored and nothing is added to ``out``), ``group`` (4 or 8) rows
+    at a time."""
     features_only = dots.shape[0] > 0
     m, d = x.shape
     kp, dim = vt.shape
     dt = x.dtype.type
     inv = dt(1.0 / np.sqrt(2.0))
     one = dt(1.0)
-    rows = np.zeros((8, dim + 8), x.dtype)  # the 8 rows' features (+ a block's overrun)
-    xpad = np.zeros((8, d + 8), x.dtype)
+    rows = np.zeros((group, dim + 8), x.dtype)  # the rows' features (+ a block's overrun)
+    xpad = np.zeros((group, d + 8), x.dtype)
     part = np.zeros((0 if features_only else kp, dim), x.dtype)
-    w = np.zeros((8, 0 if features_only else kp), x.dtype)  # the rows' weights
+    w = np.zeros((group, 0 if features_only else kp), x.dtype)  # the rows' weights
     u1, u2, u3, u4 = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(4)
     u5, u6, u7, u8 = np.uint64(5), np.uint64(6), np.uint64(7), np.uint64(8)
     since = 0
-    for r0 in range(0, m, 8):
-        for g in range(0, 8, 4):
+    for r0 in range(0, m, group):
+        for g in range(0, group, 4):
             # features of 4 rows, then their dot products while the rows are in L1
             for r in range(g, g + 4):
                 xr = xpad[r]
@@ -248,41 +255,56 @@ def _lifted_q2(x, y, vt, out, dots):
                 )  # fmt: skip
         if features_only:
             continue
-        for r in range(8):
+        for r in range(group):
             yw = y[r0 + r] if r0 + r < m else dt(0.0)
             for j in range(kp):
                 w[r, j] *= yw
-        f0, f1, f2, f3 = rows[0], rows[1], rows[2], rows[3]
-        f4, f5, f6, f7 = rows[4], rows[5], rows[6], rows[7]
-        for j0 in range(0, kp, 4):
-            w00, w01, w02, w03 = w[0, j0], w[0, j0 + 1], w[0, j0 + 2], w[0, j0 + 3]
-            w10, w11, w12, w13 = w[1, j0], w[1, j0 + 1], w[1, j0 + 2], w[1, j0 + 3]
-            w20, w21, w22, w23 = w[2, j0], w[2, j0 + 1], w[2, j0 + 2], w[2, j0 + 3]
-            w30, w31, w32, w33 = w[3, j0], w[3, j0 + 1], w[3, j0 + 2], w[3, j0 + 3]
-            w40, w41, w42, w43 = w[4, j0], w[4, j0 + 1], w[4, j0 + 2], w[4, j0 + 3]
-            w50, w51, w52, w53 = w[5, j0], w[5, j0 + 1], w[5, j0 + 2], w[5, j0 + 3]
-            w60, w61, w62, w63 = w[6, j0], w[6, j0 + 1], w[6, j0 + 2], w[6, j0 + 3]
-            w70, w71, w72, w73 = w[7, j0], w[7, j0 + 1], w[7, j0 + 2], w[7, j0 + 3]
-            # the 8 weighted rows added to 4 vectors' sums in one sweep over D: one read
-            # and one write of the sums per 8 rows
-            h0, h1, h2, h3 = part[j0], part[j0 + 1], part[j0 + 2], part[j0 + 3]
-            for c in range(dim):
-                a0, a1, a2, a3 = f0[c], f1[c], f2[c], f3[c]
-                a4, a5, a6, a7 = f4[c], f5[c], f6[c], f7[c]
-                h0[c] += (w00 * a0 + w10 * a1 + w20 * a2 + w30 * a3) + (
-                    w40 * a4 + w50 * a5 + w60 * a6 + w70 * a7
-                )
-                h1[c] += (w01 * a0 + w11 * a1 + w21 * a2 + w31 * a3) + (
-                    w41 * a4 + w51 * a5 + w61 * a6 + w71 * a7
-                )
-                h2[c] += (w02 * a0 + w12 * a1 + w22 * a2 + w32 * a3) + (
-                    w42 * a4 + w52 * a5 + w62 * a6 + w72 * a7
-                )
-                h3[c] += (w03 * a0 + w13 * a1 + w23 * a2 + w33 * a3) + (
-                    w43 * a4 + w53 * a5 + w63 * a6 + w73 * a7
-                )
-        since += 8
-        if since >= LIFTED_FLUSH_ROWS or r0 + 8 >= m:
+        if group == 4:
+            f0, f1, f2, f3 = rows[0], rows[1], rows[2], rows[3]
+            for j0 in range(0, kp, 4):
+                w00, w01, w02, w03 = w[0, j0], w[0, j0 + 1], w[0, j0 + 2], w[0, j0 + 3]
+                w10, w11, w12, w13 = w[1, j0], w[1, j0 + 1], w[1, j0 + 2], w[1, j0 + 3]
+                w20, w21, w22, w23 = w[2, j0], w[2, j0 + 1], w[2, j0 + 2], w[2, j0 + 3]
+                w30, w31, w32, w33 = w[3, j0], w[3, j0 + 1], w[3, j0 + 2], w[3, j0 + 3]
+                h0, h1, h2, h3 = part[j0], part[j0 + 1], part[j0 + 2], part[j0 + 3]
+                for c in range(dim):
+                    a0, a1, a2, a3 = f0[c], f1[c], f2[c], f3[c]
+                    h0[c] += w00 * a0 + w10 * a1 + w20 * a2 + w30 * a3
+                    h1[c] += w01 * a0 + w11 * a1 + w21 * a2 + w31 * a3
+                    h2[c] += w02 * a0 + w12 * a1 + w22 * a2 + w32 * a3
+                    h3[c] += w03 * a0 + w13 * a1 + w23 * a2 + w33 * a3
+        else:
+            f0, f1, f2, f3 = rows[0], rows[1], rows[2], rows[3]
+            f4, f5, f6, f7 = rows[4], rows[5], rows[6], rows[7]
+            for j0 in range(0, kp, 4):
+                w00, w01, w02, w03 = w[0, j0], w[0, j0 + 1], w[0, j0 + 2], w[0, j0 + 3]
+                w10, w11, w12, w13 = w[1, j0], w[1, j0 + 1], w[1, j0 + 2], w[1, j0 + 3]
+                w20, w21, w22, w23 = w[2, j0], w[2, j0 + 1], w[2, j0 + 2], w[2, j0 + 3]
+                w30, w31, w32, w33 = w[3, j0], w[3, j0 + 1], w[3, j0 + 2], w[3, j0 + 3]
+                w40, w41, w42, w43 = w[4, j0], w[4, j0 + 1], w[4, j0 + 2], w[4, j0 + 3]
+                w50, w51, w52, w53 = w[5, j0], w[5, j0 + 1], w[5, j0 + 2], w[5, j0 + 3]
+                w60, w61, w62, w63 = w[6, j0], w[6, j0 + 1], w[6, j0 + 2], w[6, j0 + 3]
+                w70, w71, w72, w73 = w[7, j0], w[7, j0 + 1], w[7, j0 + 2], w[7, j0 + 3]
+                # the 8 weighted rows added to 4 vectors' sums in one sweep over D: one read
+                # and one write of the sums per 8 rows
+                h0, h1, h2, h3 = part[j0], part[j0 + 1], part[j0 + 2], part[j0 + 3]
+                for c in range(dim):
+                    a0, a1, a2, a3 = f0[c], f1[c], f2[c], f3[c]
+                    a4, a5, a6, a7 = f4[c], f5[c], f6[c], f7[c]
+                    h0[c] += (w00 * a0 + w10 * a1 + w20 * a2 + w30 * a3) + (
+                        w40 * a4 + w50 * a5 + w60 * a6 + w70 * a7
+                    )
+                    h1[c] += (w01 * a0 + w11 * a1 + w21 * a2 + w31 * a3) + (
+                        w41 * a4 + w51 * a5 + w61 * a6 + w71 * a7
+                    )
+                    h2[c] += (w02 * a0 + w12 * a1 + w22 * a2 + w32 * a3) + (
+                        w42 * a4 + w52 * a5 + w62 * a6 + w72 * a7
+                    )
+                    h3[c] += (w03 * a0 + w13 * a1 + w23 * a2 + w33 * a3) + (
+                        w43 * a4 + w53 * a5 + w63 * a6 + w73 * a7
+                    )
+        since += group
+        if since >= LIFTED_FLUSH_ROWS or r0 + group >= m:
             for j in range(kp):
                 pj, oj = part[j], out[j]
                 for c in range(dim):

@@ -5,6 +5,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 import hsl_engine as he
+from hsl_engine import _compiled
 from hsl_engine._compiled import lifted_q2_features, lifted_q2_pass, weigh_rows
 from hsl_engine._data import project
 from hsl_engine._operator import MomentOperator
@@ -105,15 +106,18 @@ def test_compiled_row_step_matches_its_formula(seed, dtype, m, k, d):
     assert_allclose(wsum, 1.5 + w.sum(axis=0), rtol=0, atol=tol * scale * m)
 
 
+@pytest.mark.parametrize("group", [8, 4])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
     ("m", "k", "d"), [(1, 4, 1), (3, 4, 2), (6, 8, 8), (257, 4, 9), (515, 8, 23), (300, 4, 60)]
 )
-def test_lifted_pass_matches_its_formula(seed, dtype, m, k, d):
-    # The compiled q = 2 pass on odd sizes: rows not a multiple of its groups of 8 (the
+def test_lifted_pass_matches_its_formula(seed, dtype, m, k, d, group, monkeypatch):
+    # The compiled q = 2 pass on odd sizes: rows not a multiple of its groups of 8 or 4 (the
     # zero-weighted padding rows; m = 300 leaves a whole four of them), d below and off the
     # 8-wide blocks (their overrun), more than one block of float32 sums
-    # (LIFTED_FLUSH_ROWS), vectors in two groups of 4
+    # (LIFTED_FLUSH_ROWS), vectors in two groups of 4. Groups of 4 are what large d gets
+    if group == 4:
+        monkeypatch.setattr(_compiled, "LIFTED_GROUP_BYTES", 0)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((m, d)).astype(dtype)
     y = rng.standard_normal(m).astype(dtype)
