@@ -139,8 +139,8 @@ def lifted_q2_pass(x, y, vt, out):
     their 16 dot products with 4 vectors while they are in L1. Then one loop adds the
     weighted rows to 4 vectors' sums, 8 rows at a time (two fours) where their features fit
     in `LIFTED_GROUP_BYTES`, else 4: one read and one write of the sums per 8 rows (that
-    loop alone 100 against 82 GFLOP/s on one core in float32; the whole pass 1.04-1.12x
-    faster at d = 60 and 120, and 0.86-0.98x at d = 250, where 8 rows' features leave L2).
+    loop alone 100 against 82 GFLOP/s on one core in float32; the whole pass 1.00-1.14x
+    faster at d = 60 to 180, and 0.86-0.98x at d = 250, where 8 rows' features leave L2).
     Either way the numbers are those of engine 0.8.0's four-row pass, bit for bit on this
     machine. The sums of float32 products are added to ``out`` every `LIFTED_FLUSH_ROWS`
     rows; the rounding depends on the rows alone, not on threads.
