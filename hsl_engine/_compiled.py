@@ -139,8 +139,9 @@ def lifted_q2_pass(x, y, vt, out):
     their 16 dot products with 4 vectors while they are in L1. Then one loop adds the
     weighted rows to 4 vectors' sums, 8 rows at a time (two fours) where their features fit
     in `LIFTED_GROUP_BYTES`, else 4: one read and one write of the sums per 8 rows (that
-    loop alone 100 against 82 GFLOP/s on one core in float32; the whole pass 1.00-1.14x
-    faster at d = 60 to 180, and 0.86-0.98x at d = 250, where 8 rows' features leave L2).
+    loop alone 100 against 82 GFLOP/s on one core in float32; the whole pass 0.99-1.07x
+    as fast at d = 60, 1.04-1.14x at d = 120 and 180, 0.86-0.98x at d = 250, where 8 rows'
+    features leave L2).
     Either way the numbers are those of engine 0.8.0's four-row pass, bit for bit on this
     machine. The sums of float32 products are added to ``out`` every `LIFTED_FLUSH_ROWS`
     rows; the rounding depends on the rows alone, not on threads.
@@ -259,50 +260,42 @@ def _lifted_q2(x, y, vt, out, dots, group):
             yw = y[r0 + r] if r0 + r < m else dt(0.0)
             for j in range(kp):
                 w[r, j] *= yw
-        if group == 4:
-            f0, f1, f2, f3 = rows[0], rows[1], rows[2], rows[3]
-            for j0 in range(0, kp, 4):
-                w00, w01, w02, w03 = w[0, j0], w[0, j0 + 1], w[0, j0 + 2], w[0, j0 + 3]
-                w10, w11, w12, w13 = w[1, j0], w[1, j0 + 1], w[1, j0 + 2], w[1, j0 + 3]
-                w20, w21, w22, w23 = w[2, j0], w[2, j0 + 1], w[2, j0 + 2], w[2, j0 + 3]
-                w30, w31, w32, w33 = w[3, j0], w[3, j0 + 1], w[3, j0 + 2], w[3, j0 + 3]
-                h0, h1, h2, h3 = part[j0], part[j0 + 1], part[j0 + 2], part[j0 + 3]
+        f0, f1, f2, f3 = rows[0], rows[1], rows[2], rows[3]
+        for j0 in range(0, kp, 4):
+            w00, w01, w02, w03 = w[0, j0], w[0, j0 + 1], w[0, j0 + 2], w[0, j0 + 3]
+            w10, w11, w12, w13 = w[1, j0], w[1, j0 + 1], w[1, j0 + 2], w[1, j0 + 3]
+            w20, w21, w22, w23 = w[2, j0], w[2, j0 + 1], w[2, j0 + 2], w[2, j0 + 3]
+            w30, w31, w32, w33 = w[3, j0], w[3, j0 + 1], w[3, j0 + 2], w[3, j0 + 3]
+            h0, h1, h2, h3 = part[j0], part[j0 + 1], part[j0 + 2], part[j0 + 3]
+            if group == 4:
                 for c in range(dim):
                     a0, a1, a2, a3 = f0[c], f1[c], f2[c], f3[c]
                     h0[c] += w00 * a0 + w10 * a1 + w20 * a2 + w30 * a3
                     h1[c] += w01 * a0 + w11 * a1 + w21 * a2 + w31 * a3
                     h2[c] += w02 * a0 + w12 * a1 + w22 * a2 + w32 * a3
                     h3[c] += w03 * a0 + w13 * a1 + w23 * a2 + w33 * a3
-        else:
-            f0, f1, f2, f3 = rows[0], rows[1], rows[2], rows[3]
+                continue
+            # 8 rows: one read and one write of the sums per 8 rows
             f4, f5, f6, f7 = rows[4], rows[5], rows[6], rows[7]
-            for j0 in range(0, kp, 4):
-                w00, w01, w02, w03 = w[0, j0], w[0, j0 + 1], w[0, j0 + 2], w[0, j0 + 3]
-                w10, w11, w12, w13 = w[1, j0], w[1, j0 + 1], w[1, j0 + 2], w[1, j0 + 3]
-                w20, w21, w22, w23 = w[2, j0], w[2, j0 + 1], w[2, j0 + 2], w[2, j0 + 3]
-                w30, w31, w32, w33 = w[3, j0], w[3, j0 + 1], w[3, j0 + 2], w[3, j0 + 3]
-                w40, w41, w42, w43 = w[4, j0], w[4, j0 + 1], w[4, j0 + 2], w[4, j0 + 3]
-                w50, w51, w52, w53 = w[5, j0], w[5, j0 + 1], w[5, j0 + 2], w[5, j0 + 3]
-                w60, w61, w62, w63 = w[6, j0], w[6, j0 + 1], w[6, j0 + 2], w[6, j0 + 3]
-                w70, w71, w72, w73 = w[7, j0], w[7, j0 + 1], w[7, j0 + 2], w[7, j0 + 3]
-                # the 8 weighted rows added to 4 vectors' sums in one sweep over D: one read
-                # and one write of the sums per 8 rows
-                h0, h1, h2, h3 = part[j0], part[j0 + 1], part[j0 + 2], part[j0 + 3]
-                for c in range(dim):
-                    a0, a1, a2, a3 = f0[c], f1[c], f2[c], f3[c]
-                    a4, a5, a6, a7 = f4[c], f5[c], f6[c], f7[c]
-                    h0[c] += (w00 * a0 + w10 * a1 + w20 * a2 + w30 * a3) + (
-                        w40 * a4 + w50 * a5 + w60 * a6 + w70 * a7
-                    )
-                    h1[c] += (w01 * a0 + w11 * a1 + w21 * a2 + w31 * a3) + (
-                        w41 * a4 + w51 * a5 + w61 * a6 + w71 * a7
-                    )
-                    h2[c] += (w02 * a0 + w12 * a1 + w22 * a2 + w32 * a3) + (
-                        w42 * a4 + w52 * a5 + w62 * a6 + w72 * a7
-                    )
-                    h3[c] += (w03 * a0 + w13 * a1 + w23 * a2 + w33 * a3) + (
-                        w43 * a4 + w53 * a5 + w63 * a6 + w73 * a7
-                    )
+            w40, w41, w42, w43 = w[4, j0], w[4, j0 + 1], w[4, j0 + 2], w[4, j0 + 3]
+            w50, w51, w52, w53 = w[5, j0], w[5, j0 + 1], w[5, j0 + 2], w[5, j0 + 3]
+            w60, w61, w62, w63 = w[6, j0], w[6, j0 + 1], w[6, j0 + 2], w[6, j0 + 3]
+            w70, w71, w72, w73 = w[7, j0], w[7, j0 + 1], w[7, j0 + 2], w[7, j0 + 3]
+            for c in range(dim):
+                a0, a1, a2, a3 = f0[c], f1[c], f2[c], f3[c]
+                a4, a5, a6, a7 = f4[c], f5[c], f6[c], f7[c]
+                h0[c] += (w00 * a0 + w10 * a1 + w20 * a2 + w30 * a3) + (
+                    w40 * a4 + w50 * a5 + w60 * a6 + w70 * a7
+                )
+                h1[c] += (w01 * a0 + w11 * a1 + w21 * a2 + w31 * a3) + (
+                    w41 * a4 + w51 * a5 + w61 * a6 + w71 * a7
+                )
+                h2[c] += (w02 * a0 + w12 * a1 + w22 * a2 + w32 * a3) + (
+                    w42 * a4 + w52 * a5 + w62 * a6 + w72 * a7
+                )
+                h3[c] += (w03 * a0 + w13 * a1 + w23 * a2 + w33 * a3) + (
+                    w43 * a4 + w53 * a5 + w63 * a6 + w73 * a7
+                )
         since += group
         if since >= LIFTED_FLUSH_ROWS or r0 + group >= m:
             for j in range(kp):
