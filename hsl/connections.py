@@ -11,9 +11,9 @@ connection, and a file descriptor, for ever. Here:
 - a request head larger than ``max_header_bytes`` gets 431 problem+json (h11's own limit
   only applies to a head still incomplete);
 - at most ``max_connections`` are open; at the cap, a new connection closes the one that has
-  waited longest without a request under way (idle, or still sending its head) and with no
-  bytes waiting unread in the kernel; if there is none, the new one gets 503 problem+json
-  and is closed.
+  waited longest without a request under way (idle, or still sending its head) and without a
+  whole request head waiting unread in the kernel; if there is none, the new one gets 503
+  problem+json and is closed.
 
 So a legitimate client, which sends its head in milliseconds, is served even while hundreds
 of slow ones are connected, and the process never runs out of file descriptors.
@@ -22,12 +22,11 @@ of slow ones are connected, and the process never runs out of file descriptors.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import logging
+import re
 import resource
-import sys
-import termios
+import socket
 from typing import Any
 
 import h11
@@ -72,16 +71,28 @@ def _head_too_large(limit: int) -> bytes:
 CANDIDATES = 32
 
 
-def _unread(transport: asyncio.BaseTransport) -> int:
-    """Bytes received by the kernel that the event loop has not read yet (FIONREAD)."""
+# the blank line that ends a request head (h11 also accepts bare newlines)
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+
+def head_waiting(transport: asyncio.BaseTransport, buffered: bytes, limit: int) -> bool:
+    """Whether a whole request head has arrived on this connection but not been parsed yet:
+    ``buffered`` (what h11 holds of an unfinished head) followed by the bytes the kernel
+    holds that the event loop has not read (peeked, at most ``limit`` of them, not taken).
+
+    A slow client has bytes waiting too, whenever the event loop falls behind its trickle
+    (a busy or starved server); only a finished head marks a client that is not slow."""
     sock = transport.get_extra_info("socket")
     if sock is None:
-        return 0
+        return False
+    peek = socket.socket(fileno=sock.fileno())  # the same descriptor; detached below
     try:
-        buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-    except OSError:
-        return 0
-    return int.from_bytes(buf, sys.byteorder)
+        unread = peek.recv(limit, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:  # nothing waiting (EAGAIN), or the connection is gone
+        unread = b""
+    finally:
+        peek.detach()
+    return _HEAD_END.search(buffered + unread) is not None
 
 
 class Counters:
@@ -168,13 +179,16 @@ def guarded_protocol(
 
         # -- helpers ------------------------------------------------------------------
         def _victim(self) -> GuardedH11Protocol | None:
-            """The connection idle longest (no request under way) with nothing waiting to be
-            read: one whose request already arrived, unread while the loop was busy, is
-            not a slow client."""
+            """The connection idle longest (no request under way) without a whole request
+            head waiting to be read: one whose request already arrived, unread while the loop
+            was busy, is not a slow client."""
             for i, conn in enumerate(idle):
                 if i >= CANDIDATES:
                     break
-                if conn is not self and not _unread(conn.transport):
+                if conn is self or conn.transport.is_closing():
+                    continue
+                buffered = bytes(conn.conn.trailing_data[0])
+                if not head_waiting(conn.transport, buffered, max_header_bytes + 4):
                     return conn
             return None
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
+from hsl.connections import head_waiting
 from service.shedding import LoadShedder
 
 from .api import tiny_spec
@@ -87,3 +89,53 @@ def test_requests_beyond_the_active_and_queued_slots_get_503_problem_json_at_onc
 def test_a_request_waiting_longer_than_the_queue_wait_gets_503():
     answers = _shedder_round(active=1, queued=5, wait=0.05, clients=3)
     assert sorted(a[0] for a in answers) == [200, 503, 503]
+
+
+def test_a_whole_request_head_waiting_unread_is_told_from_a_slow_clients_trickle():
+    """At the connection cap, the connection guard closes the oldest connection still sending
+    its head, but not one whose request has arrived unread (the event loop fell behind). A
+    slow client whose latest bytes wait unread (a busy or starved server) must still count as
+    slow: only a finished head protects a connection. The peek must leave the bytes for the
+    protocol."""
+    limit = 16 * 1024 + 4
+
+    async def waiting(unread: bytes, buffered: bytes = b"") -> bool:
+        """``head_waiting`` on a real connection whose reader has fallen behind: ``unread``
+        sent and not read, ``buffered`` what h11 would hold. Checks the bytes stay there."""
+        ours, theirs = socket.socketpair()
+        received = bytearray()
+
+        class Recorder(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                received.extend(data)
+
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_accepted_socket(Recorder, ours)
+        transport.pause_reading()
+        try:
+            theirs.sendall(unread)
+            await asyncio.sleep(0.02)
+            answer = head_waiting(transport, buffered, limit)
+            transport.resume_reading()
+            for _ in range(200):
+                if len(received) >= len(unread):
+                    break
+                await asyncio.sleep(0.01)
+            assert bytes(received) == unread  # peeked, not taken
+            return answer
+        finally:
+            transport.close()
+            theirs.close()
+
+    async def check() -> None:
+        head = b"GET /v1/experiments HTTP/1.1\r\nhost: x\r\n"
+        assert not await waiting(b"")
+        assert not await waiting(head + b"x-slow: aaaa")  # a trickle with bytes waiting
+        assert not await waiting(b"a", buffered=head + b"x-slow: aaa")
+        assert await waiting(head + b"\r\n")
+        assert await waiting(b"\r\n", buffered=head)  # the blank line split across both
+        assert await waiting(b"\n", buffered=head + b"\r")
+        assert await waiting(b"GET / HTTP/1.1\nhost: x\n\n")  # bare newlines end it too
+        assert not await waiting(b"GET / HTTP/1.1\nhost: x\n")
+
+    asyncio.run(check())
