@@ -85,7 +85,10 @@ def head_waiting(transport: asyncio.BaseTransport, buffered: bytes, limit: int) 
     sock = transport.get_extra_info("socket")
     if sock is None:
         return False
-    peek = socket.socket(fileno=sock.fileno())  # the same descriptor; detached below
+    try:
+        peek = socket.socket(fileno=sock.fileno())  # the same descriptor; detached below
+    except OSError:  # the connection is gone
+        return False
     try:
         unread = peek.recv(limit, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except OSError:  # nothing waiting (EAGAIN), or the connection is gone
