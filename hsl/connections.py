@@ -81,7 +81,9 @@ def head_waiting(transport: asyncio.BaseTransport, buffered: bytes, limit: int) 
     holds that the event loop has not read (peeked, at most ``limit`` of them, not taken).
 
     A slow client has bytes waiting too, whenever the event loop falls behind its trickle
-    (a busy or starved server); only a finished head marks a client that is not slow."""
+    (a busy or starved server); only a finished head marks a client that is not slow.
+    The bytes are read as plain HTTP: the API serves no TLS (a proxy in front terminates
+    it); under TLS they would be ciphertext and this test meaningless."""
     sock = transport.get_extra_info("socket")
     if sock is None:
         return False
