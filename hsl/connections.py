@@ -192,7 +192,7 @@ def guarded_protocol(
                     break
                 if conn is self or conn.transport.is_closing():
                     continue
-                buffered = bytes(conn.conn.trailing_data[0])
+                buffered = conn.conn.trailing_data[0]
                 if not head_waiting(conn.transport, buffered, max_header_bytes + 4):
                     return conn
             return None
