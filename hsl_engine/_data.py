@@ -16,8 +16,8 @@ import numpy as np
 from array_api_compat import array_namespace, device
 
 from ._backend import Backend, numpy_backend, single_threaded_blas
-from ._compiled import lifted_q2_features, lifted_vectors
 from ._features import SQRT2, feature_dim, lift, vec_to_sym
+from ._simd import lifted_pass
 from ._spec import ExperimentSpec, ModelSpec
 
 # Samples per chunk when projecting inputs on directions.
@@ -118,15 +118,13 @@ def project(x, directions, q: int, *, matrices=None):
     if not isinstance(x, np.ndarray):  # a device: fewer, larger kernels (<= 64 MB each)
         step = max(_CHUNK, 2**23 // max(1, k * d))
     if q == 2 and isinstance(x, np.ndarray):
-        # the compiled lifted pass: 2 D flops per row and direction, against 2 d^2 for the
-        # matrix form below (one core, d = 60, 8 directions: 1.4x faster in float32 and 1.9x
-        # in float64 than engine 0.7.1's GEMM and compiled row step)
-        vt = lifted_vectors(np.asarray(directions), x.dtype)
+        # the first step of the lifted pass (hsl_engine._simd): 2 D flops per row and
+        # direction, against 2 d^2 for the matrix form below
+        kernel = lifted_pass(d, x.dtype)
+        vc = kernel.vectors(directions)
         for s in range(0, n, step):
-            xb = np.ascontiguousarray(x[s : s + step])
-            out = np.empty((xb.shape[0], vt.shape[0]), x.dtype)
-            lifted_q2_features(xb, vt, out)
-            parts.append(out if vt.shape[0] == k else out[:, :k].copy())
+            out = kernel.dots(np.ascontiguousarray(x[s : s + step]), vc)
+            parts.append(out if vc.shape[0] == k else out[:, :k].copy())
     elif q == 2:
         g = vec_to_sym(directions, d) if matrices is None else matrices
         g = xp.astype(g, x.dtype, copy=False)

@@ -4,9 +4,9 @@ Applied to blocks of vectors without ever forming the D x D matrix, one chunk of
 time (stored, or regenerated from the chunk-keyed stream: see `hsl_engine._data`):
 
 * q = 2, Hermite inputs, NumPy backend (``form="lifted"``): ``C_hat v = (1/n) sum y (F . v) F``
-  with F lifted four rows at a time inside the compiled pass
-  `hsl_engine._compiled.lifted_q2_pass`, 4 D flops per row and vector: about half the work
-  of the matrix form at D = d (d + 1)/2.
+  with F formed in vector registers inside the explicit-SIMD pass `hsl_engine._simd`
+  (engine 0.9.0), 4 D flops per row and vector: about half the work of the matrix form at
+  D = d (d + 1)/2. The vectors go into the pass's cyclic layout and the sums come back.
 * q = 2, Hermite inputs, PyTorch backend (``form="matrix"``, the paper's form, also
   selectable on NumPy): on symmetric d x d matrices,
   ``C_hat[V] = (1/n) sum y (x^T V x - tr V)/sqrt 2 * (x x^T - I)/sqrt 2``, two GEMMs per chunk
@@ -28,8 +28,9 @@ from __future__ import annotations
 import numpy as np
 
 from ._backend import Backend, single_threaded_blas
-from ._compiled import lifted_q2_pass, lifted_vectors, weigh_rows
+from ._compiled import weigh_rows
 from ._features import feature_dim, lift, sym_to_vec, vec_to_sym
+from ._simd import lifted_pass
 
 # Rows per GEMM block inside a chunk: the (rows, k d) buffer of ``x G_j`` about 512 KiB, so
 # it stays in L2 between its GEMM, the compiled row pass and the second GEMM. Measured on one
@@ -174,16 +175,17 @@ class MomentOperator:
     # -- q = 2 on lifted coordinates (compiled, NumPy) ------------------------------------------
     def _matmat_lifted(self, v):
         k = v.shape[1]
-        vt = lifted_vectors(v.T, self.dtype)
+        kernel = lifted_pass(self.d, self.dtype)
+        vc = kernel.vectors(v.T)
 
         def chunk(c: int):
             x, y = self._chunk(c)
-            out = np.zeros(vt.shape)
-            lifted_q2_pass(np.ascontiguousarray(x), np.ascontiguousarray(y), vt, out)
+            out = np.zeros(vc.shape)
+            kernel(np.ascontiguousarray(x), np.ascontiguousarray(y), vc, out)
             return (out,)
 
         acc = self.backend.ordered_sum(chunk, self.samples.n_chunks())[0]
-        return acc[:k].T / self.n
+        return kernel.coordinates(acc)[:k].T / self.n
 
     # -- q = 2 on matrices --------------------------------------------------------------------
     def _matmat_q2(self, v):

@@ -27,7 +27,8 @@ ALLOWED_THIRD_PARTY = {
     "pydantic_core",
     "array_api_compat",
     "threadpoolctl",
-    "numba",  # the compiled CPU row passes (hsl_engine/_compiled.py), imported at first use
+    "numba",  # the compiled CPU row step (hsl_engine/_compiled.py), imported at first use
+    "llvmlite",  # the explicit-SIMD lifted pass (hsl_engine/_simd.py), imported at first use
     "torch",  # optional (the gpu extra): imported inside functions only, see below
 }
 

@@ -6,9 +6,10 @@ from numpy.testing import assert_allclose
 
 import hsl_engine as he
 from hsl_engine import _compiled
-from hsl_engine._compiled import lifted_q2_features, lifted_q2_pass, weigh_rows
+from hsl_engine._compiled import weigh_rows
 from hsl_engine._data import project
 from hsl_engine._operator import MomentOperator
+from hsl_engine._simd import cyclic_layout, lifted_pass
 
 
 def explicit_moment(inputs, y, q, features):
@@ -29,8 +30,9 @@ def explicit_moment(inputs, y, q, features):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matrix_free_equals_dense_from_explicit_features(seed, q, d, features, form, threads):
     rng = np.random.default_rng(seed)
-    # more than one block of the q = 2 matrix path (256 rows), of the lifted pass's float32
-    # sums (256) and of the lift path (512); not a multiple of the lifted pass's 4 rows
+    # more than one block of the q = 2 matrix path (256 rows), of the lifted pass (16 to a
+    # few hundred rows, by d) and of the lift path (512); not a multiple of the lifted
+    # pass's 4 rows
     n = 701
     dim = math.comb(d + q - 1, q)
     inputs = rng.standard_normal((n, d if features == "hermite" else dim))
@@ -106,40 +108,112 @@ def test_compiled_row_step_matches_its_formula(seed, dtype, m, k, d):
     assert_allclose(wsum, 1.5 + w.sum(axis=0), rtol=0, atol=tol * scale * m)
 
 
-@pytest.mark.parametrize("group", [8, 4])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
-    ("m", "k", "d"), [(1, 4, 1), (3, 4, 2), (6, 8, 8), (257, 4, 9), (515, 8, 23), (300, 4, 60)]
+    ("m", "k", "d"),
+    [(1, 4, 1), (3, 4, 2), (6, 8, 8), (257, 4, 9), (515, 8, 23), (300, 4, 60), (40, 4, 61)],
 )
-def test_lifted_pass_matches_its_formula(seed, dtype, m, k, d, group, monkeypatch):
-    # The compiled q = 2 pass on odd sizes: rows not a multiple of its groups of 8 or 4 (the
-    # zero-weighted padding rows; m = 300 leaves a whole four of them), d below and off the
-    # 8-wide blocks (their overrun), more than one block of float32 sums
-    # (LIFTED_FLUSH_ROWS), vectors in two groups of 4. Groups of 4 are what large d gets
-    if group == 4:
-        monkeypatch.setattr(_compiled, "LIFTED_GROUP_BYTES", 0)
+def test_lifted_pass_matches_its_formula(seed, dtype, m, k, d):
+    # The explicit-SIMD q = 2 pass on odd sizes: rows not a multiple of its blocks (the
+    # zero-weighted rows past the last sample), d below, at and off the vector width (the
+    # padded shifts), odd and even d (for even d the last shift's second half is unused),
+    # more than one block of float32 sums, vectors in two groups of 4
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((m, d)).astype(dtype)
     y = rng.standard_normal(m).astype(dtype)
     dim = he.feature_dim(d, 2)
-    vt = rng.standard_normal((k, dim)).astype(dtype)
+    v = rng.standard_normal((k, dim))
+    kernel = lifted_pass(d, dtype)
+    vc = kernel.vectors(v)
+    assert vc.shape == (k, kernel.layout.width) and vc.dtype == dtype
     f = he.lift(x.astype(np.float64), 2)
-    want = 0.5 + (f.T @ (y.astype(np.float64)[:, None] * (f @ vt.T.astype(np.float64)))).T
-    got = np.full((k, dim), 0.5)  # added to, not overwritten
-    lifted_q2_pass(x, y, vt, got)
+    vq = vc[:, kernel.layout.positions].astype(np.float64)  # v as the pass reads it
+    want = 0.5 + (f.T @ (y.astype(np.float64)[:, None] * (f @ vq.T))).T
+    out = np.full(vc.shape, 0.5)  # added to, not overwritten
+    kernel(x, y, vc, out)
+    got = kernel.coordinates(out)
     # relative to the largest entry: one row's contribution is ~1/sqrt(m) of it, far above
     # the float32 rounding (~3e-7 relative measured at m = 300, d = 60)
     tol = 1e-12 if dtype == np.float64 else 1e-5
-    assert got.dtype == np.float64
+    assert got.dtype == np.float64 and got.shape == (k, dim)
     assert_allclose(got, want, rtol=0, atol=tol * np.abs(want - 0.5).max())
-    # a row left out (here the last, in the padded group when m % 8) would show
-    last = y[-1] * np.outer(f[-1] @ vt.T.astype(np.float64), f[-1])
+    # a row left out (here the last, in a partial block) would show
+    last = y[-1] * np.outer(f[-1] @ vq.T, f[-1])
     assert np.abs(last).max() > 10 * tol * np.abs(want - 0.5).max()
 
 
-def test_kernels_compile_with_slp_and_leave_numbas_setting_alone():
-    # The engine's kernels compile with Numba's SLP vectorizer on (their machine code and
-    # rounding must not depend on what else the process compiled), and only they do: the
+@pytest.mark.parametrize("d", [1, 2, 3, 8, 15, 16, 17, 60, 61])
+@pytest.mark.parametrize("lanes", [4, 8, 16])
+def test_cyclic_layout_holds_each_pair_once(d, lanes):
+    # every lifted coordinate (a, b), a <= b, has one position: shift s = (b - a) or
+    # d - (b - a), lane a' with {a', (a' + s) mod d} = {a, b}, a' < d; and only the last
+    # shift of an even d has unused lanes below d (its pairs would repeat)
+    lay = cyclic_layout(d, lanes)
+    assert lay.padded % lanes == 0 and d <= lay.padded < d + lanes
+    assert lay.width == lay.shifts * lay.padded and lay.shifts == d // 2 + 1
+    pos = lay.positions
+    assert pos.shape == (d * (d + 1) // 2,) and len(np.unique(pos)) == pos.shape[0]
+    pairs = [(a, b) for a in range(d) for b in range(a, d)]
+    for (a, b), p in zip(pairs, pos):
+        s, lane = divmod(int(p), lay.padded)
+        assert lane < d
+        assert sorted((lane, (lane + s) % d)) == [a, b]
+    used = {int(p) for p in pos}
+    unused_real = [s * lay.padded + a for s in range(lay.shifts) for a in range(d)]
+    unused_real = [p for p in unused_real if p not in used]
+    if d % 2 == 0 and d > 0:
+        assert unused_real == [(d // 2) * lay.padded + a for a in range(d // 2, d)]
+    else:
+        assert unused_real == []
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lifted_pass_rounding_depends_on_its_blocks_only(seed, dtype):
+    # The float64 sums take the blocks' sums in row order: a pass over all rows and two
+    # passes split at a block boundary into the same sums are the same numbers, bit for bit,
+    # and a repeated pass too (no state, no threads inside)
+    d = 23
+    kernel = lifted_pass(d, dtype)
+    rng = np.random.default_rng(seed)
+    m = 3 * kernel.rows + 5
+    x = rng.standard_normal((m, d)).astype(dtype)
+    y = rng.standard_normal(m).astype(dtype)
+    vc = kernel.vectors(rng.standard_normal((8, he.feature_dim(d, 2))))
+    whole, again, split = (np.zeros(vc.shape) for _ in range(3))
+    kernel(x, y, vc, whole)
+    kernel(x, y, vc, again)
+    cut = 2 * kernel.rows
+    kernel(np.ascontiguousarray(x[:cut]), y[:cut].copy(), vc, split)
+    kernel(np.ascontiguousarray(x[cut:]), y[cut:].copy(), vc, split)
+    assert np.array_equal(whole, again)
+    assert np.array_equal(whole, split)
+
+
+def test_lifted_pass_names_what_is_wrong():
+    kernel = lifted_pass(5, np.float32)
+    x = np.zeros((3, 5), np.float32)
+    y = np.zeros(3, np.float32)
+    vc = kernel.vectors(np.zeros((4, 15)))
+    out = np.zeros(vc.shape)
+    with pytest.raises(ValueError, match="float32"):
+        kernel(x.astype(np.float64), y, vc, out)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        kernel(x, y, np.zeros((3, vc.shape[1]), np.float32), np.zeros((3, vc.shape[1])))
+    with pytest.raises(ValueError, match=r"x must be \(m, 5\)"):
+        kernel(np.zeros((3, 4), np.float32), y, vc, out)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernel(np.zeros((5, 3), np.float32).T, y, vc, out)
+    with pytest.raises(ValueError, match="y must be"):
+        kernel(x, np.zeros(4, np.float32), vc, out)
+    with pytest.raises(ValueError, match="out must be"):
+        kernel(x, y, vc, out.astype(np.float32))
+    kernel(x[:0], y[:0], vc, out)  # no rows: nothing added
+    assert not out.any()
+
+
+def test_compiled_row_step_compiles_with_slp_and_leaves_numbas_setting_alone():
+    # The engine's Numba kernel compiles with Numba's SLP vectorizer on (its machine code and
+    # rounding must not depend on what else the process compiled), and only it does: the
     # setting is as it was before and after, and a new signature (here a read-only array)
     # is compiled by the engine, not left to the dispatcher (which would compile it
     # without SLP).
@@ -147,24 +221,23 @@ def test_kernels_compile_with_slp_and_leave_numbas_setting_alone():
 
     before = numba.config.SLP_VECTORIZE
     for dtype in (np.float32, np.float64):  # two signatures, whichever tests ran before
-        x = np.random.default_rng(0).standard_normal((9, 5)).astype(dtype)
-        x.setflags(write=False)
-        vt = np.ones((4, he.feature_dim(5, 2)), dtype)
-        lifted_q2_features(x, vt, np.zeros((9, 4), dtype))
-        lifted_q2_pass(x, np.ones(9, dtype), vt, np.zeros((4, vt.shape[1])))
+        xb = np.random.default_rng(0).standard_normal((9, 5)).astype(dtype)
+        xb.setflags(write=False)
+        xg = np.ones((9, 4, 5), dtype)
+        weigh_rows(xg, xb, np.ones(9, dtype), np.zeros(4, dtype), np.zeros(4))
         assert numba.config.SLP_VECTORIZE == before
-    kernel, ready = _compiled._lifted_q2.dispatcher()
+    kernel, ready = _compiled.weigh_rows.dispatcher()
     assert set(kernel.overloads) == set(ready)
     # the read-only x of both dtypes compiled by the engine
-    assert {t[0].dtype.name for t in ready if not t[0].mutable} == {"float32", "float64"}
+    assert {t[1].dtype.name for t in ready if not t[1].mutable} == {"float32", "float64"}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(("m", "k", "d"), [(1, 1, 1), (3, 4, 2), (6, 5, 8), (2049, 11, 23)])
 def test_lifted_hidden_features_match_the_lift(seed, dtype, m, k, d):
-    # <A_j, F(x_i)> by the compiled pass (`project` on NumPy), against the explicit lift:
-    # odd row counts (the padding rows are not written back), directions padded to 4, more
-    # than one of project's 2048-row blocks
+    # <A_j, F(x_i)> by the pass's first step (`project` on NumPy), against the explicit lift:
+    # odd row counts (the rows of the last block past m are not returned), directions padded
+    # to 4, more than one of project's 2048-row blocks
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((m, d)).astype(dtype)
     dirs = rng.standard_normal((k, he.feature_dim(d, 2)))
@@ -173,13 +246,10 @@ def test_lifted_hidden_features_match_the_lift(seed, dtype, m, k, d):
     tol = 1e-13 if dtype == np.float64 else 2e-6
     assert got.dtype == dtype and got.shape == (m, k) and got.flags.c_contiguous
     assert_allclose(got, want, rtol=0, atol=tol * max(1.0, np.abs(want).max()))
-    width = -(-k // 4) * 4
-    vt = np.zeros((width, dirs.shape[1]), dtype)
-    vt[:k] = dirs
-    dots = np.full((m, width), np.nan, dtype)
-    lifted_q2_features(x, vt, dots)
-    assert not np.isnan(dots).any()  # every row and (padded) direction written
-    assert_allclose(dots[:, k:], 0.0)
+    kernel = lifted_pass(d, dtype)
+    dots = kernel.dots(x, kernel.vectors(dirs))
+    assert dots.shape == (m, -(-k // 4) * 4) and not np.isnan(dots).any()
+    assert_allclose(dots[:, k:], 0.0)  # the padded directions
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -1,0 +1,515 @@
+"""The q = 2 moment operator's CPU pass as explicit vector code: LLVM IR built with llvmlite
+(Numba's code generator, so no compiler is needed) and compiled for this CPU at first use.
+
+Why not Numba: its loops are vectorised by LLVM's auto-vectoriser, which on this kind of CPU
+picks 256-bit vectors, cannot keep a tile of accumulators in registers across two loops, and
+so made the lifted pass write every row's features to memory and read them back twice (the
+pass was bound by L1/L2 traffic at 20-40 % of the GEMM peak; see README "Performance"). Here
+the vector width, the register tiles and the order of every floating-point operation are
+written out, so the pass needs no reassociation flags and rounds the same way on every run.
+
+**Cyclic layout.** The kernels do not use the lifted coordinates' segment order (``(a, a),
+(a, a + 1), ... (a, d - 1)`` for each a) but a cyclic one: shift ``s = 0 .. d // 2`` holds
+the products ``x_a x_((a + s) mod d)`` for ``a = 0 .. d - 1``, padded with zero vector entries
+to ``dp`` (a multiple of the vector width). Every shift is then the same length, and its
+features are one elementwise product of the row with itself shifted by s: no short segments,
+no remainder loops, and the features never touch memory. Shift 0 is the Hermite diagonal
+``(x_a^2 - 1)/sqrt 2``; for even d the last shift holds each of its pairs twice, and only the
+first half is used. `CyclicLayout.positions` maps the segment order to this layout (the
+operator scatters its vectors into it and gathers the result back, about D k numbers a pass).
+
+**The pass** (`LiftedPass`), over blocks of ``rows`` samples (their inputs, each repeated to
+``dp + d // 2`` entries so that a shifted row is a plain vector load, fit in L1):
+
+1. dot products ``F(x_i) . v_j``, 4 vectors at a time, one lane block at a time (the 4
+   vectors' slice of that block over all shifts stays in L1 while the block's rows use it),
+   4 rows at a time: ``t_rj = sum_s x_r(a + s) v_j(s, a)`` in 16 vector accumulators (per
+   shift 4 loads of shifted inputs, 4 of the vectors, 16 fused multiply-adds), then
+   ``x_r(a) t_rj`` and the diagonal's term go into the rows' vector sums, kept between
+   lane blocks; one tree sum per row and vector at the end;
+2. the weights ``w_ij = y_i (F(x_i) . v_j)`` (labels beyond the last sample are 0);
+3. the weighted rows: for each shift and tile of 4 lane blocks, 4 vectors x 4 blocks of
+   accumulators over the block's rows (rows innermost), then added into the float64 sums.
+
+Sums of products over a block's rows, and the dot products over D, are in the input type
+(float32 or float64), each lane in a fixed order; the float64 sums take the blocks in row
+order. So the numbers depend on the rows given (blocks start at the first), and on the CPU's
+vector width, which fixes the lanes: not on threads, on the run, or on what else the process
+compiled. Measured on one core of the development machine (d = 60, 16384 rows, 4 vectors;
+README "Performance"): 2.0-2.6x as fast as engine 0.8.0's Numba pass in float32, 1.6-2.3x in
+float64, and 1.7-2.2x at d = 120 to 400.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+# Bytes of input rows a block keeps (in L1 with the kernel's other data)
+BLOCK_INPUT_BYTES = 28 * 1024
+# A block has at least this many rows, so that adding its sums into the float64 vectors
+# (kp x D numbers read and written once a block) stays a small part of the work
+MIN_BLOCK_ROWS = 16
+
+
+def vector_bytes() -> int:
+    """The widest vector registers of this CPU, in bytes (64 with AVX-512, 32 with AVX, 16
+    otherwise: SSE, NEON)."""
+    import llvmlite.binding as ll
+
+    features = ll.get_host_cpu_features()
+    if features.get("avx512f"):
+        return 64
+    if features.get("avx"):
+        return 32
+    return 16
+
+
+@functools.cache
+def lanes(dtype_name: str) -> int:
+    """Numbers of ``dtype`` per vector register on this CPU."""
+    return vector_bytes() // np.dtype(dtype_name).itemsize
+
+
+@dataclass(frozen=True)
+class CyclicLayout:
+    """The cyclic padded layout of the q = 2 lifted coordinates for inputs of dimension d.
+
+    Attributes
+    ----------
+    d, lanes : int
+    padded : int
+        ``dp``: each shift's length, d rounded up to a multiple of ``lanes``.
+    shifts : int
+        ``d // 2 + 1``.
+    width : int
+        ``shifts * padded``: the length of a vector in this layout.
+    positions : ndarray, shape (D,)
+        Position in this layout of each lifted coordinate in segment order
+        (`hsl_engine._features.lift`).
+    """
+
+    d: int
+    lanes: int
+    padded: int
+    shifts: int
+    width: int
+    positions: np.ndarray
+
+
+@functools.cache
+def cyclic_layout(d: int, lanes_: int) -> CyclicLayout:
+    padded = -(-d // lanes_) * lanes_
+    shifts = d // 2 + 1
+    positions = np.empty(d * (d + 1) // 2, np.int64)
+    i = 0
+    for a in range(d):
+        positions[i] = a  # the diagonal: shift 0
+        i += 1
+        for b in range(a + 1, d):
+            s = b - a
+            if s < d - s or (s == d - s and a < s):
+                positions[i] = s * padded + a  # x_a x_(a + s)
+            else:
+                positions[i] = (d - s) * padded + b  # x_b x_(b + d - s mod d)
+            i += 1
+    positions.setflags(write=False)
+    return CyclicLayout(d, lanes_, padded, shifts, shifts * padded, positions)
+
+
+def block_rows(d: int, dtype_name: str) -> int:
+    """Rows per block: their repeated inputs in `BLOCK_INPUT_BYTES`, a multiple of 4, at least
+    `MIN_BLOCK_ROWS`."""
+    lay = cyclic_layout(d, lanes(dtype_name))
+    row_bytes = _row_stride(lay) * np.dtype(dtype_name).itemsize
+    return max(MIN_BLOCK_ROWS, (BLOCK_INPUT_BYTES // row_bytes) // 4 * 4)
+
+
+def _row_stride(lay: CyclicLayout) -> int:
+    # a block row: the input repeated over dp + shifts entries (shifted loads reach
+    # dp - 1 + shifts - 1), rounded up to whole vectors
+    return -(-(lay.padded + lay.shifts) // lay.lanes) * lay.lanes
+
+
+class LiftedPass:
+    """``out[j] += sum_i y_i (F(x_i) . v[j]) F(x_i)`` in the cyclic layout (module docstring),
+    compiled for inputs of dimension ``d`` in ``dtype``.
+
+    Call with x : (m, d) C-contiguous; y : (m,); v : (kp, width) C-contiguous, kp a multiple
+    of 4, zero at the layout's unused positions; out : (kp, width) float64, added to (its
+    unused positions receive sums of no meaning). x, y and v in ``dtype``. Releases the GIL.
+    """
+
+    def __init__(self, d: int, dtype_name: str):
+        import llvmlite.binding as ll
+
+        if np.dtype(dtype_name) not in (np.float32, np.float64):
+            raise ValueError(f"the lifted pass runs in float32 or float64, not {dtype_name}")
+        self.d = d
+        self.dtype = np.dtype(dtype_name)
+        self.layout = cyclic_layout(d, lanes(dtype_name))
+        self.rows = block_rows(d, dtype_name)
+        self.stride = _row_stride(self.layout)
+        _initialise_llvm()
+        source = _build(self.layout, self.dtype, self.rows, self.stride)
+        module = ll.parse_assembly(str(source))
+        module.verify()
+        machine = ll.Target.from_default_triple().create_target_machine(
+            cpu=ll.get_host_cpu_name(), features=ll.get_host_cpu_features().flatten(), opt=3
+        )
+        builder = ll.create_pass_builder(machine, ll.create_pipeline_tuning_options(3))
+        builder.getModulePassManager().run(module, builder)
+        self._engine = ll.create_mcjit_compiler(module, machine)  # owns the machine code
+        self._engine.finalize_object()
+        pointer = ctypes.c_void_p
+        signature = ctypes.CFUNCTYPE(None, *[pointer] * 2, ctypes.c_int64, pointer,
+                                     ctypes.c_int64, *[pointer] * 4)  # fmt: skip
+        # CFUNCTYPE calls release the GIL: chunks run in threads
+        self._pass = signature(self._engine.get_function_address("lifted_q2_pass"))
+        self._dots = signature(self._engine.get_function_address("lifted_q2_dots"))
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, v: np.ndarray, out: np.ndarray) -> None:
+        self._check(x, v)
+        if y.dtype != self.dtype or y.shape != (x.shape[0],) or not y.flags.c_contiguous:
+            raise ValueError(f"y must be C-contiguous {self.dtype} of shape ({x.shape[0]},)")
+        if out.dtype != np.float64 or out.shape != v.shape or not out.flags.c_contiguous:
+            raise ValueError("out must be C-contiguous float64 of v's shape")
+        if x.shape[0] == 0:
+            return
+        inputs, sums = self._scratch()
+        weights = np.empty((self.rows, v.shape[0]), self.dtype)
+        self._pass(x.ctypes.data, y.ctypes.data, x.shape[0], v.ctypes.data, v.shape[0],
+                   out.ctypes.data, inputs.ctypes.data, weights.ctypes.data,
+                   sums.ctypes.data)  # fmt: skip
+
+    def vectors(self, rows) -> np.ndarray:
+        """Vectors given as rows (k, D) in segment order, in the pass's layout and type:
+        shape (kp, width), k padded with zero vectors to a multiple of 4."""
+        rows = np.asarray(rows)
+        out = np.zeros((-(-rows.shape[0] // 4) * 4, self.layout.width), self.dtype)
+        out[: rows.shape[0], self.layout.positions] = rows
+        return out
+
+    def coordinates(self, out: np.ndarray) -> np.ndarray:
+        """The pass's sums (kp, width) back in segment order: shape (kp, D)."""
+        return out[:, self.layout.positions]
+
+    def dots(self, x: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """``F(x_i) . v[j]``, shape (m, kp), in the pass's type: its first step alone (the
+        q = 2 hidden features, `hsl_engine._data.project`)."""
+        self._check(x, v)
+        m, kp = x.shape[0], v.shape[0]
+        # whole blocks: the rows past m (zero inputs) write their dots into the padding
+        out = np.empty((-(-m // self.rows) * self.rows, kp), self.dtype)
+        if m:
+            inputs, sums = self._scratch()
+            self._dots(x.ctypes.data, None, m, v.ctypes.data, kp, None,
+                       inputs.ctypes.data, out.ctypes.data, sums.ctypes.data)  # fmt: skip
+        return out[:m]
+
+    def _scratch(self) -> tuple[np.ndarray, np.ndarray]:
+        # a block's repeated inputs, and its rows' vector sums of 4 dot products
+        inputs = np.empty((self.rows, self.stride), self.dtype)
+        sums = np.empty((self.rows, 4, self.layout.lanes), self.dtype)
+        return inputs, sums
+
+    def _check(self, x: np.ndarray, v: np.ndarray) -> None:
+        if x.dtype != self.dtype or v.dtype != self.dtype:
+            raise ValueError(f"x and v must be {self.dtype}")
+        if x.ndim != 2 or x.shape[1] != self.d or v.ndim != 2 or v.shape[1] != self.layout.width:
+            raise ValueError(f"x must be (m, {self.d}) and v (kp, {self.layout.width})")
+        if v.shape[0] % 4:
+            raise ValueError("v must hold a multiple of 4 vectors (pad with zeros)")
+        if not (x.flags.c_contiguous and v.flags.c_contiguous):
+            raise ValueError("x and v must be C-contiguous")
+
+
+_made = threading.Lock()
+
+
+@functools.cache
+def _cached(d: int, dtype_name: str) -> LiftedPass:
+    return LiftedPass(d, dtype_name)
+
+
+def lifted_pass(d: int, dtype) -> LiftedPass:
+    """The compiled pass for dimension d and dtype (compiled once per process, ~0.2-0.4 s)."""
+    with _made:  # one compilation per signature, whatever the threads
+        return _cached(int(d), np.dtype(dtype).name)
+
+
+@functools.cache
+def _initialise_llvm() -> None:
+    import llvmlite.binding as ll
+
+    ll.initialize_native_target()
+    ll.initialize_native_asmprinter()
+
+
+def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
+    """The LLVM module of `LiftedPass` (see the module docstring for the algorithm)."""
+    import llvmlite.binding as ll
+    import llvmlite.ir as ir
+
+    i64, i32 = ir.IntType(64), ir.IntType(32)
+    scalar = ir.FloatType() if dtype == np.float32 else ir.DoubleType()
+    lanes_, size = lay.lanes, dtype.itemsize
+    vec = ir.VectorType(scalar, lanes_)
+    # the float64 sums are added a register at a time: half a float32 vector of 16 lanes,
+    # else a whole vector
+    half = 8 if lanes_ * size > 32 and size == 4 else lanes_
+    vec64 = ir.VectorType(ir.DoubleType(), half)
+    module = ir.Module(name="hsl_lifted_q2")
+    module.triple = ll.get_process_triple()
+    fma = ir.Function(module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.v{lanes_}f{8 * size}")
+
+    def emit(name: str, dots_only: bool) -> None:
+        """The pass, or with ``dots_only`` its first step writing the dot products of each
+        row to ``w`` (whole blocks of rows; no labels, no weighted rows)."""
+        ptr, ptr64 = scalar.as_pointer(), ir.DoubleType().as_pointer()
+        fn = ir.Function(
+            module,
+            ir.FunctionType(ir.VoidType(), [ptr, ptr, i64, ptr, i64, ptr64, ptr, ptr, ptr]),
+            name,
+        )
+        fn.attributes.add("nounwind")
+        x, y, m, v, kp, out, xin, w, part = fn.args
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        d, dp, shifts, width, blocks = (
+            lay.d,
+            lay.padded,
+            lay.shifts,
+            lay.width,
+            lay.padded // lanes_,
+        )
+        zero = ir.Constant(vec, [0.0] * lanes_)
+        one = ir.Constant(vec, [1.0] * lanes_)
+        inv_sqrt2 = ir.Constant(vec, [float(1.0 / np.sqrt(2.0))] * lanes_)
+        nothing = ir.Constant(scalar, 0.0)
+
+        def k(value: int):
+            return ir.Constant(i64, int(value))
+
+        def load(base, index):
+            return b.load(b.bitcast(b.gep(base, [index]), vec.as_pointer()), align=size)
+
+        def splat(value):
+            one_lane = b.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(i32, 0))
+            mask = ir.Constant(ir.VectorType(i32, lanes_), [0] * lanes_)
+            return b.shuffle_vector(one_lane, ir.Constant(vec, ir.Undefined), mask)
+
+        def lanes_sum(value):
+            n = lanes_
+            while n > 1:  # a fixed tree: halves added
+                h = n // 2
+                lo = b.shuffle_vector(
+                    value, value, ir.Constant(ir.VectorType(i32, h), list(range(h)))
+                )
+                hi = b.shuffle_vector(
+                    value, value, ir.Constant(ir.VectorType(i32, h), list(range(h, n)))
+                )
+                value = b.fadd(lo, hi)
+                n = h
+            return b.extract_element(value, ir.Constant(i32, 0))
+
+        def hermite(xa):
+            return b.fmul(b.fsub(b.fmul(xa, xa), one), inv_sqrt2)
+
+        def loop(start, stop, step, carried, body, name):
+            """``for i in range(start, stop, step)`` carrying SSA values; body(i, values) returns
+            the next values; returns the values at the exit."""
+            before = b.block
+            head = b.append_basic_block(name + ".head")
+            inside = b.append_basic_block(name + ".body")
+            after = b.append_basic_block(name + ".exit")
+            b.branch(head)
+            b.position_at_end(head)
+            i = b.phi(i64)
+            i.add_incoming(start, before)
+            phis = []
+            for value in carried:
+                phi = b.phi(value.type)
+                phi.add_incoming(value, before)
+                phis.append(phi)
+            b.cbranch(b.icmp_signed("<", i, stop), inside, after)
+            b.position_at_end(inside)
+            new = body(i, phis)
+            end = b.block
+            i.add_incoming(b.add(i, step), end)
+            for phi, value in zip(phis, new):
+                phi.add_incoming(value, end)
+            b.branch(head)
+            b.position_at_end(after)
+            return phis
+
+        def block(start, _):
+            live_rows = b.sub(m, start)
+
+            def fill(r, _):  # row r of the block: its input repeated (zeros past the last sample)
+                live = b.icmp_signed("<", r, live_rows)
+                source = b.mul(b.add(start, b.select(live, r, k(0))), k(d))
+
+                def entry(i, _):
+                    value = b.load(b.gep(x, [b.add(source, b.urem(i, k(d)))]))
+                    b.store(
+                        b.select(live, value, nothing), b.gep(xin, [b.add(b.mul(r, k(stride)), i)])
+                    )
+                    return []
+
+                loop(k(0), k(stride), k(1), [], entry, "fill.i")
+                return []
+
+            loop(k(0), k(rows), k(1), [], fill, "fill")
+
+            # dot products, 4 vectors at a time: lane block by lane block (the vectors' slice
+            # of one block, all shifts, stays in L1 while every row of the block uses it), 4
+            # rows at a time, their vector sums kept in `part` between lane blocks
+            def dots_vectors(j0, _):
+                vec_base = [b.mul(b.add(j0, k(j)), k(width)) for j in range(4)]
+
+                def clear(i, _):
+                    b.store(zero, b.bitcast(b.gep(part, [b.mul(i, k(lanes_))]), vec.as_pointer()))
+                    return []
+
+                loop(k(0), k(4 * rows), k(1), [], clear, "dots.clear")
+
+                def lane_block(ab, _):
+                    offset = b.mul(ab, k(lanes_))
+                    vv0 = [load(v, b.add(vec_base[j], offset)) for j in range(4)]
+
+                    def dots_rows(r4, _):
+                        row_base = [b.mul(b.add(r4, k(r)), k(stride)) for r in range(4)]
+                        xa = [load(xin, b.add(row_base[r], offset)) for r in range(4)]
+
+                        # the shifted products: t_rj = sum_s x_r(a + s) v_j(s, a); then
+                        # x_r(a) t_rj (one product per lane block, not per shift), after
+                        # the diagonal's term
+                        def shift(s, t):
+                            xs = [load(xin, b.add(b.add(row_base[r], offset), s)) for r in range(4)]
+                            at = b.add(b.mul(s, k(dp)), offset)
+                            vv = [load(v, b.add(vec_base[j], at)) for j in range(4)]
+                            return [
+                                b.call(fma, [xs[r], vv[j], t[4 * r + j]])
+                                for r in range(4)
+                                for j in range(4)
+                            ]
+
+                        t = loop(k(1), k(shifts), k(1), [zero] * 16, shift, "dots.s")
+                        for r in range(4):
+                            f = hermite(xa[r])
+                            for j in range(4):
+                                slot = b.mul(b.add(b.mul(b.add(r4, k(r)), k(4)), k(j)), k(lanes_))
+                                p = b.bitcast(b.gep(part, [slot]), vec.as_pointer())
+                                acc = b.call(fma, [f, vv0[j], b.load(p, align=size)])
+                                acc = b.call(fma, [xa[r], t[4 * r + j], acc])
+                                b.store(acc, p, align=size)
+                        return []
+
+                    loop(k(0), k(rows), k(4), [], dots_rows, "dots.r")
+                    return []
+
+                loop(k(0), k(blocks), k(1), [], lane_block, "dots.ab")
+
+                def finish(row, _):
+                    sums = []
+                    for j in range(4):
+                        slot = b.mul(b.add(b.mul(row, k(4)), k(j)), k(lanes_))
+                        p = b.bitcast(b.gep(part, [slot]), vec.as_pointer())
+                        sums.append(lanes_sum(b.load(p, align=size)))
+                    if dots_only:  # row start + row of the output
+                        at = b.mul(b.add(start, row), kp)
+                        for j in range(4):
+                            b.store(sums[j], b.gep(w, [b.add(at, b.add(j0, k(j)))]))
+                        return []
+                    live = b.icmp_signed("<", row, live_rows)
+                    label = b.load(b.gep(y, [b.add(start, b.select(live, row, k(0)))]))
+                    label = b.select(live, label, nothing)
+                    for j in range(4):
+                        b.store(
+                            b.fmul(sums[j], label),
+                            b.gep(w, [b.add(b.mul(row, kp), b.add(j0, k(j)))]),
+                        )
+                    return []
+
+                loop(k(0), k(rows), k(1), [], finish, "dots.sum")
+                return []
+
+            loop(k(0), kp, k(4), [], dots_vectors, "dots.j")
+            if dots_only:
+                return []
+
+            tile_blocks = min(4, blocks)
+
+            def tile(j0, s, ab0, count, diagonal):
+                """Weighted rows: shift s, lane blocks ab0 .. ab0 + count, vectors j0 .. j0 + 3."""
+
+                def row(r, acc):
+                    base = b.mul(r, k(stride))
+                    f = []
+                    for t in range(count):
+                        at = b.add(base, b.mul(b.add(ab0, k(t)), k(lanes_)))
+                        xa = load(xin, at)
+                        f.append(hermite(xa) if diagonal else b.fmul(xa, load(xin, b.add(at, s))))
+                    weights = b.mul(r, kp)
+                    ws = [
+                        splat(b.load(b.gep(w, [b.add(weights, b.add(j0, k(j)))]))) for j in range(4)
+                    ]
+                    return [
+                        b.call(fma, [f[t], ws[j], acc[count * j + t]])
+                        for j in range(4)
+                        for t in range(count)
+                    ]
+
+                acc = loop(k(0), k(rows), k(1), [zero] * (4 * count), row, "rows")
+                for j in range(4):
+                    for t in range(count):
+                        at = b.add(b.add(b.mul(b.add(j0, k(j)), k(width)), b.mul(s, k(dp))),
+                                   b.mul(b.add(ab0, k(t)), k(lanes_)))  # fmt: skip
+                        total = acc[count * j + t]
+                        for h in range(0, lanes_, half):
+                            part = total
+                            if scalar != ir.DoubleType() or half != lanes_:
+                                mask = ir.Constant(
+                                    ir.VectorType(i32, half), list(range(h, h + half))
+                                )
+                                part = b.shuffle_vector(total, total, mask)
+                                if scalar != ir.DoubleType():
+                                    part = b.fpext(part, vec64)
+                            p = b.bitcast(b.gep(out, [b.add(at, k(h))]), vec64.as_pointer())
+                            b.store(b.fadd(b.load(p, align=8), part), p, align=8)
+
+            def weighted_vectors(j0, _):
+                def tiles(s, diagonal):
+                    whole = blocks - blocks % tile_blocks
+                    if whole:
+
+                        def full(ab0, _):
+                            tile(j0, s, ab0, tile_blocks, diagonal)
+                            return []
+
+                        loop(k(0), k(whole), k(tile_blocks), [], full, "tiles")
+                    if blocks % tile_blocks:
+                        tile(j0, s, k(whole), blocks % tile_blocks, diagonal)
+
+                tiles(k(0), True)
+
+                def shift(s, _):
+                    tiles(s, False)
+                    return []
+
+                loop(k(1), k(shifts), k(1), [], shift, "weighted.s")
+                return []
+
+            loop(k(0), kp, k(4), [], weighted_vectors, "weighted.j")
+            return []
+
+        loop(k(0), m, k(rows), [], block, "block")
+        b.ret_void()
+
+    emit("lifted_q2_pass", False)
+    emit("lifted_q2_dots", True)
+    return module
