@@ -3,7 +3,7 @@
 1. GEMM peaks of this machine, float64 and float32, measured now.
 2. Moment-operator throughput against those peaks, at the widths hsl applies (4 vectors a pass
    on the CPU, 8 on a GPU) and at a full block, in both q = 2 forms: hsl's lifted form (the
-   compiled pass on D lifted coordinates, 4 n D flops per vector) and the matrix form (GEMMs
+   explicit-SIMD pass on D lifted coordinates, 4 n D flops per vector) and the matrix form (GEMMs
    on d x d matrices, 4 n d^2 flops per vector, the paper's form and hsl's on a GPU), each
    rated by its own flop count, with the time per vector of one against the other.
 3. A fig2-cpu sweep of the layer-wise spectral method (one seed, warm-started over n) by

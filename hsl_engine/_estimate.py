@@ -44,33 +44,37 @@ HIDDEN_CACHE_STREAMED_BYTES = 32 * 2**20
 # The cost model of the ETA and of the time quotes: a point's seconds on the reference
 # machine (2 cores) are a fixed cost plus its work at the rate its kind of work sustains,
 # whole point included (operator, sample generation, second layer, readout, test metrics).
-# The rates differ several-fold between kinds: the q = 2 Hermite operator (the compiled
+# The rates differ several-fold between kinds: the q = 2 Hermite operator (the explicit-SIMD
 # lifted pass on the CPU) is counted in the matrix form's 4 n d^2 flops per vector and does
 # about half that, the explicit-feature operator (Gaussian features, q = 3) runs thin GEMMs of
 # k columns over D-wide features. A rate is of the work as counted here, which takes
 # `KRYLOV_BLOCKS` blocks of vectors per n where the solver needs 4-8, so the q = 2 rates exceed
 # the operator's own GFLOP/s. Fitted by `fit_rates` (`scripts/record-runs --fit`, relative
 # least squares, t = a + w / rate) to the runs of the CPU presets in
-# tests/engine/data/recorded_runs.json (engine 0.8.0, the 2-core development machine of
-# 2026-12-05, recorded back to back from a 1-minute load of 1.4): fig2-cpu's q = 2 Krylov in
-# float64 136.6 GFLOP/s and its RBF kernel 60.0 (a = 0: the free fit is slightly negative),
-# fig2-d120-cpu's q = 2 Krylov in float32 305.9, fig3-cpu's explicit-feature Krylov 19.8,
-# fig4-cpu's dense 52.6; a = 0-0.25 s, one fixed cost of 0.1 s for all (0.15 s before: with
-# the faster q = 2 rates it left the first ETA of the quick presets, whose first points take
-# 0.06-0.08 s, at 0.44-0.53x the truth).
-# (Engine 0.7.0's matrix-form operator, recorded the same morning: 88.8, 52.8, 203.3, 15.2,
-# 37.1: the q = 2 rates rose 1.5x with the lifted passes; the others moved with the host.)
+# tests/engine/data/recorded_runs.json (engine 0.9.0, the 2-core development machine of
+# 2026-12-05 22:52-23:03 UTC, recorded back to back from a 1-minute load of 0.7): fig2-cpu's
+# q = 2 Krylov in float64 121.1 GFLOP/s and its RBF kernel 59.3 (a = 0: the free fit is
+# slightly negative), fig2-d120-cpu's q = 2 Krylov in float32 259.6, fig3-cpu's
+# explicit-feature Krylov 13.2, fig4-cpu's dense 40.8; a = 0-0.29 s, one fixed cost of 0.1 s
+# for all. The host ran slowly that evening, and unevenly: against engine 0.8.0's recording
+# of 16:52-17:01 the kinds whose code did not change fitted 0.66x (explicit), 0.77x (dense)
+# and 0.99x (kernel) their rates then (20, 53, 60), the q = 2 ones 0.85-0.88x (306, 137).
+# Recordings hours apart cannot show the lifted pass's gain; measured in one host state
+# (2 threads, n = 216000, d = 60, 4 vectors, the two engines alternating) its operator took
+# 17.4 against 40-46 ms a vector in float64 and 9.5 against 22-24 in float32.
+# (Engine 0.7.0's matrix-form operator, recorded on the morning of 2026-12-05: 88.8, 52.8,
+# 203.3, 15.2, 37.1.)
 # Explicit and dense in float32: twice float64 (the GEMM peaks' ratio), not measured.
 POINT_OVERHEAD_SECONDS = 0.1
 REFERENCE_RATES = {  # (kind, dtype) -> FLOP/s of a whole point
-    ("q2", "float32"): 306e9,
-    ("q2", "float64"): 137e9,
-    ("explicit", "float32"): 40e9,
-    ("explicit", "float64"): 20e9,
-    ("dense", "float32"): 106e9,
-    ("dense", "float64"): 53e9,
-    ("kernel", "float32"): 60e9,
-    ("kernel", "float64"): 60e9,
+    ("q2", "float32"): 260e9,
+    ("q2", "float64"): 121e9,
+    ("explicit", "float32"): 26.4e9,
+    ("explicit", "float64"): 13.2e9,
+    ("dense", "float32"): 82e9,
+    ("dense", "float64"): 41e9,
+    ("kernel", "float32"): 59e9,
+    ("kernel", "float64"): 59e9,
 }
 
 

@@ -14,6 +14,7 @@ from ._backend import Backend, spec_backend
 from ._data import SeedData, make_seed_data
 from ._estimate import ResourceEstimate, estimate_resources
 from ._kernels import KernelRidgeSweep
+from ._simd import lifted_pass
 from ._spec import ExperimentSpec, parse_spec
 from ._spectral import (
     FirstLayerSolver,
@@ -178,6 +179,13 @@ def iter_run(
         data = make_seed_data(
             spec, seed, sample_budget_bytes=backend.sample_budget_bytes, backend=backend
         )
+    if not backend.is_torch and spec.model.q == 2 and spec.model.features == "hermite":
+        # compile the lifted pass (0.2-0.4 s a dtype, once per process) before the first
+        # point's clock starts: its seconds then say what the point costs, and so does the ETA
+        # made from them. float64 for the teacher's labels and the test set, the solver's
+        # type for the operator and the hidden features
+        for dtype in {"float64", spec.solver.dtype}:
+            lifted_pass(spec.model.d, dtype)
     method_spec = spec.method(method)
     # each method gets its own stream, fixed by its name, so adding methods changes nothing
     rng = data.method_rng(_METHOD_STREAM[method])

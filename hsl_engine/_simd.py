@@ -352,15 +352,16 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
             def fill(r, _):  # row r of the block: its input repeated (zeros past the last sample)
                 live = b.icmp_signed("<", r, live_rows)
                 source = b.mul(b.add(start, b.select(live, r, k(0))), k(d))
-
-                def entry(i, _):
-                    value = b.load(b.gep(x, [b.add(source, b.urem(i, k(d)))]))
-                    b.store(
-                        b.select(live, value, nothing), b.gep(xin, [b.add(b.mul(r, k(stride)), i)])
-                    )
-                    return []
-
-                loop(k(0), k(stride), k(1), [], entry, "fill.i")
+                target = b.mul(r, k(stride))
+                for first in range(0, stride, d):  # a copy of the input every d entries:
+                    count = min(d, stride - first)  # whole vectors, then the rest one by one
+                    for i in range(0, count - count % lanes_, lanes_):
+                        value = b.select(live, load(x, b.add(source, k(i))), zero)
+                        at = b.gep(xin, [b.add(target, k(first + i))])
+                        b.store(value, b.bitcast(at, vec.as_pointer()), align=size)
+                    for i in range(count - count % lanes_, count):
+                        value = b.select(live, b.load(b.gep(x, [b.add(source, k(i))])), nothing)
+                        b.store(value, b.gep(xin, [b.add(target, k(first + i))]))
                 return []
 
             loop(k(0), k(rows), k(1), [], fill, "fill")
