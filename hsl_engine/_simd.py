@@ -121,10 +121,10 @@ def cyclic_layout(d: int, lanes_: int) -> CyclicLayout:
     return CyclicLayout(d, lanes_, padded, shifts, shifts * padded, positions)
 
 
-def block_rows(d: int, dtype_name: str) -> int:
+def block_rows(d: int, dtype_name: str, vector_lanes: int | None = None) -> int:
     """Rows per block: their repeated inputs in `BLOCK_INPUT_BYTES`, a multiple of 4, at least
     `MIN_BLOCK_ROWS`."""
-    lay = cyclic_layout(d, lanes(dtype_name))
+    lay = cyclic_layout(d, vector_lanes or lanes(dtype_name))
     row_bytes = _row_stride(lay) * np.dtype(dtype_name).itemsize
     return max(MIN_BLOCK_ROWS, (BLOCK_INPUT_BYTES // row_bytes) // 4 * 4)
 
@@ -144,15 +144,17 @@ class LiftedPass:
     unused positions receive sums of no meaning). x, y and v in ``dtype``. Releases the GIL.
     """
 
-    def __init__(self, d: int, dtype_name: str):
+    def __init__(self, d: int, dtype_name: str, vector_lanes: int | None = None):
         import llvmlite.binding as ll
 
         if np.dtype(dtype_name) not in (np.float32, np.float64):
             raise ValueError(f"the lifted pass runs in float32 or float64, not {dtype_name}")
         self.d = d
         self.dtype = np.dtype(dtype_name)
-        self.layout = cyclic_layout(d, lanes(dtype_name))
-        self.rows = block_rows(d, dtype_name)
+        # numbers per vector: this CPU's widest registers unless given (the tests build the
+        # narrower widths of other CPUs too; LLVM splits a vector wider than the registers)
+        self.layout = cyclic_layout(d, vector_lanes or lanes(dtype_name))
+        self.rows = block_rows(d, dtype_name, self.layout.lanes)
         self.stride = _row_stride(self.layout)
         _initialise_llvm()
         source = _build(self.layout, self.dtype, self.rows, self.stride)

@@ -9,7 +9,7 @@ from hsl_engine import _compiled
 from hsl_engine._compiled import weigh_rows
 from hsl_engine._data import project
 from hsl_engine._operator import MomentOperator
-from hsl_engine._simd import cyclic_layout, lifted_pass
+from hsl_engine._simd import LiftedPass, cyclic_layout, lifted_pass
 
 
 def explicit_moment(inputs, y, q, features):
@@ -140,6 +140,30 @@ def test_lifted_pass_matches_its_formula(seed, dtype, m, k, d):
     # a row left out (here the last, in a partial block) would show
     last = y[-1] * np.outer(f[-1] @ vq.T, f[-1])
     assert np.abs(last).max() > 10 * tol * np.abs(want - 0.5).max()
+
+
+@pytest.mark.parametrize(("dtype", "lanes"), [(np.float32, 4), (np.float32, 8), (np.float64, 2),
+                                              (np.float64, 4)])  # fmt: skip
+def test_lifted_pass_for_narrower_vectors_matches_its_formula(seed, dtype, lanes):
+    # The vector widths of other CPUs (SSE or NEON: 16 bytes, AVX2: 32), built here: other
+    # lanes, so other paddings and block sizes, and the float64 sums added a whole vector at
+    # a time
+    rng = np.random.default_rng(seed)
+    d, m = 13, 203
+    x = rng.standard_normal((m, d)).astype(dtype)
+    y = rng.standard_normal(m).astype(dtype)
+    v = rng.standard_normal((8, he.feature_dim(d, 2)))
+    kernel = LiftedPass(d, np.dtype(dtype).name, vector_lanes=lanes)
+    assert kernel.layout.lanes == lanes and kernel.layout.padded == -(-d // lanes) * lanes
+    vc = kernel.vectors(v)
+    out = np.zeros(vc.shape)
+    kernel(x, y, vc, out)
+    f = he.lift(x.astype(np.float64), 2)
+    vq = vc[:, kernel.layout.positions].astype(np.float64)
+    want = (f.T @ (y.astype(np.float64)[:, None] * (f @ vq.T))).T
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    assert_allclose(kernel.coordinates(out), want, rtol=0, atol=tol * np.abs(want).max())
+    assert_allclose(kernel.dots(x, vc), f @ vq.T, rtol=0, atol=tol * np.abs(f @ vq.T).max())
 
 
 @pytest.mark.parametrize("d", [1, 2, 3, 8, 15, 16, 17, 60, 61])
