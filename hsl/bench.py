@@ -54,6 +54,8 @@ from hsl_engine._spectral import (
 )
 
 PAPER_STEPS = 15
+# Seconds to wait after a threaded GEMM before timing anything else
+BLAS_SETTLE = 0.5
 SEPARATED_GAP = 1e-2
 TARGETS = {"dense_per_n": 5.0, "incremental_dense": 2.0, "paper_point": 8.0, "operator": 0.6}
 
@@ -324,6 +326,10 @@ def main(*, quick: bool = False, threads: int | None = None) -> int:
         for dtype in (np.float64, np.float32):
             name = np.dtype(dtype).name
             peaks[name] = max(peaks.get(name, 0.0), gemm_peak(dtype, repeat=1))
+            # BLAS's worker threads spin for a while after a threaded GEMM (OpenBLAS: ~2^28
+            # cycles) and took a core from the operator timed next (measured: 99-142 against
+            # 144-149 GFLOP/s at 4 vectors, float32); let them park first
+            time.sleep(BLAS_SETTLE)
             for k in widths:
                 for form in forms:
                     rate, seconds = operator_throughput(view, k, dtype, threads, form, repeat=1)

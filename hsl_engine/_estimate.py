@@ -51,30 +51,43 @@ HIDDEN_CACHE_STREAMED_BYTES = 32 * 2**20
 # `KRYLOV_BLOCKS` blocks of vectors per n where the solver needs 4-8, so the q = 2 rates exceed
 # the operator's own GFLOP/s. Fitted by `fit_rates` (`scripts/record-runs --fit`, relative
 # least squares, t = a + w / rate) to the runs of the CPU presets in
-# tests/engine/data/recorded_runs.json (engine 0.9.0, the 2-core development machine of
-# 2026-12-05 22:52-23:03 UTC, recorded back to back from a 1-minute load of 0.7): fig2-cpu's
-# q = 2 Krylov in float64 121.1 GFLOP/s and its RBF kernel 59.3 (a = 0: the free fit is
-# slightly negative), fig2-d120-cpu's q = 2 Krylov in float32 259.6, fig3-cpu's
-# explicit-feature Krylov 13.2, fig4-cpu's dense 40.8; a = 0-0.29 s, one fixed cost of 0.1 s
-# for all. The host ran slowly that evening, and unevenly: against engine 0.8.0's recording
-# of 16:52-17:01 the kinds whose code did not change fitted 0.66x (explicit), 0.77x (dense)
-# and 0.99x (kernel) their rates then (20, 53, 60), the q = 2 ones 0.85-0.88x (306, 137).
-# Recordings hours apart cannot show the lifted pass's gain; measured in one host state
-# (2 threads, n = 216000, d = 60, 4 vectors, the two engines alternating) its operator took
-# 17.4 against 40-46 ms a vector in float64 and 9.5 against 22-24 in float32.
+# tests/engine/data/recorded_runs.json (engine 0.10.0, the 2-core development machine of
+# 2026-12-06 00:45-00:54 UTC, recorded back to back from a 1-minute load of 0.8):
+# fig2-cpu's q = 2 Krylov in float64 161.5 GFLOP/s and its RBF kernel 65.8 (a = 0: the free
+# fit is slightly negative), fig2-d120-cpu's q = 2 Krylov in float32 339.1, fig3-cpu's
+# explicit-feature Krylov 19.6, fig4-cpu's dense 51.0; the fixed costs a = 0.02-0.05 s at
+# D = 465 and 1830, 0.30 s at D = 7260 (fig2-d120-cpu), so the model's fixed cost grows with
+# D (`point_overhead_seconds`; a fixed 0.1 s for all made fig2-cpu's first ETA 0.45x the
+# truth once its first point took 0.05 s). The host's speed differs between recordings: the
+# kinds of work whose code did not change fitted 1.11-1.48x their rates in engine 0.9.0's
+# recording (2026-12-05 22:52-23:03, a slow evening: q2 260 and 121, explicit 13.2, dense
+# 40.8, kernel 59.3) and 0.96-1.10x those of engine 0.8.0's (16:52-17:01: q2 306 and 137,
+# explicit 20, dense 53, kernel 60). Only measurements in one host state compare engines
+# (README "Performance"). With these, the first ETA of each recording is 0.60-1.50x the
+# truth, and from a quarter of the points on 0.89-1.21x.
 # (Engine 0.7.0's matrix-form operator, recorded on the morning of 2026-12-05: 88.8, 52.8,
 # 203.3, 15.2, 37.1.)
 # Explicit and dense in float32: twice float64 (the GEMM peaks' ratio), not measured.
-POINT_OVERHEAD_SECONDS = 0.1
+# A point's fixed cost at small D; it grows as (D / 1830)^1.3 (`point_overhead_seconds`)
+POINT_OVERHEAD_SECONDS = 0.03
+POINT_OVERHEAD_AT_1830 = 0.04
+
+
+def point_overhead_seconds(dim: int) -> float:
+    """A point's fixed cost on the reference machine, beyond its counted work: fitted to the
+    recorded runs' fixed costs (0.02-0.05 s at D = 465 and 1830, 0.30 s at D = 7260)."""
+    return POINT_OVERHEAD_SECONDS + POINT_OVERHEAD_AT_1830 * (dim / 1830.0) ** 1.3
+
+
 REFERENCE_RATES = {  # (kind, dtype) -> FLOP/s of a whole point
-    ("q2", "float32"): 260e9,
-    ("q2", "float64"): 121e9,
-    ("explicit", "float32"): 26.4e9,
-    ("explicit", "float64"): 13.2e9,
-    ("dense", "float32"): 82e9,
-    ("dense", "float64"): 41e9,
-    ("kernel", "float32"): 59e9,
-    ("kernel", "float64"): 59e9,
+    ("q2", "float32"): 339e9,
+    ("q2", "float64"): 161e9,
+    ("explicit", "float32"): 39.2e9,
+    ("explicit", "float64"): 19.6e9,
+    ("dense", "float32"): 102e9,
+    ("dense", "float64"): 51e9,
+    ("kernel", "float32"): 66e9,
+    ("kernel", "float64"): 66e9,
 }
 
 
@@ -101,7 +114,7 @@ class ResourceEstimate:
         order of ``spec.sample_sizes()``); ``flops`` is their sum times the seeds.
     point_seconds : dict
         Method name -> the estimated seconds of each of its points of one seed on the
-        reference machine (2 CPU cores; `POINT_OVERHEAD_SECONDS` plus the work at the rate of
+        reference machine (2 CPU cores; `point_overhead_seconds(D)` plus the work at the rate of
         its kind, `REFERENCE_RATES`).
     seconds : float
         Estimated seconds of the whole experiment on the reference machine: the sum of
@@ -319,7 +332,8 @@ def estimate_resources(
         work[method.name] = per_n
         kinds[method.name] = kind
         rate = REFERENCE_RATES[(kind, dtype)]
-        seconds[method.name] = [POINT_OVERHEAD_SECONDS + w / rate for w in per_n]
+        overhead = point_overhead_seconds(dim)
+        seconds[method.name] = [overhead + w / rate for w in per_n]
         peak = max(peak, run_peak)
     flops = spec.sweep.seeds * sum(sum(per_n) for per_n in work.values())
     points = len(spec.methods) * spec.sweep.seeds * len(ns)

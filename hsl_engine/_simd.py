@@ -28,16 +28,23 @@ operator scatters its vectors into it and gathers the result back, about D k num
    ``x_r(a) t_rj`` and the diagonal's term go into the rows' vector sums, kept between
    lane blocks; one tree sum per row and vector at the end;
 2. the weights ``w_ij = y_i (F(x_i) . v_j)`` (labels beyond the last sample are 0);
-3. the weighted rows: for each shift and tile of 4 lane blocks, 4 vectors x 4 blocks of
-   accumulators over the block's rows (rows innermost), then added into the float64 sums.
+3. the weighted rows ``sum_r w_rj x_r(a) x_r(a + s)``: the diagonal (shift 0) in tiles of
+   4 lane blocks x 4 vectors; the other shifts lane block by lane block, first
+   ``u_rj = w_rj x_r(a)`` for every row (into scratch, in L1), then tiles of 4 shifts x 4
+   vectors, 16 accumulators over the block's rows (rows innermost: per row 4 loads of ``u``,
+   4 shifted loads of the input, 16 fused multiply-adds and no other arithmetic), each tile
+   then added into the float64 sums. (Engine 0.9.0 formed ``x_r(a) x_r(a + s)`` per row
+   and lane block and multiplied it by the weights: one product per 4 multiply-adds, so that
+   step ran at 65-68 % of one core's FMA peak against 72 % now; see README "Performance".)
 
 Sums of products over a block's rows, and the dot products over D, are in the input type
 (float32 or float64), each lane in a fixed order; the float64 sums take the blocks in row
 order. So the numbers depend on the rows given (blocks start at the first), and on the CPU's
 vector width, which fixes the lanes: not on threads, on the run, or on what else the process
 compiled. Measured on one core of the development machine (d = 60, 16384 rows, 4 vectors;
-README "Performance"): 2.0-2.6x as fast as engine 0.8.0's Numba pass in float32, 1.6-2.3x in
-float64, and 1.7-2.2x at d = 120 to 400.
+README "Performance"): engine 0.9.0's pass was 2.0-2.6x as fast as engine 0.8.0's Numba pass
+in float32, 1.6-2.3x in float64, and 1.7-2.2x at d = 120 to 400; engine 0.10.0's weighted
+rows make it 1.03-1.08x faster again on one core and 1.00-1.11x on two (d = 60 to 400).
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ BLOCK_INPUT_BYTES = 28 * 1024
 # A block has at least this many rows, so that adding its sums into the float64 vectors
 # (kp x D numbers read and written once a block) stays a small part of the work
 MIN_BLOCK_ROWS = 16
+# Shifts per register tile of the weighted rows (times 4 vectors: 16 accumulators)
+SHIFT_TILE = 4
 
 
 def vector_bytes() -> int:
@@ -214,7 +223,8 @@ class LiftedPass:
         return out[:m]
 
     def _scratch(self) -> tuple[np.ndarray, np.ndarray]:
-        # a block's repeated inputs, and its rows' vector sums of 4 dot products
+        # a block's repeated inputs, and its rows' vector sums of 4 dot products (then the
+        # rows' u = w x(a) of one lane block and 4 vectors, the same size)
         inputs = np.empty((self.rows, self.stride), self.dtype)
         sums = np.empty((self.rows, 4, self.layout.lanes), self.dtype)
         return inputs, sums
@@ -448,16 +458,16 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
 
             tile_blocks = min(4, blocks)
 
-            def tile(j0, s, ab0, count, diagonal):
-                """Weighted rows: shift s, lane blocks ab0 .. ab0 + count, vectors j0 .. j0 + 3."""
+            def diagonal_tile(j0, ab0, count):
+                """Weighted rows of shift 0, the Hermite diagonal: lane blocks ab0 .. ab0 +
+                count - 1, vectors j0 .. j0 + 3 (4 x count accumulators over the rows)."""
 
                 def row(r, acc):
                     base = b.mul(r, k(stride))
-                    f = []
-                    for t in range(count):
-                        at = b.add(base, b.mul(b.add(ab0, k(t)), k(lanes_)))
-                        xa = load(xin, at)
-                        f.append(hermite(xa) if diagonal else b.fmul(xa, load(xin, b.add(at, s))))
+                    f = [
+                        hermite(load(xin, b.add(base, b.mul(b.add(ab0, k(t)), k(lanes_)))))
+                        for t in range(count)
+                    ]
                     weights = b.mul(r, kp)
                     ws = [
                         splat(b.load(b.gep(w, [b.add(weights, b.add(j0, k(j)))]))) for j in range(4)
@@ -471,39 +481,86 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
                 acc = loop(k(0), k(rows), k(1), [zero] * (4 * count), row, "rows")
                 for j in range(4):
                     for t in range(count):
-                        at = b.add(b.add(b.mul(b.add(j0, k(j)), k(width)), b.mul(s, k(dp))),
-                                   b.mul(b.add(ab0, k(t)), k(lanes_)))  # fmt: skip
-                        total = acc[count * j + t]
-                        for h in range(0, lanes_, half):
-                            part = total  # float64: half is the whole vector
-                            if size == 4:  # float32: lanes h .. h + half, widened
-                                mask = ir.Constant(
-                                    ir.VectorType(i32, half), list(range(h, h + half))
-                                )
-                                part = b.fpext(b.shuffle_vector(total, total, mask), vec64)
-                            p = b.bitcast(b.gep(out, [b.add(at, k(h))]), vec64.as_pointer())
-                            b.store(b.fadd(b.load(p, align=8), part), p, align=8)
+                        at = b.add(
+                            b.mul(b.add(j0, k(j)), k(width)), b.mul(b.add(ab0, k(t)), k(lanes_))
+                        )
+                        add_sums(acc[count * j + t], at)
+
+            def add_sums(total, at):
+                """Add a register of sums (in the input type) into the float64 sums at ``at``."""
+                for h in range(0, lanes_, half):
+                    part_ = total  # float64: half is the whole vector
+                    if size == 4:  # float32: lanes h .. h + half, widened
+                        mask = ir.Constant(ir.VectorType(i32, half), list(range(h, h + half)))
+                        part_ = b.fpext(b.shuffle_vector(total, total, mask), vec64)
+                    p = b.bitcast(b.gep(out, [b.add(at, k(h))]), vec64.as_pointer())
+                    b.store(b.fadd(b.load(p, align=8), part_), p, align=8)
+
+            def shift_tile(j0, ab, s0, count):
+                """Weighted rows of shifts s0 .. s0 + count - 1 at lane block ab, vectors j0 ..
+                j0 + 3: sum_r u_rj(a) x_r(a + s), with u_rj = w_rj x_r(a) in ``part``."""
+                offset = b.mul(ab, k(lanes_))
+
+                def row(r, acc):
+                    base = b.add(b.mul(r, k(stride)), offset)
+                    slots = [b.mul(b.add(b.mul(r, k(4)), k(j)), k(lanes_)) for j in range(4)]
+                    us = [load(part, slot) for slot in slots]
+                    xs = [load(xin, b.add(base, b.add(s0, k(t)))) for t in range(count)]
+                    return [
+                        b.call(fma, [us[j], xs[t], acc[count * j + t]])
+                        for j in range(4)
+                        for t in range(count)
+                    ]
+
+                acc = loop(k(0), k(rows), k(1), [zero] * (4 * count), row, "rows.s")
+                for j in range(4):
+                    for t in range(count):
+                        at = b.add(b.add(b.mul(b.add(j0, k(j)), k(width)),
+                                         b.mul(b.add(s0, k(t)), k(dp))), offset)  # fmt: skip
+                        add_sums(acc[count * j + t], at)
 
             def weighted_vectors(j0, _):
-                def tiles(s, diagonal):
-                    whole = blocks - blocks % tile_blocks
+                # the diagonal (shift 0): tiles of 4 lane blocks, the Hermite feature per row
+                whole = blocks - blocks % tile_blocks
+                if whole:
+
+                    def full(ab0, _):
+                        diagonal_tile(j0, ab0, tile_blocks)
+                        return []
+
+                    loop(k(0), k(whole), k(tile_blocks), [], full, "tiles")
+                if blocks % tile_blocks:
+                    diagonal_tile(j0, k(whole), blocks % tile_blocks)
+
+                # the other shifts: lane block by lane block, u_rj = w_rj x_r(a) once per row
+                # (into ``part``), then tiles of 4 shifts x 4 vectors over the rows
+                def lane_block(ab, _):
+                    offset = b.mul(ab, k(lanes_))
+
+                    def weigh(r, _):
+                        xa = load(xin, b.add(b.mul(r, k(stride)), offset))
+                        for j in range(4):
+                            wt = splat(b.load(b.gep(w, [b.add(b.mul(r, kp), b.add(j0, k(j)))])))
+                            slot = b.mul(b.add(b.mul(r, k(4)), k(j)), k(lanes_))
+                            p = b.bitcast(b.gep(part, [slot]), vec.as_pointer())
+                            b.store(b.fmul(xa, wt), p, align=size)
+                        return []
+
+                    loop(k(0), k(rows), k(1), [], weigh, "weigh")
+                    others = shifts - 1
+                    whole = others - others % SHIFT_TILE
                     if whole:
 
-                        def full(ab0, _):
-                            tile(j0, s, ab0, tile_blocks, diagonal)
+                        def full(s0, _):
+                            shift_tile(j0, ab, s0, SHIFT_TILE)
                             return []
 
-                        loop(k(0), k(whole), k(tile_blocks), [], full, "tiles")
-                    if blocks % tile_blocks:
-                        tile(j0, s, k(whole), blocks % tile_blocks, diagonal)
-
-                tiles(k(0), True)
-
-                def shift(s, _):
-                    tiles(s, False)
+                        loop(k(1), k(1 + whole), k(SHIFT_TILE), [], full, "shift.tiles")
+                    if others % SHIFT_TILE:
+                        shift_tile(j0, ab, k(1 + whole), others % SHIFT_TILE)
                     return []
 
-                loop(k(1), k(shifts), k(1), [], shift, "weighted.s")
+                loop(k(0), k(blocks), k(1), [], lane_block, "weighted.ab")
                 return []
 
             loop(k(0), kp, k(4), [], weighted_vectors, "weighted.j")
