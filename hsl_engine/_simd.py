@@ -458,34 +458,6 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
 
             tile_blocks = min(4, blocks)
 
-            def diagonal_tile(j0, ab0, count):
-                """Weighted rows of shift 0, the Hermite diagonal: lane blocks ab0 .. ab0 +
-                count - 1, vectors j0 .. j0 + 3 (4 x count accumulators over the rows)."""
-
-                def row(r, acc):
-                    base = b.mul(r, k(stride))
-                    f = [
-                        hermite(load(xin, b.add(base, b.mul(b.add(ab0, k(t)), k(lanes_)))))
-                        for t in range(count)
-                    ]
-                    weights = b.mul(r, kp)
-                    ws = [
-                        splat(b.load(b.gep(w, [b.add(weights, b.add(j0, k(j)))]))) for j in range(4)
-                    ]
-                    return [
-                        b.call(fma, [f[t], ws[j], acc[count * j + t]])
-                        for j in range(4)
-                        for t in range(count)
-                    ]
-
-                acc = loop(k(0), k(rows), k(1), [zero] * (4 * count), row, "rows")
-                for j in range(4):
-                    for t in range(count):
-                        at = b.add(
-                            b.mul(b.add(j0, k(j)), k(width)), b.mul(b.add(ab0, k(t)), k(lanes_))
-                        )
-                        add_sums(acc[count * j + t], at)
-
             def add_sums(total, at):
                 """Add a register of sums (in the input type) into the float64 sums at ``at``."""
                 for h in range(0, lanes_, half):
@@ -496,28 +468,63 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
                     p = b.bitcast(b.gep(out, [b.add(at, k(h))]), vec64.as_pointer())
                     b.store(b.fadd(b.load(p, align=8), part_), p, align=8)
 
+            def weighted_tile(count, operands, at, name):
+                """4 x count accumulators over the block's rows, ``acc[j][t] += a_j c_t`` with
+                ``(a, c) = operands(r)`` for row r, each then added into the float64 sums at
+                ``at(j, t)``."""
+
+                def row(r, acc):
+                    a, c = operands(r)
+                    return [
+                        b.call(fma, [a[j], c[t], acc[count * j + t]])
+                        for j in range(4)
+                        for t in range(count)
+                    ]
+
+                acc = loop(k(0), k(rows), k(1), [zero] * (4 * count), row, name)
+                for j in range(4):
+                    for t in range(count):
+                        add_sums(acc[count * j + t], at(j, t))
+
+            def diagonal_tile(j0, ab0, count):
+                """Weighted rows of shift 0, the Hermite diagonal: lane blocks ab0 .. ab0 +
+                count - 1, vectors j0 .. j0 + 3 (the weights times the feature per row)."""
+
+                def operands(r):
+                    base = b.mul(r, k(stride))
+                    f = [
+                        hermite(load(xin, b.add(base, b.mul(b.add(ab0, k(t)), k(lanes_)))))
+                        for t in range(count)
+                    ]
+                    weights = b.mul(r, kp)
+                    ws = [
+                        splat(b.load(b.gep(w, [b.add(weights, b.add(j0, k(j)))]))) for j in range(4)
+                    ]
+                    return ws, f
+
+                def at(j, t):
+                    return b.add(
+                        b.mul(b.add(j0, k(j)), k(width)), b.mul(b.add(ab0, k(t)), k(lanes_))
+                    )
+
+                weighted_tile(count, operands, at, "rows")
+
             def shift_tile(j0, ab, s0, count):
                 """Weighted rows of shifts s0 .. s0 + count - 1 at lane block ab, vectors j0 ..
                 j0 + 3: sum_r u_rj(a) x_r(a + s), with u_rj = w_rj x_r(a) in ``part``."""
                 offset = b.mul(ab, k(lanes_))
 
-                def row(r, acc):
+                def operands(r):
                     base = b.add(b.mul(r, k(stride)), offset)
                     slots = [b.mul(b.add(b.mul(r, k(4)), k(j)), k(lanes_)) for j in range(4)]
                     us = [load(part, slot) for slot in slots]
-                    xs = [load(xin, b.add(base, b.add(s0, k(t)))) for t in range(count)]
-                    return [
-                        b.call(fma, [us[j], xs[t], acc[count * j + t]])
-                        for j in range(4)
-                        for t in range(count)
-                    ]
+                    return us, [load(xin, b.add(base, b.add(s0, k(t)))) for t in range(count)]
 
-                acc = loop(k(0), k(rows), k(1), [zero] * (4 * count), row, "rows.s")
-                for j in range(4):
-                    for t in range(count):
-                        at = b.add(b.add(b.mul(b.add(j0, k(j)), k(width)),
-                                         b.mul(b.add(s0, k(t)), k(dp))), offset)  # fmt: skip
-                        add_sums(acc[count * j + t], at)
+                def at(j, t):
+                    return b.add(b.add(b.mul(b.add(j0, k(j)), k(width)),
+                                       b.mul(b.add(s0, k(t)), k(dp))), offset)  # fmt: skip
+
+                weighted_tile(count, operands, at, "rows.s")
 
             def weighted_vectors(j0, _):
                 # the diagonal (shift 0): tiles of 4 lane blocks, the Hermite feature per row
