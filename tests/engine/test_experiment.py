@@ -270,6 +270,27 @@ def test_reference_rates_are_those_the_recorded_runs_fit():
         assert 0.0 <= a <= 1.0, (key, a)
 
 
+def test_fixed_cost_per_point_follows_the_recorded_runs():
+    """A point's fixed cost grows with D (`point_overhead_seconds`): within 2x of the fixed
+    cost each recording's fit finds (where that is not ~0), from D = 465 to 7260."""
+    from hsl_engine._estimate import fit_rates, point_overhead_seconds
+
+    runs = json.loads(RECORDED.read_text())["runs"]
+    fitted = fit_rates(runs)
+    checked = set()
+    for run in runs:
+        spec = he.parse_spec(run["spec"])
+        est = he.estimate_resources(spec)
+        for kind in est.kinds.values():
+            a = fitted[(kind, spec.solver.dtype)][0]
+            if a > 0.01:
+                ratio = point_overhead_seconds(spec.model.feature_dim) / a
+                assert 1 / 2 <= ratio <= 2, (run["preset"], kind, a, ratio)
+                checked.add(spec.model.feature_dim)
+    assert {465, 1830, 7260} <= checked
+    assert point_overhead_seconds(7260) > 5 * point_overhead_seconds(465)
+
+
 def test_eta_is_none_before_the_first_point_and_ignores_unknown_points():
     spec = small_spec(sweep={"seeds": 1})
     assert he.expected_seconds(spec, []) is None
