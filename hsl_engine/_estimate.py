@@ -52,19 +52,20 @@ HIDDEN_CACHE_STREAMED_BYTES = 32 * 2**20
 # the operator's own GFLOP/s. Fitted by `fit_rates` (`scripts/record-runs --fit`, relative
 # least squares, t = a + w / rate) to the runs of the CPU presets in
 # tests/engine/data/recorded_runs.json (engine 0.10.0, the 2-core development machine of
-# 2026-12-06 00:45-00:54 UTC, recorded back to back from a 1-minute load of 0.8):
-# fig2-cpu's q = 2 Krylov in float64 161.5 GFLOP/s and its RBF kernel 65.8 (a = 0: the free
-# fit is slightly negative), fig2-d120-cpu's q = 2 Krylov in float32 339.1, fig3-cpu's
-# explicit-feature Krylov 19.6, fig4-cpu's dense 51.0; the fixed costs a = 0.02-0.05 s at
-# D = 465 and 1830, 0.30 s at D = 7260 (fig2-d120-cpu), so the model's fixed cost grows with
+# 2026-12-06 01:44-01:52 UTC, recorded back to back from a 1-minute load of 0.4):
+# fig2-cpu's q = 2 Krylov in float64 174.3 GFLOP/s and its RBF kernel 61.8 (a = 0: the free
+# fit is slightly negative), fig2-d120-cpu's q = 2 Krylov in float32 369.3, fig3-cpu's
+# explicit-feature Krylov 21.1, fig4-cpu's dense 53.5; the fixed costs a = 0.02-0.05 s at
+# D = 465 and 1830, 0.23 s at D = 7260 (fig2-d120-cpu; 0.30 s in a recording an hour
+# earlier, before the pass's width rule), so the model's fixed cost grows with
 # D (`point_overhead_seconds`; a fixed 0.1 s for all made fig2-cpu's first ETA 0.45x the
 # truth once its first point took 0.05 s). The host's speed differs between recordings: the
-# kinds of work whose code did not change fitted 1.11-1.48x their rates in engine 0.9.0's
+# kinds of work whose code did not change fitted 1.04-1.60x their rates in engine 0.9.0's
 # recording (2026-12-05 22:52-23:03, a slow evening: q2 260 and 121, explicit 13.2, dense
-# 40.8, kernel 59.3) and 0.96-1.10x those of engine 0.8.0's (16:52-17:01: q2 306 and 137,
+# 40.8, kernel 59.3) and 1.01-1.06x those of engine 0.8.0's (16:52-17:01: q2 306 and 137,
 # explicit 20, dense 53, kernel 60). Only measurements in one host state compare engines
-# (README "Performance"). With these, the first ETA of each recording is 0.60-1.50x the
-# truth, and from a quarter of the points on 0.89-1.21x.
+# (README "Performance"). With these, the first ETA of each recording is 0.59-1.20x the
+# truth, and from a quarter of the points on 0.90-1.19x.
 # (Engine 0.7.0's matrix-form operator, recorded on the morning of 2026-12-05: 88.8, 52.8,
 # 203.3, 15.2, 37.1.)
 # Explicit and dense in float32: twice float64 (the GEMM peaks' ratio), not measured.
@@ -75,19 +76,19 @@ POINT_OVERHEAD_AT_1830 = 0.04
 
 def point_overhead_seconds(dim: int) -> float:
     """A point's fixed cost on the reference machine, beyond its counted work: fitted to the
-    recorded runs' fixed costs (0.02-0.05 s at D = 465 and 1830, 0.30 s at D = 7260)."""
+    recorded runs' fixed costs (0.02-0.05 s at D = 465 and 1830, 0.23-0.30 s at D = 7260)."""
     return POINT_OVERHEAD_SECONDS + POINT_OVERHEAD_AT_1830 * (dim / 1830.0) ** 1.3
 
 
 REFERENCE_RATES = {  # (kind, dtype) -> FLOP/s of a whole point
-    ("q2", "float32"): 339e9,
-    ("q2", "float64"): 161e9,
-    ("explicit", "float32"): 39.2e9,
-    ("explicit", "float64"): 19.6e9,
-    ("dense", "float32"): 102e9,
-    ("dense", "float64"): 51e9,
-    ("kernel", "float32"): 66e9,
-    ("kernel", "float64"): 66e9,
+    ("q2", "float32"): 369e9,
+    ("q2", "float64"): 174e9,
+    ("explicit", "float32"): 42.2e9,
+    ("explicit", "float64"): 21.1e9,
+    ("dense", "float32"): 107e9,
+    ("dense", "float64"): 53.5e9,
+    ("kernel", "float32"): 62e9,
+    ("kernel", "float64"): 62e9,
 }
 
 

@@ -40,7 +40,8 @@ operator scatters its vectors into it and gathers the result back, about D k num
 Sums of products over a block's rows, and the dot products over D, are in the input type
 (float32 or float64), each lane in a fixed order; the float64 sums take the blocks in row
 order. So the numbers depend on the rows given (blocks start at the first), and on the CPU's
-vector width, which fixes the lanes: not on threads, on the run, or on what else the process
+vector width and d, which fix the lanes (`pass_lanes`): not on threads, on the run, or on
+what else the process
 compiled. Measured on one core of the development machine (d = 60, 16384 rows, 4 vectors;
 README "Performance"): engine 0.9.0's pass was 2.0-2.6x as fast as engine 0.8.0's Numba pass
 in float32, 1.6-2.3x in float64, and 1.7-2.2x at d = 120 to 400; engine 0.10.0's weighted
@@ -82,6 +83,21 @@ def vector_bytes() -> int:
 def lanes(dtype_name: str) -> int:
     """Numbers of ``dtype`` per vector register on this CPU."""
     return vector_bytes() // np.dtype(dtype_name).itemsize
+
+
+def pass_lanes(d: int, dtype_name: str) -> int:
+    """Numbers per vector of the pass for inputs of dimension d: this CPU's widest registers,
+    or half that width where it pads d to fewer numbers (d = 120 in float32 with AVX-512:
+    120 numbers a shift against 128; d = 60 in float64: 60 against 64). Measured on one core
+    of the development machine (AVX-512 executed as two 256-bit halves; 4 vectors, best of
+    40): 1.05x faster at d = 120 float32 and d = 60 float64; where both widths pad alike
+    (d = 60 float32, d = 120 and 400 float64) the wider was as fast or faster (up to 1.4x).
+    The choice depends on d and the CPU only, so the numbers stay deterministic."""
+    wide = lanes(dtype_name)
+    half = wide // 2
+    if half >= 2 and -(-d // half) * half < -(-d // wide) * wide:
+        return half
+    return wide
 
 
 @dataclass(frozen=True)
@@ -133,7 +149,7 @@ def cyclic_layout(d: int, lanes_: int) -> CyclicLayout:
 def block_rows(d: int, dtype_name: str, vector_lanes: int | None = None) -> int:
     """Rows per block: their repeated inputs in `BLOCK_INPUT_BYTES`, a multiple of 4, at least
     `MIN_BLOCK_ROWS`."""
-    lay = cyclic_layout(d, vector_lanes or lanes(dtype_name))
+    lay = cyclic_layout(d, vector_lanes or pass_lanes(d, dtype_name))
     row_bytes = _row_stride(lay) * np.dtype(dtype_name).itemsize
     return max(MIN_BLOCK_ROWS, (BLOCK_INPUT_BYTES // row_bytes) // 4 * 4)
 
@@ -160,9 +176,9 @@ class LiftedPass:
             raise ValueError(f"the lifted pass runs in float32 or float64, not {dtype_name}")
         self.d = d
         self.dtype = np.dtype(dtype_name)
-        # numbers per vector: this CPU's widest registers unless given (the tests build the
-        # narrower widths of other CPUs too; LLVM splits a vector wider than the registers)
-        self.layout = cyclic_layout(d, vector_lanes or lanes(dtype_name))
+        # numbers per vector: `pass_lanes` (from this CPU's registers) unless given (the tests
+        # build the widths of other CPUs too; LLVM splits a vector wider than the registers)
+        self.layout = cyclic_layout(d, vector_lanes or pass_lanes(d, dtype_name))
         self.rows = block_rows(d, dtype_name, self.layout.lanes)
         self.stride = _row_stride(self.layout)
         _initialise_llvm()

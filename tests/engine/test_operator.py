@@ -142,6 +142,26 @@ def test_lifted_pass_matches_its_formula(seed, dtype, m, k, d):
     assert np.abs(last).max() > 10 * tol * np.abs(want - 0.5).max()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_pass_width_pads_d_least(dtype):
+    # the CPU's widest vectors, or half of them where those pad d to fewer numbers: the
+    # choice depends on d and the CPU alone (d = 120 in float32 with AVX-512 takes 8 lanes)
+    from hsl_engine._simd import lanes, pass_lanes
+
+    wide = lanes(dtype)
+    chosen = {}
+    for d in range(1, 130):
+        got = pass_lanes(d, dtype)
+        padded = {w: -(-d // w) * w for w in (wide, wide // 2) if w >= 2}
+        assert padded[got] == min(padded.values()), d
+        assert got == wide or padded[got] < padded[wide], d  # the wider on a tie
+        chosen[d] = got
+        if d in (13, 60, 120):
+            assert lifted_pass(d, dtype).layout.lanes == got
+    if wide >= 4:
+        assert chosen[wide + wide // 2] == wide // 2 and chosen[2 * wide] == wide
+
+
 @pytest.mark.parametrize(("dtype", "lanes"), [(np.float32, 4), (np.float32, 8), (np.float64, 2),
                                               (np.float64, 4)])  # fmt: skip
 def test_lifted_pass_for_narrower_vectors_matches_its_formula(seed, dtype, lanes):
