@@ -41,11 +41,11 @@ Sums of products over a block's rows, and the dot products over D, are in the in
 (float32 or float64), each lane in a fixed order; the float64 sums take the blocks in row
 order. So the numbers depend on the rows given (blocks start at the first), and on the CPU's
 vector width and d, which fix the lanes (`pass_lanes`): not on threads, on the run, or on
-what else the process
-compiled. Measured on one core of the development machine (d = 60, 16384 rows, 4 vectors;
-README "Performance"): engine 0.9.0's pass was 2.0-2.6x as fast as engine 0.8.0's Numba pass
-in float32, 1.6-2.3x in float64, and 1.7-2.2x at d = 120 to 400; engine 0.10.0's weighted
-rows make it 1.03-1.08x faster again on one core and 1.00-1.11x on two (d = 60 to 400).
+what else the process compiled. Measured on one core of the development machine (d = 60,
+16384 rows, 4 vectors; README "Performance"): engine 0.9.0's pass was 2.0-2.6x as fast as
+engine 0.8.0's Numba pass in float32, 1.6-2.3x in float64, and 1.7-2.2x at d = 120 to 400;
+engine 0.10.0's weighted rows make it 1.03-1.08x faster again on one core and 1.00-1.11x on
+two (d = 60 to 400), and its width rule 1.05x where it takes half the width.
 """
 
 from __future__ import annotations
