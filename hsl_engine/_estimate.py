@@ -74,7 +74,7 @@ POINT_OVERHEAD_SECONDS = 0.03
 POINT_OVERHEAD_AT_1830 = 0.04
 
 
-def point_overhead_seconds(dim: int) -> float:
+def point_overhead_seconds(dim: float) -> float:
     """A point's fixed cost on the reference machine, beyond its counted work: fitted to the
     recorded runs' fixed costs (0.02-0.05 s at D = 465 and 1830, 0.23-0.30 s at D = 7260)."""
     return POINT_OVERHEAD_SECONDS + POINT_OVERHEAD_AT_1830 * (dim / 1830.0) ** 1.3
