@@ -180,7 +180,7 @@ class MomentOperator:
 
         def chunk(c: int):
             x, y = self._chunk(c)
-            out = np.zeros(vc.shape)
+            out = kernel.sums(vc)
             kernel(np.ascontiguousarray(x), np.ascontiguousarray(y), vc, out)
             return (out,)
 

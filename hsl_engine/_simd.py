@@ -61,9 +61,31 @@ import numpy as np
 BLOCK_INPUT_BYTES = 28 * 1024
 # A block has at least this many rows, so that adding its sums into the float64 vectors
 # (kp x D numbers read and written once a block) stays a small part of the work
-MIN_BLOCK_ROWS = 16
+MIN_BLOCK_ROWS = 64
 # Shifts per register tile of the weighted rows (times 4 vectors: 16 accumulators)
 SHIFT_TILE = 4
+# Every array the pass loads whole vectors from, other than its shifted inputs, starts on a
+# 64-byte boundary (a cache line, and one AVX-512 register), so those loads never straddle two
+# lines. NumPy gives 16-byte alignment only. Measured on one core of an Intel Xeon (Emerald
+# Rapids, whose 512-bit loads that straddle lines cost about twice as much), d = 60, float32,
+# 4 vectors, interleaved: 116 against 94 GFLOP/s for arrays 16 or 48 bytes past a line.
+ALIGNMENT = 64
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data start on an `ALIGNMENT`-byte boundary."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    raw = np.empty(count * dtype.itemsize + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start : start + count * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def aligned_zeros(shape, dtype) -> np.ndarray:
+    """`aligned_empty`, filled with zeros."""
+    out = aligned_empty(shape, dtype)
+    out.fill(0)
+    return out
 
 
 def vector_bytes() -> int:
@@ -85,17 +107,38 @@ def lanes(dtype_name: str) -> int:
     return vector_bytes() // np.dtype(dtype_name).itemsize
 
 
-def pass_lanes(d: int, dtype_name: str) -> int:
+# CPUs (LLVM's names) that execute their widest vectors as two halves, so that half-width
+# vectors reach the same multiply-add peak: AMD Zen 4 (AVX-512 as two 256-bit halves)
+SPLIT_WIDE_CPUS = frozenset({"znver4"})
+
+
+@functools.cache
+def splits_wide_vectors() -> bool:
+    """Whether this CPU runs its widest vectors as two halves (`SPLIT_WIDE_CPUS`)."""
+    import llvmlite.binding as ll
+
+    return ll.get_host_cpu_name() in SPLIT_WIDE_CPUS
+
+
+def pass_lanes(d: int, dtype_name: str, split: bool | None = None) -> int:
     """Numbers per vector of the pass for inputs of dimension d: this CPU's widest registers,
-    or half that width where it pads d to fewer numbers (d = 120 in float32 with AVX-512:
-    120 numbers a shift against 128; d = 60 in float64: 60 against 64). Measured on one core
-    of the development machine (AVX-512 executed as two 256-bit halves; 4 vectors, best of
-    40): 1.05x faster at d = 120 float32 and d = 60 float64; where both widths pad alike
-    (d = 60 float32, d = 120 and 400 float64) the wider was as fast or faster (up to 1.4x).
+    or, on a CPU that runs them as two halves (``split``; default `splits_wide_vectors`), half
+    that width where it pads d to fewer numbers (d = 120 in float32 with AVX-512: 120 numbers
+    a shift against 128; d = 60 in float64: 60 against 64).
+
+    Measured on one core, 4 vectors, the two widths interleaved:
+    - AMD EPYC Zen 4 (AVX-512 as two 256-bit halves; best of 40): half width 1.05x faster at
+      d = 120 float32 and d = 60 float64; where both widths pad alike (d = 60 float32,
+      d = 120 and 400 float64) the wider was as fast or faster (up to 1.4x);
+    - Intel Xeon Emerald Rapids (two full 512-bit multiply-add units; best of 20): the full
+      width 1.45-1.64x faster at d = 120 float32, d = 60 float32 and float64, d = 400
+      float64, padding or not.
     The choice depends on d and the CPU only, so the numbers stay deterministic."""
     wide = lanes(dtype_name)
     half = wide // 2
-    if half >= 2 and -(-d // half) * half < -(-d // wide) * wide:
+    if split is None:
+        split = splits_wide_vectors()
+    if split and half >= 2 and -(-d // half) * half < -(-d // wide) * wide:
         return half
     return wide
 
@@ -116,6 +159,13 @@ class CyclicLayout:
     positions : ndarray, shape (D,)
         Position in this layout of each lifted coordinate in segment order
         (`hsl_engine._features.lift`).
+
+    A vector is stored lane block by lane block: block ``a // lanes`` holds every shift's
+    numbers for lanes ``a`` of that block, shift after shift (`index`). So the slice that the
+    pass reads for one lane block is contiguous. (Shift-major order, ``s * dp + a``, put it at
+    a stride of ``dp`` numbers: at d = 120 in float32 every load of a 4-vector slice fell in
+    the same sixteenth of the L1 sets. Lane-block order made the pass 1.19x faster there on one
+    core of an Intel Xeon, the same numbers bit for bit; README "Performance".)
     """
 
     d: int
@@ -125,6 +175,16 @@ class CyclicLayout:
     width: int
     positions: np.ndarray
 
+    def index(self, s: int, a: int) -> int:
+        """Position of shift s, lane a (``0 <= a < padded``)."""
+        return _index(s, a, self.lanes, self.shifts)
+
+    def shift_and_lane(self, p: int) -> tuple[int, int]:
+        """The inverse of `index`: (s, a) at position p."""
+        block, rest = divmod(int(p), self.shifts * self.lanes)
+        s, lane = divmod(rest, self.lanes)
+        return s, block * self.lanes + lane
+
 
 @functools.cache
 def cyclic_layout(d: int, lanes_: int) -> CyclicLayout:
@@ -133,17 +193,22 @@ def cyclic_layout(d: int, lanes_: int) -> CyclicLayout:
     positions = np.empty(d * (d + 1) // 2, np.int64)
     i = 0
     for a in range(d):
-        positions[i] = a  # the diagonal: shift 0
+        positions[i] = _index(0, a, lanes_, shifts)  # the diagonal: shift 0
         i += 1
         for b in range(a + 1, d):
             s = b - a
             if s < d - s or (s == d - s and a < s):
-                positions[i] = s * padded + a  # x_a x_(a + s)
+                positions[i] = _index(s, a, lanes_, shifts)  # x_a x_(a + s)
             else:
-                positions[i] = (d - s) * padded + b  # x_b x_(b + d - s mod d)
+                positions[i] = _index(d - s, b, lanes_, shifts)  # x_b x_(b + d - s mod d)
             i += 1
     positions.setflags(write=False)
     return CyclicLayout(d, lanes_, padded, shifts, shifts * padded, positions)
+
+
+def _index(s: int, a: int, lanes_: int, shifts: int) -> int:
+    # lane block a // lanes, then shift s, then lane a % lanes
+    return (a // lanes_ * shifts + s) * lanes_ + a % lanes_
 
 
 def block_rows(d: int, dtype_name: str, vector_lanes: int | None = None) -> int:
@@ -167,6 +232,7 @@ class LiftedPass:
     Call with x : (m, d) C-contiguous; y : (m,); v : (kp, width) C-contiguous, kp a multiple
     of 4, zero at the layout's unused positions; out : (kp, width) float64, added to (its
     unused positions receive sums of no meaning). x, y and v in ``dtype``. Releases the GIL.
+    Any alignment works; v and out from `vectors` and `sums` (64-byte aligned) run fastest.
     """
 
     def __init__(self, d: int, dtype_name: str, vector_lanes: int | None = None):
@@ -208,7 +274,7 @@ class LiftedPass:
         if x.shape[0] == 0:
             return
         inputs, sums = self._scratch()
-        weights = np.empty((self.rows, v.shape[0]), self.dtype)
+        weights = aligned_empty((self.rows, v.shape[0]), self.dtype)
         self._pass(x.ctypes.data, y.ctypes.data, x.shape[0], v.ctypes.data, v.shape[0],
                    out.ctypes.data, inputs.ctypes.data, weights.ctypes.data,
                    sums.ctypes.data)  # fmt: skip
@@ -217,7 +283,7 @@ class LiftedPass:
         """Vectors given as rows (k, D) in segment order, in the pass's layout and type:
         shape (kp, width), k padded with zero vectors to a multiple of 4."""
         rows = np.asarray(rows)
-        out = np.zeros((-(-rows.shape[0] // 4) * 4, self.layout.width), self.dtype)
+        out = aligned_zeros((-(-rows.shape[0] // 4) * 4, self.layout.width), self.dtype)
         out[: rows.shape[0], self.layout.positions] = rows
         return out
 
@@ -241,9 +307,13 @@ class LiftedPass:
     def _scratch(self) -> tuple[np.ndarray, np.ndarray]:
         # a block's repeated inputs, and its rows' vector sums of 4 dot products (then the
         # rows' u = w x(a) of one lane block and 4 vectors, the same size)
-        inputs = np.empty((self.rows, self.stride), self.dtype)
-        sums = np.empty((self.rows, 4, self.layout.lanes), self.dtype)
+        inputs = aligned_empty((self.rows, self.stride), self.dtype)
+        sums = aligned_empty((self.rows, 4, self.layout.lanes), self.dtype)
         return inputs, sums
+
+    def sums(self, v: np.ndarray) -> np.ndarray:
+        """Zero float64 sums for the vectors v (kp, width) of `vectors`, aligned like them."""
+        return aligned_zeros(v.shape, np.float64)
 
     def _check(self, x: np.ndarray, v: np.ndarray) -> None:
         if x.dtype != self.dtype or v.dtype != self.dtype:
@@ -308,13 +378,7 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
         fn.attributes.add("nounwind")
         x, y, m, v, kp, out, xin, w, part = fn.args
         b = ir.IRBuilder(fn.append_basic_block("entry"))
-        d, dp, shifts, width, blocks = (
-            lay.d,
-            lay.padded,
-            lay.shifts,
-            lay.width,
-            lay.padded // lanes_,
-        )
+        d, shifts, width, blocks = lay.d, lay.shifts, lay.width, lay.padded // lanes_
         zero = ir.Constant(vec, [0.0] * lanes_)
         one = ir.Constant(vec, [1.0] * lanes_)
         inv_sqrt2 = ir.Constant(vec, [float(1.0 / np.sqrt(2.0))] * lanes_)
@@ -400,6 +464,7 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
             # rows at a time, their vector sums kept in `part` between lane blocks
             def dots_vectors(j0, _):
                 vec_base = [b.mul(b.add(j0, k(j)), k(width)) for j in range(4)]
+                vec_block = shifts * lanes_  # a lane block of one vector, all its shifts
 
                 def clear(i, _):
                     b.store(zero, b.bitcast(b.gep(part, [b.mul(i, k(lanes_))]), vec.as_pointer()))
@@ -409,7 +474,8 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
 
                 def lane_block(ab, _):
                     offset = b.mul(ab, k(lanes_))
-                    vv0 = [load(v, b.add(vec_base[j], offset)) for j in range(4)]
+                    block_at = b.mul(ab, k(vec_block))
+                    vv0 = [load(v, b.add(vec_base[j], block_at)) for j in range(4)]
 
                     def dots_rows(r4, _):
                         row_base = [b.mul(b.add(r4, k(r)), k(stride)) for r in range(4)]
@@ -420,7 +486,7 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
                         # the diagonal's term
                         def shift(s, t):
                             xs = [load(xin, b.add(b.add(row_base[r], offset), s)) for r in range(4)]
-                            at = b.add(b.mul(s, k(dp)), offset)
+                            at = b.add(b.mul(s, k(lanes_)), block_at)
                             vv = [load(v, b.add(vec_base[j], at)) for j in range(4)]
                             return [
                                 b.call(fma, [xs[r], vv[j], t[4 * r + j]])
@@ -520,7 +586,8 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
 
                 def at(j, t):
                     return b.add(
-                        b.mul(b.add(j0, k(j)), k(width)), b.mul(b.add(ab0, k(t)), k(lanes_))
+                        b.mul(b.add(j0, k(j)), k(width)),
+                        b.mul(b.add(ab0, k(t)), k(shifts * lanes_)),
                     )
 
                 weighted_tile(count, operands, at, "rows")
@@ -538,7 +605,8 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
 
                 def at(j, t):
                     return b.add(b.add(b.mul(b.add(j0, k(j)), k(width)),
-                                       b.mul(b.add(s0, k(t)), k(dp))), offset)  # fmt: skip
+                                       b.mul(b.add(s0, k(t)), k(lanes_))),
+                                 b.mul(ab, k(shifts * lanes_)))  # fmt: skip
 
                 weighted_tile(count, operands, at, "rows.s")
 

@@ -144,20 +144,24 @@ def test_lifted_pass_matches_its_formula(seed, dtype, m, k, d):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_pass_width_pads_d_least(dtype):
-    # the CPU's widest vectors, or half of them where those pad d to fewer numbers: the
-    # choice depends on d and the CPU alone (d = 120 in float32 with AVX-512 takes 8 lanes)
-    from hsl_engine._simd import lanes, pass_lanes
+    # On a CPU that runs its widest vectors as two halves (AMD Zen 4): those, or half of
+    # them where they pad d to fewer numbers. On any other CPU: the widest, always (on Intel
+    # AVX-512 half width runs at half the multiply-add peak). The choice depends on d and the
+    # CPU alone (d = 120 in float32 with AVX-512 takes 8 lanes on Zen 4, 16 elsewhere).
+    from hsl_engine._simd import lanes, pass_lanes, splits_wide_vectors
 
     wide = lanes(dtype)
     chosen = {}
     for d in range(1, 130):
-        got = pass_lanes(d, dtype)
+        got = pass_lanes(d, dtype, split=True)
         padded = {w: -(-d // w) * w for w in (wide, wide // 2) if w >= 2}
         assert padded[got] == min(padded.values()), d
         assert got == wide or padded[got] < padded[wide], d  # the wider on a tie
+        assert pass_lanes(d, dtype, split=False) == wide, d
         chosen[d] = got
         if d in (13, 60, 120):
-            assert lifted_pass(d, dtype).layout.lanes == got
+            assert lifted_pass(d, dtype).layout.lanes == pass_lanes(d, dtype)
+            assert pass_lanes(d, dtype) == pass_lanes(d, dtype, split=splits_wide_vectors())
     if wide >= 4:
         assert chosen[wide + wide // 2] == wide // 2 and chosen[2 * wide] == wide
 
@@ -199,14 +203,21 @@ def test_cyclic_layout_holds_each_pair_once(d, lanes):
     assert pos.shape == (d * (d + 1) // 2,) and len(np.unique(pos)) == pos.shape[0]
     pairs = [(a, b) for a in range(d) for b in range(a, d)]
     for (a, b), p in zip(pairs, pos):
-        s, lane = divmod(int(p), lay.padded)
-        assert lane < d
+        s, lane = lay.shift_and_lane(p)
+        assert lane < d and s < lay.shifts and lay.index(s, lane) == p
         assert sorted((lane, (lane + s) % d)) == [a, b]
+    # the layout covers 0 .. width - 1 once: lane blocks of `shifts x lanes` numbers
+    every = [lay.index(s, a) for a in range(lay.padded) for s in range(lay.shifts)]
+    assert sorted(every) == list(range(lay.width))
+    # a lane block's numbers are contiguous, shift after shift (the pass reads them so)
+    assert lay.index(1, 0) == lanes and lay.index(0, lanes % lay.padded) == (
+        lay.shifts * lanes if lay.padded > lanes else 0
+    )
     used = {int(p) for p in pos}
-    unused_real = [s * lay.padded + a for s in range(lay.shifts) for a in range(d)]
-    unused_real = [p for p in unused_real if p not in used]
+    unused_real = [(s, a) for s in range(lay.shifts) for a in range(d)]
+    unused_real = [(s, a) for s, a in unused_real if lay.index(s, a) not in used]
     if d % 2 == 0 and d > 0:
-        assert unused_real == [(d // 2) * lay.padded + a for a in range(d // 2, d)]
+        assert unused_real == [(d // 2, a) for a in range(d // 2, d)]
     else:
         assert unused_real == []
 
