@@ -124,7 +124,7 @@ def project(x, directions, q: int, *, matrices=None):
         vc = kernel.vectors(directions)
         for s in range(0, n, step):
             out = kernel.dots(np.ascontiguousarray(x[s : s + step]), vc)
-            parts.append(out if vc.shape[0] == k else out[:, :k].copy())
+            parts.append(out)
     elif q == 2:
         g = vec_to_sym(directions, d) if matrices is None else matrices
         g = xp.astype(g, x.dtype, copy=False)

@@ -229,8 +229,9 @@ class LiftedPass:
     """``out[j] += sum_i y_i (F(x_i) . v[j]) F(x_i)`` in the cyclic layout (module docstring),
     compiled for inputs of dimension ``d`` in ``dtype``.
 
-    Call with x : (m, d) C-contiguous; y : (m,); v : (kp, width) C-contiguous, kp a multiple
-    of 4, zero at the layout's unused positions; out : (kp, width) float64, added to (its
+    Call with x : (m, d) C-contiguous; y : (m,); v : (kp, width) C-contiguous, any kp >= 1
+    (in groups of 4, then the 1 to 3 left, each group's own code), zero at the layout's
+    unused positions; out : (kp, width) float64, added to (its
     unused positions receive sums of no meaning). x, y and v in ``dtype``. Releases the GIL.
     Any alignment works; v and out from `vectors` and `sums` (64-byte aligned) run fastest.
     """
@@ -281,9 +282,9 @@ class LiftedPass:
 
     def vectors(self, rows) -> np.ndarray:
         """Vectors given as rows (k, D) in segment order, in the pass's layout and type:
-        shape (kp, width), k padded with zero vectors to a multiple of 4."""
+        shape (k, width)."""
         rows = np.asarray(rows)
-        out = aligned_zeros((-(-rows.shape[0] // 4) * 4, self.layout.width), self.dtype)
+        out = aligned_zeros((rows.shape[0], self.layout.width), self.dtype)
         out[: rows.shape[0], self.layout.positions] = rows
         return out
 
@@ -320,8 +321,6 @@ class LiftedPass:
             raise ValueError(f"x and v must be {self.dtype}")
         if x.ndim != 2 or x.shape[1] != self.d or v.ndim != 2 or v.shape[1] != self.layout.width:
             raise ValueError(f"x must be (m, {self.d}) and v (kp, {self.layout.width})")
-        if v.shape[0] % 4:
-            raise ValueError("v must hold a multiple of 4 vectors (pad with zeros)")
         if not (x.flags.c_contiguous and v.flags.c_contiguous):
             raise ValueError("x and v must be C-contiguous")
 
@@ -439,6 +438,23 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
             b.position_at_end(after)
             return phis
 
+        whole_groups = b.and_(kp, k(-4))  # vectors in groups of 4; then the 1 to 3 left
+
+        def in_groups(body, name):
+            """``body(j0, 4)`` for each group of 4 vectors, then ``body(j0, kp % 4)`` for the
+            rest: code for each group size, so that a pass on 1 to 3 vectors (or the last of
+            5 to 7) does only their work. Each vector's sums are the same whatever its group."""
+
+            def full(j0, _):
+                body(j0, 4)
+                return []
+
+            loop(k(0), whole_groups, k(4), [], full, name)
+            left = b.sub(kp, whole_groups)
+            for group in (1, 2, 3):
+                with b.if_then(b.icmp_signed("==", left, k(group))):
+                    body(whole_groups, group)
+
         def block(start, _):
             live_rows = b.sub(m, start)
 
@@ -462,8 +478,9 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
             # dot products, 4 vectors at a time: lane block by lane block (the vectors' slice
             # of one block, all shifts, stays in L1 while every row of the block uses it), 4
             # rows at a time, their vector sums kept in `part` between lane blocks
-            def dots_vectors(j0, _):
-                vec_base = [b.mul(b.add(j0, k(j)), k(width)) for j in range(4)]
+            def dots_vectors(j0, group):
+                """The dots of vectors j0 .. j0 + group - 1 (group = 4, or the 1 to 3 left)."""
+                vec_base = [b.mul(b.add(j0, k(j)), k(width)) for j in range(group)]
                 vec_block = shifts * lanes_  # a lane block of one vector, all its shifts
 
                 def clear(i, _):
@@ -475,7 +492,7 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
                 def lane_block(ab, _):
                     offset = b.mul(ab, k(lanes_))
                     block_at = b.mul(ab, k(vec_block))
-                    vv0 = [load(v, b.add(vec_base[j], block_at)) for j in range(4)]
+                    vv0 = [load(v, b.add(vec_base[j], block_at)) for j in range(group)]
 
                     def dots_rows(r4, _):
                         row_base = [b.mul(b.add(r4, k(r)), k(stride)) for r in range(4)]
@@ -487,21 +504,21 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
                         def shift(s, t):
                             xs = [load(xin, b.add(b.add(row_base[r], offset), s)) for r in range(4)]
                             at = b.add(b.mul(s, k(lanes_)), block_at)
-                            vv = [load(v, b.add(vec_base[j], at)) for j in range(4)]
+                            vv = [load(v, b.add(vec_base[j], at)) for j in range(group)]
                             return [
-                                b.call(fma, [xs[r], vv[j], t[4 * r + j]])
+                                b.call(fma, [xs[r], vv[j], t[group * r + j]])
                                 for r in range(4)
-                                for j in range(4)
+                                for j in range(group)
                             ]
 
-                        t = loop(k(1), k(shifts), k(1), [zero] * 16, shift, "dots.s")
+                        t = loop(k(1), k(shifts), k(1), [zero] * (4 * group), shift, "dots.s")
                         for r in range(4):
                             f = hermite(xa[r])
-                            for j in range(4):
+                            for j in range(group):
                                 slot = b.mul(b.add(b.mul(b.add(r4, k(r)), k(4)), k(j)), k(lanes_))
                                 p = b.bitcast(b.gep(part, [slot]), vec.as_pointer())
                                 acc = b.call(fma, [f, vv0[j], b.load(p, align=size)])
-                                acc = b.call(fma, [xa[r], t[4 * r + j], acc])
+                                acc = b.call(fma, [xa[r], t[group * r + j], acc])
                                 b.store(acc, p, align=size)
                         return []
 
@@ -512,19 +529,19 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
 
                 def finish(row, _):
                     sums = []
-                    for j in range(4):
+                    for j in range(group):
                         slot = b.mul(b.add(b.mul(row, k(4)), k(j)), k(lanes_))
                         p = b.bitcast(b.gep(part, [slot]), vec.as_pointer())
                         sums.append(lanes_sum(b.load(p, align=size)))
                     if dots_only:  # row start + row of the output
                         at = b.mul(b.add(start, row), kp)
-                        for j in range(4):
+                        for j in range(group):
                             b.store(sums[j], b.gep(w, [b.add(at, b.add(j0, k(j)))]))
                         return []
                     live = b.icmp_signed("<", row, live_rows)
                     label = b.load(b.gep(y, [b.add(start, b.select(live, row, k(0)))]))
                     label = b.select(live, label, nothing)
-                    for j in range(4):
+                    for j in range(group):
                         b.store(
                             b.fmul(sums[j], label),
                             b.gep(w, [b.add(b.mul(row, kp), b.add(j0, k(j)))]),
@@ -534,11 +551,10 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
                 loop(k(0), k(rows), k(1), [], finish, "dots.sum")
                 return []
 
-            loop(k(0), kp, k(4), [], dots_vectors, "dots.j")
+            in_groups(lambda j0, group: dots_vectors(j0, group), "dots.j")
             if dots_only:
                 return []
 
-            tile_blocks = min(4, blocks)
 
             def add_sums(total, at):
                 """Add a register of sums (in the input type) into the float64 sums at ``at``."""
@@ -550,27 +566,28 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
                     p = b.bitcast(b.gep(out, [b.add(at, k(h))]), vec64.as_pointer())
                     b.store(b.fadd(b.load(p, align=8), part_), p, align=8)
 
-            def weighted_tile(count, operands, at, name):
-                """4 x count accumulators over the block's rows, ``acc[j][t] += a_j c_t`` with
-                ``(a, c) = operands(r)`` for row r, each then added into the float64 sums at
-                ``at(j, t)``."""
+            def weighted_tile(group, count, operands, at, name):
+                """group x count accumulators over the block's rows, ``acc[j][t] += a_j c_t``
+                with ``(a, c) = operands(r)`` for row r, each then added into the float64 sums
+                at ``at(j, t)``."""
 
                 def row(r, acc):
                     a, c = operands(r)
                     return [
                         b.call(fma, [a[j], c[t], acc[count * j + t]])
-                        for j in range(4)
+                        for j in range(group)
                         for t in range(count)
                     ]
 
-                acc = loop(k(0), k(rows), k(1), [zero] * (4 * count), row, name)
-                for j in range(4):
+                acc = loop(k(0), k(rows), k(1), [zero] * (group * count), row, name)
+                for j in range(group):
                     for t in range(count):
                         add_sums(acc[count * j + t], at(j, t))
 
-            def diagonal_tile(j0, ab0, count):
+            def diagonal_tile(j0, group, ab0, count):
                 """Weighted rows of shift 0, the Hermite diagonal: lane blocks ab0 .. ab0 +
-                count - 1, vectors j0 .. j0 + 3 (the weights times the feature per row)."""
+                count - 1, vectors j0 .. j0 + group - 1 (the weights times the feature per
+                row)."""
 
                 def operands(r):
                     base = b.mul(r, k(stride))
@@ -580,7 +597,8 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
                     ]
                     weights = b.mul(r, kp)
                     ws = [
-                        splat(b.load(b.gep(w, [b.add(weights, b.add(j0, k(j)))]))) for j in range(4)
+                        splat(b.load(b.gep(w, [b.add(weights, b.add(j0, k(j)))])))
+                        for j in range(group)
                     ]
                     return ws, f
 
@@ -590,16 +608,17 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
                         b.mul(b.add(ab0, k(t)), k(shifts * lanes_)),
                     )
 
-                weighted_tile(count, operands, at, "rows")
+                weighted_tile(group, count, operands, at, "rows")
 
-            def shift_tile(j0, ab, s0, count):
+            def shift_tile(j0, group, ab, s0, count):
                 """Weighted rows of shifts s0 .. s0 + count - 1 at lane block ab, vectors j0 ..
-                j0 + 3: sum_r u_rj(a) x_r(a + s), with u_rj = w_rj x_r(a) in ``part``."""
+                j0 + group - 1: sum_r u_rj(a) x_r(a + s), with u_rj = w_rj x_r(a) in
+                ``part``."""
                 offset = b.mul(ab, k(lanes_))
 
                 def operands(r):
                     base = b.add(b.mul(r, k(stride)), offset)
-                    slots = [b.mul(b.add(b.mul(r, k(4)), k(j)), k(lanes_)) for j in range(4)]
+                    slots = [b.mul(b.add(b.mul(r, k(4)), k(j)), k(lanes_)) for j in range(group)]
                     us = [load(part, slot) for slot in slots]
                     return us, [load(xin, b.add(base, b.add(s0, k(t)))) for t in range(count)]
 
@@ -608,29 +627,34 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
                                        b.mul(b.add(s0, k(t)), k(lanes_))),
                                  b.mul(ab, k(shifts * lanes_)))  # fmt: skip
 
-                weighted_tile(count, operands, at, "rows.s")
+                weighted_tile(group, count, operands, at, "rows.s")
 
-            def weighted_vectors(j0, _):
-                # the diagonal (shift 0): tiles of 4 lane blocks, the Hermite feature per row
+            def weighted_vectors(j0, group):
+                """The weighted rows of vectors j0 .. j0 + group - 1. Tiles of 16 accumulators
+                (15 for 3 vectors): 4 vectors x 4 lane blocks or shifts, fewer vectors x more
+                of them (each accumulator's sum is the same whatever its tile)."""
+                across = (4 * SHIFT_TILE) // group
+                # the diagonal (shift 0): tiles of lane blocks, the Hermite feature per row
+                tile_blocks = min(across, blocks)
                 whole = blocks - blocks % tile_blocks
                 if whole:
 
                     def full(ab0, _):
-                        diagonal_tile(j0, ab0, tile_blocks)
+                        diagonal_tile(j0, group, ab0, tile_blocks)
                         return []
 
                     loop(k(0), k(whole), k(tile_blocks), [], full, "tiles")
                 if blocks % tile_blocks:
-                    diagonal_tile(j0, k(whole), blocks % tile_blocks)
+                    diagonal_tile(j0, group, k(whole), blocks % tile_blocks)
 
                 # the other shifts: lane block by lane block, u_rj = w_rj x_r(a) once per row
-                # (into ``part``), then tiles of 4 shifts x 4 vectors over the rows
+                # (into ``part``), then tiles of shifts x vectors over the rows
                 def lane_block(ab, _):
                     offset = b.mul(ab, k(lanes_))
 
                     def weigh(r, _):
                         xa = load(xin, b.add(b.mul(r, k(stride)), offset))
-                        for j in range(4):
+                        for j in range(group):
                             wt = splat(b.load(b.gep(w, [b.add(b.mul(r, kp), b.add(j0, k(j)))])))
                             slot = b.mul(b.add(b.mul(r, k(4)), k(j)), k(lanes_))
                             p = b.bitcast(b.gep(part, [slot]), vec.as_pointer())
@@ -639,22 +663,22 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
 
                     loop(k(0), k(rows), k(1), [], weigh, "weigh")
                     others = shifts - 1
-                    whole = others - others % SHIFT_TILE
+                    whole = others - others % across
                     if whole:
 
                         def full(s0, _):
-                            shift_tile(j0, ab, s0, SHIFT_TILE)
+                            shift_tile(j0, group, ab, s0, across)
                             return []
 
-                        loop(k(1), k(1 + whole), k(SHIFT_TILE), [], full, "shift.tiles")
-                    if others % SHIFT_TILE:
-                        shift_tile(j0, ab, k(1 + whole), others % SHIFT_TILE)
+                        loop(k(1), k(1 + whole), k(across), [], full, "shift.tiles")
+                    if others % across:
+                        shift_tile(j0, group, ab, k(1 + whole), others % across)
                     return []
 
                 loop(k(0), k(blocks), k(1), [], lane_block, "weighted.ab")
                 return []
 
-            loop(k(0), kp, k(4), [], weighted_vectors, "weighted.j")
+            in_groups(weighted_vectors, "weighted.j")
             return []
 
         loop(k(0), m, k(rows), [], block, "block")
