@@ -555,7 +555,6 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
             if dots_only:
                 return []
 
-
             def add_sums(total, at):
                 """Add a register of sums (in the input type) into the float64 sums at ``at``."""
                 for h in range(0, lanes_, half):

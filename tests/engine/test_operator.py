@@ -270,7 +270,7 @@ def test_lifted_pass_on_fewer_vectors_gives_each_vector_the_same_sums(seed, dtyp
         assert np.array_equal(kernel.dots(x, vc), want_dots[:, :k]), k
     # and the group's work is done: not all zero, and every row counted
     f = he.lift(x.astype(np.float64), 2)
-    direct = (f.T @ (y.astype(np.float64) * (f @ v[0])))
+    direct = f.T @ (y.astype(np.float64) * (f @ v[0]))
     tol = 1e-12 if dtype == np.float64 else 2e-5
     assert_allclose(kernel.coordinates(want)[0], direct, rtol=0, atol=tol * np.abs(direct).max())
 
