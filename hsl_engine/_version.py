@@ -3,4 +3,4 @@
 Bump it whenever the numbers a spec produces change (sample streams, solvers, defaults).
 """
 
-ENGINE_VERSION = "0.10.0"
+ENGINE_VERSION = "0.11.0"
