@@ -26,8 +26,10 @@ Timings on a shared machine are noisy: check the load (printed) before trusting 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -296,6 +298,27 @@ def memory_spec(quick: bool) -> he.ExperimentSpec:
     )
 
 
+def cpu_description() -> str:
+    """The CPU the figures come from: its model name (Linux), LLVM's name for it and the
+    lifted pass's vector width (the figures, and the numbers, depend on both)."""
+    from hsl_engine._simd import lanes, splits_wide_vectors
+
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    import llvmlite.binding as ll
+
+    split = ", runs them as two halves" if splits_wide_vectors() else ""
+    return (
+        f"{model} (LLVM: {ll.get_host_cpu_name()}; vectors of {lanes('float32')} float32, "
+        f"{lanes('float64')} float64{split})"
+    )
+
+
 def main(*, quick: bool = False, threads: int | None = None) -> int:
     def say(text: str = "") -> None:
         print(text, flush=True)
@@ -307,6 +330,7 @@ def main(*, quick: bool = False, threads: int | None = None) -> int:
         f"1-minute load {load:.2f} on {he.get_backend('cpu').threads} cores "
         f"(figures are trustworthy below ~0.7)"
     )
+    say(f"cpu: {cpu_description()}")
     say(
         f"sweep: d={spec.model.d}, D={spec.model.feature_dim}, d1={spec.model.hidden_dim}, "
         f"n = {', '.join(str(n) for n, _ in spec.sample_sizes())}, sample split, float32"

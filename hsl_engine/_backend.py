@@ -15,6 +15,7 @@ results do not depend on the thread count.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -295,9 +296,25 @@ def torch_available() -> bool:
     return True
 
 
+# Device files a Linux machine with a GPU that PyTorch could use has: NVIDIA's driver
+# (/dev/nvidiactl, also inside containers given a GPU), WSL 2's GPU paravirtualisation
+# (/dev/dxg), AMD's ROCm (/dev/kfd, whose PyTorch builds answer as torch.cuda)
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/dev/kfd")
+
+
+def gpu_absent() -> bool:
+    """True where this is Linux and none of `GPU_DEVICE_FILES` exists: no GPU PyTorch could
+    use, known without importing PyTorch (1-2 s, which every ``hsl run`` with device
+    ``auto`` paid on a CPU-only machine). Elsewhere (macOS, Windows) False: ask PyTorch."""
+    return sys.platform.startswith("linux") and not any(
+        os.path.exists(path) for path in GPU_DEVICE_FILES
+    )
+
+
 def cuda_devices() -> int:
-    """CUDA devices PyTorch sees here (0 without PyTorch or without a GPU)."""
-    if not torch_available():
+    """CUDA devices PyTorch sees here (0 without PyTorch or without a GPU; on Linux without
+    a GPU's device files, `gpu_absent`, PyTorch is not imported)."""
+    if gpu_absent() or not torch_available():
         return 0
     import torch
 

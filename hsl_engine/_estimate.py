@@ -51,21 +51,21 @@ HIDDEN_CACHE_STREAMED_BYTES = 32 * 2**20
 # `KRYLOV_BLOCKS` blocks of vectors per n where the solver needs 4-8, so the q = 2 rates exceed
 # the operator's own GFLOP/s. Fitted by `fit_rates` (`scripts/record-runs --fit`, relative
 # least squares, t = a + w / rate) to the runs of the CPU presets in
-# tests/engine/data/recorded_runs.json (engine 0.10.0, the 2-core development machine of
-# 2026-12-06 01:44-01:52 UTC, recorded back to back from a 1-minute load of 0.4):
-# fig2-cpu's q = 2 Krylov in float64 174.3 GFLOP/s and its RBF kernel 61.8 (a = 0: the free
-# fit is slightly negative), fig2-d120-cpu's q = 2 Krylov in float32 369.3, fig3-cpu's
-# explicit-feature Krylov 21.1, fig4-cpu's dense 53.5; the fixed costs a = 0.02-0.05 s at
-# D = 465 and 1830, 0.23 s at D = 7260 (fig2-d120-cpu; 0.30 s in a recording an hour
-# earlier, before the pass's width rule), so the model's fixed cost grows with
+# tests/engine/data/recorded_runs.json (engine 0.11.0, the 2-core development machine of
+# 2026-12-06 03:39-03:47 UTC, an Intel Xeon (Emerald Rapids) this time, from a 1-minute load
+# of 1.0-2.0, its own runs included): fig2-cpu's q = 2 Krylov in float64 162.7 GFLOP/s and its
+# RBF kernel 51.6 (a = 0), fig2-d120-cpu's q = 2 Krylov in float32 432.7, fig3-cpu's
+# explicit-feature Krylov 13.2, fig4-cpu's dense 38.5; the fixed costs a = 0.03-0.08 s at
+# D = 465 and 1830, 0.42 s at D = 7260 (fig2-d120-cpu), so the model's fixed cost grows with
 # D (`point_overhead_seconds`; a fixed 0.1 s for all made fig2-cpu's first ETA 0.45x the
-# truth once its first point took 0.05 s). The host's speed differs between recordings: the
-# kinds of work whose code did not change fitted 1.04-1.60x their rates in engine 0.9.0's
-# recording (2026-12-05 22:52-23:03, a slow evening: q2 260 and 121, explicit 13.2, dense
-# 40.8, kernel 59.3) and 1.01-1.06x those of engine 0.8.0's (16:52-17:01: q2 306 and 137,
-# explicit 20, dense 53, kernel 60). Only measurements in one host state compare engines
-# (README "Performance"). With these, the first ETA of each recording is 0.59-1.20x the
-# truth, and from a quarter of the points on 0.90-1.19x.
+# truth once its first point took 0.05 s). The host differs between recordings, and so do
+# the rates: engine 0.10.0's recording on an AMD EPYC (Zen 4) host (01:44-01:52 the same
+# morning) fitted q2 369 and 174, explicit 21.1, dense 53.5, kernel 61.8; engine 0.9.0's on a
+# slow evening (2026-12-05 22:52-23:03) q2 260 and 121, explicit 13.2, dense 40.8, kernel
+# 59.3; 0.8.0's (16:52-17:01) q2 306 and 137, explicit 20, dense 53, kernel 60. Only
+# measurements in one host state compare engines (README "Performance"). With these, the
+# first ETA of each recording is 0.85-1.72x the truth, and from a quarter of the points on
+# 0.86-1.50x.
 # (Engine 0.7.0's matrix-form operator, recorded on the morning of 2026-12-05: 88.8, 52.8,
 # 203.3, 15.2, 37.1.)
 # Explicit and dense in float32: twice float64 (the GEMM peaks' ratio), not measured.
@@ -76,19 +76,20 @@ POINT_OVERHEAD_AT_1830 = 0.04
 
 def point_overhead_seconds(dim: float) -> float:
     """A point's fixed cost on the reference machine, beyond its counted work: fitted to the
-    recorded runs' fixed costs (0.02-0.05 s at D = 465 and 1830, 0.23-0.30 s at D = 7260)."""
+    recorded runs' fixed costs (0.02-0.08 s at D = 465 and 1830, 0.23-0.42 s at D = 7260 in
+    the recordings of engines 0.10.0 and 0.11.0)."""
     return POINT_OVERHEAD_SECONDS + POINT_OVERHEAD_AT_1830 * (dim / 1830.0) ** 1.3
 
 
 REFERENCE_RATES = {  # (kind, dtype) -> FLOP/s of a whole point
-    ("q2", "float32"): 369e9,
-    ("q2", "float64"): 174e9,
-    ("explicit", "float32"): 42.2e9,
-    ("explicit", "float64"): 21.1e9,
-    ("dense", "float32"): 107e9,
-    ("dense", "float64"): 53.5e9,
-    ("kernel", "float32"): 62e9,
-    ("kernel", "float64"): 62e9,
+    ("q2", "float32"): 433e9,
+    ("q2", "float64"): 163e9,
+    ("explicit", "float32"): 26.4e9,
+    ("explicit", "float64"): 13.2e9,
+    ("dense", "float32"): 77e9,
+    ("dense", "float64"): 38.5e9,
+    ("kernel", "float32"): 51.6e9,
+    ("kernel", "float64"): 51.6e9,
 }
 
 

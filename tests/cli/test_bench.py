@@ -14,6 +14,8 @@ from hsl import bench
 def test_quick_bench_prints_every_figure_and_hsl_keeps_equal_accuracy(capsys):
     assert bench.main(quick=True) == 0
     out = capsys.readouterr().out
+    # the CPU the figures come from, and the pass's vector width on it
+    assert re.search(r"^cpu: .+ \(LLVM: \S+; vectors of \d+ float32, \d+ float64", out, re.M)
     for figure in (
         "1. GEMM peak",
         "2. moment operator",

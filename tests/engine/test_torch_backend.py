@@ -249,3 +249,25 @@ def test_auto_device_resolution(monkeypatch):
     monkeypatch.setattr(he._backend, "cuda_devices", lambda: 0)
     be = he.get_backend("auto")
     assert (be.device, be.array_backend) == ("cpu", "numpy")
+
+
+def test_no_gpu_device_files_means_no_cuda_without_importing_torch(monkeypatch, tmp_path):
+    """On Linux without a GPU's device files, device auto resolves to the CPU without asking
+    PyTorch (whose import costs 1-2 s); with one present, PyTorch is asked."""
+    asked = []
+
+    def torch_probe():
+        asked.append(True)
+        return False
+
+    monkeypatch.setattr(he._backend, "torch_available", torch_probe)
+    monkeypatch.setattr(he._backend.sys, "platform", "linux")
+    monkeypatch.setattr(he._backend, "GPU_DEVICE_FILES", (str(tmp_path / "nvidiactl"),))
+    assert he._backend.gpu_absent()
+    assert he.cuda_devices() == 0 and he.resolve_device("auto") == "cpu"
+    assert asked == []
+    (tmp_path / "nvidiactl").touch()  # a GPU's device file: PyTorch decides
+    assert not he._backend.gpu_absent()
+    assert he.cuda_devices() == 0 and asked == [True]
+    monkeypatch.setattr(he._backend.sys, "platform", "darwin")  # no device files to read
+    assert not he._backend.gpu_absent()
