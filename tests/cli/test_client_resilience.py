@@ -122,6 +122,10 @@ def test_hsl_wait_survives_a_restart_of_the_service(served):
         exp_id = c.post("/v1/experiments", json=SLOW).json()["id"]
         wait = Wait(served.url, exp_id)
         try:
+            # `hsl wait` in contact first (its first progress line): killed before it ever
+            # reached the service, it would rightly say so and give up (seen once in CI,
+            # where its start-up outlasted the first point)
+            wait.until("points")
             wait_status(
                 c,
                 exp_id,
