@@ -140,7 +140,7 @@ def pass_lanes(d: int, dtype_name: str, split: bool | None = None) -> int:
       d = 120 float32 and d = 60 float64; where both widths pad alike (d = 60 float32,
       d = 120 and 400 float64) the wider was as fast or faster (up to 1.4x);
     - Intel Xeon Emerald Rapids (two full 512-bit multiply-add units; best of 20): the full
-      width 1.45-1.64x faster at d = 120 float32, d = 60 float32 and float64, d = 400
+      width 1.41-1.64x faster at d = 120 float32, d = 60 float32 and float64, d = 400
       float64, padding or not.
     The choice depends on d and the CPU only, so the numbers stay deterministic."""
     wide = lanes(dtype_name)
