@@ -180,7 +180,7 @@ def iter_run(
             spec, seed, sample_budget_bytes=backend.sample_budget_bytes, backend=backend
         )
     if not backend.is_torch and spec.model.q == 2 and spec.model.features == "hermite":
-        # compile the lifted pass (0.15-0.22 s a dtype, once per process) before the first
+        # compile the lifted pass (0.43-0.58 s a dtype, once per process) before the first
         # point's clock starts: its seconds then say what the point costs, and so does the ETA
         # made from them. float64 for the teacher's labels and the test set, the solver's
         # type for the operator and the hidden features

@@ -343,8 +343,9 @@ def _cached(d: int, dtype_name: str) -> LiftedPass:
 
 
 def lifted_pass(d: int, dtype) -> LiftedPass:
-    """The compiled pass for dimension d and dtype (built once per process: 0.15-0.22 s
-    measured at d = 60 to 400)."""
+    """The compiled pass for dimension d and dtype (built once per process: 0.43-0.58 s
+    measured at d = 60 to 400, three times engine 0.10.0's 0.15-0.22 s for the code of groups
+    of 1 to 3 vectors)."""
     with _made:  # one compilation per signature, whatever the threads
         return _cached(int(d), np.dtype(dtype).name)
 
