@@ -21,7 +21,8 @@ lanes - 1, then of the next lanes), so the pass reads each block's slice contigu
 vectors into it and gathers the result back, about D k numbers a pass).
 
 **The pass** (`LiftedPass`), over blocks of ``rows`` samples (their inputs, each repeated to
-``dp + d // 2`` entries so that a shifted row is a plain vector load, fit in L1):
+``dp + d // 2`` entries so that a shifted row is a plain vector load, fit in L1 up to d of
+about 120; larger d keeps `MIN_BLOCK_ROWS` rows, whose inputs sit in L2):
 
 The vectors go in groups of 4, then one group of the 1 to 3 left with code of its own (tiles
 of fewer vectors and more shifts or lane blocks): a pass on k vectors does the work of k.
@@ -53,8 +54,9 @@ engine 0.10.0's weighted rows make it 1.03-1.08x faster again on one core and 1.
 two (d = 60 to 400), and its width rule 1.05x where it takes half the width. Engine 0.11.0,
 measured on one core of an Intel Xeon (Emerald Rapids, two 512-bit FMA units): 64-byte
 aligned arrays, the lane-block layout, blocks of at least 64 rows and the full width on
-CPUs that do not split it make the pass 1.14x (d = 60 float32) to 2.2x (d = 400 float32)
-faster than 0.10.0's there; a group of 1 to 3 vectors costs 0.55-0.8x a group of 4.
+CPUs that do not split it make the pass 1.14-1.19x (d = 60 float32) to 2.1-2.5x (d = 400)
+faster than 0.10.0's there (two interleaved runs); a group of 1 to 3 vectors costs
+0.55-0.8x a group of 4.
 """
 
 from __future__ import annotations
@@ -69,7 +71,10 @@ import numpy as np
 # Bytes of input rows a block keeps (in L1 with the kernel's other data)
 BLOCK_INPUT_BYTES = 28 * 1024
 # A block has at least this many rows, so that adding its sums into the float64 vectors
-# (kp x D numbers read and written once a block) stays a small part of the work
+# (kp x D numbers read and written once a block) stays a small part of the work. With 16,
+# d = 250-400 (11-16 rows of inputs in L1) spent as much on those additions as on the
+# multiply-adds; with 64 (inputs in L2) one core ran 1.27-1.5x faster there (d = 400 float32
+# 113 against 75 GFLOP/s, 96 rows 119, 128 rows 109), the same at d = 60 and 120.
 MIN_BLOCK_ROWS = 64
 # Shifts per register tile of the weighted rows (times 4 vectors: 16 accumulators)
 SHIFT_TILE = 4
@@ -294,7 +299,7 @@ class LiftedPass:
         shape (k, width)."""
         rows = np.asarray(rows)
         out = aligned_zeros((rows.shape[0], self.layout.width), self.dtype)
-        out[: rows.shape[0], self.layout.positions] = rows
+        out[:, self.layout.positions] = rows
         return out
 
     def coordinates(self, out: np.ndarray) -> np.ndarray:
@@ -448,6 +453,10 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
             b.position_at_end(after)
             return phis
 
+        def position(s, ab):
+            """Offset in a vector of shift s, lane block ab: `_index` (lane block, then shift)."""
+            return b.mul(b.add(b.mul(ab, k(shifts)), s), k(lanes_))
+
         whole_groups = b.and_(kp, k(-4))  # vectors in groups of 4; then the 1 to 3 left
 
         def in_groups(body, name):
@@ -491,7 +500,6 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
             def dots_vectors(j0, group):
                 """The dots of vectors j0 .. j0 + group - 1 (group = 4, or the 1 to 3 left)."""
                 vec_base = [b.mul(b.add(j0, k(j)), k(width)) for j in range(group)]
-                vec_block = shifts * lanes_  # a lane block of one vector, all its shifts
 
                 def clear(i, _):
                     b.store(zero, b.bitcast(b.gep(part, [b.mul(i, k(lanes_))]), vec.as_pointer()))
@@ -501,8 +509,7 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
 
                 def lane_block(ab, _):
                     offset = b.mul(ab, k(lanes_))
-                    block_at = b.mul(ab, k(vec_block))
-                    vv0 = [load(v, b.add(vec_base[j], block_at)) for j in range(group)]
+                    vv0 = [load(v, b.add(vec_base[j], position(k(0), ab))) for j in range(group)]
 
                     def dots_rows(r4, _):
                         row_base = [b.mul(b.add(r4, k(r)), k(stride)) for r in range(4)]
@@ -513,7 +520,7 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
                         # the diagonal's term
                         def shift(s, t):
                             xs = [load(xin, b.add(b.add(row_base[r], offset), s)) for r in range(4)]
-                            at = b.add(b.mul(s, k(lanes_)), block_at)
+                            at = position(s, ab)
                             vv = [load(v, b.add(vec_base[j], at)) for j in range(group)]
                             return [
                                 b.call(fma, [xs[r], vv[j], t[group * r + j]])
@@ -561,7 +568,7 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
                 loop(k(0), k(rows), k(1), [], finish, "dots.sum")
                 return []
 
-            in_groups(lambda j0, group: dots_vectors(j0, group), "dots.j")
+            in_groups(dots_vectors, "dots.j")
             if dots_only:
                 return []
 
@@ -612,10 +619,7 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
                     return ws, f
 
                 def at(j, t):
-                    return b.add(
-                        b.mul(b.add(j0, k(j)), k(width)),
-                        b.mul(b.add(ab0, k(t)), k(shifts * lanes_)),
-                    )
+                    return b.add(b.mul(b.add(j0, k(j)), k(width)), position(k(0), b.add(ab0, k(t))))
 
                 weighted_tile(group, count, operands, at, "rows")
 
@@ -632,9 +636,7 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
                     return us, [load(xin, b.add(base, b.add(s0, k(t)))) for t in range(count)]
 
                 def at(j, t):
-                    return b.add(b.add(b.mul(b.add(j0, k(j)), k(width)),
-                                       b.mul(b.add(s0, k(t)), k(lanes_))),
-                                 b.mul(ab, k(shifts * lanes_)))  # fmt: skip
+                    return b.add(b.mul(b.add(j0, k(j)), k(width)), position(b.add(s0, k(t)), ab))
 
                 weighted_tile(group, count, operands, at, "rows.s")
 

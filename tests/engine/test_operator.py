@@ -160,8 +160,9 @@ def test_pass_width_pads_d_least(dtype):
         assert pass_lanes(d, dtype, split=False) == wide, d
         chosen[d] = got
         if d in (13, 60, 120):
-            assert lifted_pass(d, dtype).layout.lanes == pass_lanes(d, dtype)
-            assert pass_lanes(d, dtype) == pass_lanes(d, dtype, split=splits_wide_vectors())
+            # the built pass takes this CPU's rule
+            want = pass_lanes(d, dtype, split=splits_wide_vectors())
+            assert lifted_pass(d, dtype).layout.lanes == want
     if wide >= 4:
         assert chosen[wide + wide // 2] == wide // 2 and chosen[2 * wide] == wide
 
