@@ -76,8 +76,8 @@ BLOCK_INPUT_BYTES = 28 * 1024
 # multiply-adds; with 64 (inputs in L2) one core ran 1.27-1.5x faster there (d = 400 float32
 # 113 against 75 GFLOP/s, 96 rows 119, 128 rows 109), the same at d = 60 and 120.
 MIN_BLOCK_ROWS = 64
-# Shifts per register tile of the weighted rows (times 4 vectors: 16 accumulators)
-SHIFT_TILE = 4
+
+
 # Every array the pass loads whole vectors from, other than its shifted inputs, starts on a
 # 64-byte boundary (a cache line, and one AVX-512 register), so those loads never straddle two
 # lines. NumPy gives 16-byte alignment only. Measured on one core of an Intel Xeon (Emerald
@@ -113,6 +113,46 @@ def vector_bytes() -> int:
     if features.get("avx"):
         return 32
     return 16
+
+
+@functools.cache
+def vector_registers() -> int:
+    """Vector registers of this CPU: 32 with AVX-512 (or on ARM), 16 with AVX2/AVX or SSE."""
+    import llvmlite.binding as ll
+
+    if ll.get_host_cpu_features().get("avx512f") or not _is_x86():
+        return 32
+    return 16
+
+
+def _is_x86() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def dot_rows(group: int, registers: int) -> int:
+    """Rows per register tile of the dot products for a group of 1 to 4 vectors: 4 (4 x 4
+    accumulators, 4 vectors and the shifted inputs live); 8 for one vector (8 independent
+    sums keep both multiply-add units busy through their 4-cycle latency); with 16
+    registers 2 rows for 4 vectors (8 accumulators, 4 vectors and one input live: 13)."""
+    if group == 1:
+        return 8
+    return 2 if registers < 32 and group == 4 else 4
+
+
+def weighted_tiles(group: int, registers: int) -> tuple[int, int, int]:
+    """Register tiles of the weighted rows for a group of 1 to 4 vectors: (vectors per tile
+    of the shifts, shifts per such tile, lane blocks per tile of the diagonal).
+
+    With 32 registers, 16 accumulators: the group's vectors x 16 / group shifts or lane
+    blocks. With 16: the shifts in tiles of 12 accumulators (a group of 4 as two tiles of 2
+    vectors x 6 shifts: 12 + 2 vectors' u + one shifted input live), the diagonal in tiles of
+    8 (its Hermite feature needs two constants and a product per lane block and row)."""
+    if registers >= 32:
+        return group, 16 // group, 16 // group
+    vectors = 2 if group == 4 else group
+    return vectors, 12 // vectors, 8 // group
 
 
 @functools.cache
@@ -250,7 +290,13 @@ class LiftedPass:
     Any alignment works; v and out from `vectors` and `sums` (64-byte aligned) run fastest.
     """
 
-    def __init__(self, d: int, dtype_name: str, vector_lanes: int | None = None):
+    def __init__(
+        self,
+        d: int,
+        dtype_name: str,
+        vector_lanes: int | None = None,
+        registers: int | None = None,
+    ):
         import llvmlite.binding as ll
 
         if np.dtype(dtype_name) not in (np.float32, np.float64):
@@ -262,8 +308,11 @@ class LiftedPass:
         self.layout = cyclic_layout(d, vector_lanes or pass_lanes(d, dtype_name))
         self.rows = block_rows(d, dtype_name, self.layout.lanes)
         self.stride = _row_stride(self.layout)
+        # register tiles for this CPU's vector registers unless given (the tests build both;
+        # the tiles' shapes do not change a number)
+        self.registers = registers or vector_registers()
         _initialise_llvm()
-        source = _build(self.layout, self.dtype, self.rows, self.stride)
+        source = _build(self.layout, self.dtype, self.rows, self.stride, self.registers)
         module = ll.parse_assembly(str(source))
         module.verify()
         machine = ll.Target.from_default_triple().create_target_machine(
@@ -363,7 +412,7 @@ def _initialise_llvm() -> None:
     ll.initialize_native_asmprinter()
 
 
-def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
+def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int, registers: int):
     """The LLVM module of `LiftedPass` (see the module docstring for the algorithm)."""
     import llvmlite.binding as ll
     import llvmlite.ir as ir
@@ -500,6 +549,7 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
             def dots_vectors(j0, group):
                 """The dots of vectors j0 .. j0 + group - 1 (group = 4, or the 1 to 3 left)."""
                 vec_base = [b.mul(b.add(j0, k(j)), k(width)) for j in range(group)]
+                tile = dot_rows(group, registers)
 
                 def clear(i, _):
                     b.store(zero, b.bitcast(b.gep(part, [b.mul(i, k(lanes_))]), vec.as_pointer()))
@@ -511,35 +561,39 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
                     offset = b.mul(ab, k(lanes_))
                     vv0 = [load(v, b.add(vec_base[j], position(k(0), ab))) for j in range(group)]
 
-                    def dots_rows(r4, _):
-                        row_base = [b.mul(b.add(r4, k(r)), k(stride)) for r in range(4)]
-                        xa = [load(xin, b.add(row_base[r], offset)) for r in range(4)]
+                    def dots_rows(r4, _, tile=tile):
+                        row_base = [b.mul(b.add(r4, k(r)), k(stride)) for r in range(tile)]
 
                         # the shifted products: t_rj = sum_s x_r(a + s) v_j(s, a); then
                         # x_r(a) t_rj (one product per lane block, not per shift), after
                         # the diagonal's term
                         def shift(s, t):
-                            xs = [load(xin, b.add(b.add(row_base[r], offset), s)) for r in range(4)]
                             at = position(s, ab)
                             vv = [load(v, b.add(vec_base[j], at)) for j in range(group)]
-                            return [
-                                b.call(fma, [xs[r], vv[j], t[group * r + j]])
-                                for r in range(4)
-                                for j in range(group)
-                            ]
+                            new = []
+                            for r in range(tile):  # one shifted input live at a time
+                                xs = load(xin, b.add(b.add(row_base[r], offset), s))
+                                new += [
+                                    b.call(fma, [xs, vv[j], t[group * r + j]]) for j in range(group)
+                                ]
+                            return new
 
-                        t = loop(k(1), k(shifts), k(1), [zero] * (4 * group), shift, "dots.s")
-                        for r in range(4):
-                            f = hermite(xa[r])
+                        t = loop(k(1), k(shifts), k(1), [zero] * (tile * group), shift, "dots.s")
+                        for r in range(tile):  # (x_r(a) loaded here: no registers held)
+                            xa = load(xin, b.add(row_base[r], offset))
+                            f = hermite(xa)
                             for j in range(group):
                                 slot = b.mul(b.add(b.mul(b.add(r4, k(r)), k(4)), k(j)), k(lanes_))
                                 p = b.bitcast(b.gep(part, [slot]), vec.as_pointer())
                                 acc = b.call(fma, [f, vv0[j], b.load(p, align=size)])
-                                acc = b.call(fma, [xa[r], t[group * r + j], acc])
+                                acc = b.call(fma, [xa, t[group * r + j], acc])
                                 b.store(acc, p, align=size)
                         return []
 
-                    loop(k(0), k(rows), k(4), [], dots_rows, "dots.r")
+                    whole = rows - rows % tile  # then the rest (rows is a multiple of 4)
+                    loop(k(0), k(whole), k(tile), [], dots_rows, "dots.r")
+                    if rows % tile:
+                        dots_rows(k(whole), [], rows % tile)
                     return []
 
                 loop(k(0), k(blocks), k(1), [], lane_block, "dots.ab")
@@ -588,12 +642,19 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
                 at ``at(j, t)``."""
 
                 def row(r, acc):
+                    # the smaller side's operands live, the other's one at a time (so that
+                    # the tile fits 16 registers too); the same sums in any order
                     a, c = operands(r)
-                    return [
-                        b.call(fma, [a[j], c[t], acc[count * j + t]])
-                        for j in range(group)
-                        for t in range(count)
-                    ]
+                    new = [None] * (group * count)
+                    if group <= count:
+                        for t in range(count):
+                            for j in range(group):
+                                new[count * j + t] = b.call(fma, [a[j], c[t], acc[count * j + t]])
+                    else:
+                        for j in range(group):
+                            for t in range(count):
+                                new[count * j + t] = b.call(fma, [a[j], c[t], acc[count * j + t]])
+                    return new
 
                 acc = loop(k(0), k(rows), k(1), [zero] * (group * count), row, name)
                 for j in range(group):
@@ -623,20 +684,23 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
 
                 weighted_tile(group, count, operands, at, "rows")
 
-            def shift_tile(j0, group, ab, s0, count):
-                """Weighted rows of shifts s0 .. s0 + count - 1 at lane block ab, vectors j0 ..
-                j0 + group - 1: sum_r u_rj(a) x_r(a + s), with u_rj = w_rj x_r(a) in
-                ``part``."""
+            def shift_tile(j0, first, group, ab, s0, count):
+                """Weighted rows of shifts s0 .. s0 + count - 1 at lane block ab, vectors j0 +
+                first .. j0 + first + group - 1: sum_r u_rj(a) x_r(a + s), with u_rj = w_rj
+                x_r(a) in ``part`` (slot ``first + j`` of row r)."""
                 offset = b.mul(ab, k(lanes_))
 
                 def operands(r):
                     base = b.add(b.mul(r, k(stride)), offset)
-                    slots = [b.mul(b.add(b.mul(r, k(4)), k(j)), k(lanes_)) for j in range(group)]
+                    slots = [
+                        b.mul(b.add(b.mul(r, k(4)), k(first + j)), k(lanes_)) for j in range(group)
+                    ]
                     us = [load(part, slot) for slot in slots]
                     return us, [load(xin, b.add(base, b.add(s0, k(t)))) for t in range(count)]
 
                 def at(j, t):
-                    return b.add(b.mul(b.add(j0, k(j)), k(width)), position(b.add(s0, k(t)), ab))
+                    vector = b.add(j0, k(first + j))
+                    return b.add(b.mul(vector, k(width)), position(b.add(s0, k(t)), ab))
 
                 weighted_tile(group, count, operands, at, "rows.s")
 
@@ -644,9 +708,9 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
                 """The weighted rows of vectors j0 .. j0 + group - 1. Tiles of 16 accumulators
                 (15 for 3 vectors): 4 vectors x 4 lane blocks or shifts, fewer vectors x more
                 of them (each accumulator's sum is the same whatever its tile)."""
-                across = (4 * SHIFT_TILE) // group
+                per_tile, across, tile_blocks = weighted_tiles(group, registers)
                 # the diagonal (shift 0): tiles of lane blocks, the Hermite feature per row
-                tile_blocks = min(across, blocks)
+                tile_blocks = min(tile_blocks, blocks)
                 whole = blocks - blocks % tile_blocks
                 if whole:
 
@@ -675,15 +739,17 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int):
                     loop(k(0), k(rows), k(1), [], weigh, "weigh")
                     others = shifts - 1
                     whole = others - others % across
-                    if whole:
+                    for first in range(0, group, per_tile):  # the group's vectors, per_tile at once
+                        some = min(per_tile, group - first)
+                        if whole:
 
-                        def full(s0, _):
-                            shift_tile(j0, group, ab, s0, across)
-                            return []
+                            def full(s0, _, first=first, some=some):
+                                shift_tile(j0, first, some, ab, s0, across)
+                                return []
 
-                        loop(k(1), k(1 + whole), k(across), [], full, "shift.tiles")
-                    if others % across:
-                        shift_tile(j0, group, ab, k(1 + whole), others % across)
+                            loop(k(1), k(1 + whole), k(across), [], full, "shift.tiles")
+                        if others % across:
+                            shift_tile(j0, first, some, ab, k(1 + whole), others % across)
                     return []
 
                 loop(k(0), k(blocks), k(1), [], lane_block, "weighted.ab")
