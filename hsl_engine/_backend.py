@@ -180,6 +180,7 @@ class Backend:
         func: Callable[[int], tuple[Any, ...]],
         count: int,
         initial: tuple[Any, ...] | None = None,
+        release: Callable[[tuple[Any, ...]], None] | None = None,
     ) -> tuple[Any, ...]:
         """``sum(func(i) for i in range(count))`` elementwise over tuples of arrays, added to
         ``initial`` if given (NumPy: in place, into its arrays).
@@ -189,20 +190,27 @@ class Backend:
         count. At most ``2 * threads`` items are in flight (results wait for their turn).
         PyTorch adds them in order in this thread. With ``initial`` the additions are
         ``((initial + f(0)) + f(1)) + ...``: a running sum continued over more items rounds as
-        one made in a single call.
+        one made in a single call. ``release(part)``, if given, is called once each item's
+        result has been added (its arrays are free to reuse).
         """
         if count == 0:
             raise ValueError("ordered_sum needs at least one item")
         total = initial
+        def add(total, part):
+            total = _accumulate(total, part)
+            if release is not None:
+                release(part)
+            return total
+
         if self.is_torch:
             for i in range(count):
-                total = _accumulate(total, func(i))
+                total = add(total, func(i))
             return total
         if self.threads <= 1 or count == 1:
             # single-threaded BLAS here too: a GEMM's rounding can depend on BLAS threading
             with single_threaded_blas():
                 for i in range(count):
-                    total = _accumulate(total, func(i))
+                    total = add(total, func(i))
             return total
         pool = _pool(self.threads)
         window = 2 * self.threads
@@ -213,7 +221,7 @@ class Backend:
                 pending[i] = None  # free the result once added
                 if i + window < count:
                     pending.append(pool.submit(func, i + window))
-                total = _accumulate(total, part)
+                total = add(total, part)
         return total
 
 

@@ -151,6 +151,8 @@ def weighted_tiles(group: int, registers: int) -> tuple[int, int, int]:
     8 (its Hermite feature needs two constants and a product per lane block and row)."""
     if registers >= 32:
         return group, 16 // group, 16 // group
+    if group == 3:
+        return 3, 3, 2
     vectors = 2 if group == 4 else group
     return vectors, 12 // vectors, 8 // group
 

@@ -276,6 +276,51 @@ def test_lifted_pass_on_fewer_vectors_gives_each_vector_the_same_sums(seed, dtyp
     assert_allclose(kernel.coordinates(want)[0], direct, rtol=0, atol=tol * np.abs(direct).max())
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d", [5, 23, 60])
+def test_register_tiles_for_16_and_32_registers_give_the_same_numbers(seed, dtype, d):
+    # The pass's register tiles follow the CPU's vector registers (`dot_rows`,
+    # `weighted_tiles`: 16 with AVX2, 32 with AVX-512); each accumulator sums the same
+    # products in the same order whatever its tile, so both builds (either runs here: LLVM
+    # spills what does not fit) give the same sums and dot products bit for bit, for every
+    # group size
+    from hsl_engine._simd import pass_lanes
+
+    rng = np.random.default_rng(seed)
+    m = 301
+    x = rng.standard_normal((m, d)).astype(dtype)
+    y = rng.standard_normal(m).astype(dtype)
+    lanes = pass_lanes(d, np.dtype(dtype).name)
+    small, large = (LiftedPass(d, np.dtype(dtype).name, lanes, registers=r) for r in (16, 32))
+    assert (small.registers, large.registers) == (16, 32)
+    for k in (1, 2, 3, 4, 7):
+        vc = small.vectors(rng.standard_normal((k, he.feature_dim(d, 2))))
+        a, b = small.sums(vc), large.sums(vc)
+        small(x, y, vc, a)
+        large(x, y, vc, b)
+        assert a.any() and np.array_equal(a, b), k
+        assert np.array_equal(small.dots(x, vc), large.dots(x, vc)), k
+
+
+@pytest.mark.parametrize("registers", [16, 32])
+def test_register_tiles_fit_their_registers(registers):
+    # accumulators plus what a step keeps live: the dots' vectors and one shifted input; a
+    # weighted tile's smaller operand side and one of the other; the diagonal's weights or
+    # features (the fewer), one of the other and two constants
+    from hsl_engine._simd import dot_rows, weighted_tiles
+
+    for group in (1, 2, 3, 4):
+        rows = dot_rows(group, registers)
+        assert 4 % rows == 0 or rows % 4 == 0
+        assert rows * group + group + 1 <= registers, group
+        vectors, shifts, blocks = weighted_tiles(group, registers)
+        assert 1 <= vectors <= group and shifts >= 1 and blocks >= 1
+        assert vectors * shifts + min(vectors, shifts) + 1 <= registers, group
+        assert group * blocks + min(group, blocks) + 3 <= registers, group
+        if group >= 2:  # enough independent sums for two multiply-add units of latency 4
+            assert rows * group >= 8 and vectors * shifts >= 8
+
+
 def test_lifted_pass_names_what_is_wrong():
     kernel = lifted_pass(5, np.float32)
     x = np.zeros((3, 5), np.float32)

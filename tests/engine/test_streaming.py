@@ -222,6 +222,71 @@ def test_operator_sums_do_not_depend_on_the_thread_count(seed, q, features):
     assert_array_equal(outs[0], outs[2])
 
 
+def test_operator_keeps_converted_chunks_only_where_samples_are_stored(seed):
+    # The lifted pass keeps each chunk's inputs and transformed labels between passes where
+    # the samples are stored and need no conversion: the same sums bit for bit as an
+    # operator that converts them at every pass, pass after pass and at any thread count;
+    # regenerated samples, or inputs that would need a copy, are not kept
+    spec = he.parse_spec(
+        {"model": {"d": 10}, "sweep": {"n_values": [100], "seed": seed},
+         "solver": {"dtype": "float32"}}
+    )  # fmt: skip
+    n = 2 * 4096 + 77
+    v = np.random.default_rng(seed).standard_normal((spec.model.feature_dim, 5))
+    stored = he.make_seed_data(spec, 0).train.view(n)
+    stored.materialise()
+    assert stored.stored and stored.dtype == np.float32
+
+    def operator(view, threads, dtype=None):
+        return MomentOperator(
+            view, q=2, features="hermite", backend=he.get_backend("cpu", threads=threads),
+            dtype=dtype, shift=0.3, scale=1.7, bounds=(-2.0, 2.0), offset=0.01,
+        )  # fmt: skip
+
+    plain = operator(stored, 1)
+    plain._kept = None  # converts every chunk at every pass
+    want = plain.matmat(v)
+    for threads in (1, 2):
+        op = operator(stored, threads)
+        for _ in range(3):
+            assert_array_equal(op.matmat(v), want)
+        assert sorted(op._kept) == list(range(stored.n_chunks()))
+        x, y = op._kept[stored.n_chunks() - 1]
+        assert x.shape == (77, 10) and y.dtype == np.float32
+    streamed = he.make_seed_data(spec, 0, sample_budget_bytes=0).train.view(n)
+    assert not streamed.stored
+    op = operator(streamed, 2)
+    assert op._kept is None
+    assert_array_equal(op.matmat(v), want)
+    assert operator(stored, 2, dtype=np.float64)._kept is None
+
+
+def test_ordered_sum_releases_each_part_after_adding_it(seed):
+    # ``release`` gets every item's result once, after it was added: a buffer recycled by
+    # it (as the lifted pass recycles its sums) cannot change the total
+    rng = np.random.default_rng(seed)
+    items = [rng.standard_normal(50) for _ in range(9)]
+    want = items[0].copy()
+    for item in items[1:]:
+        want = want + item
+    for threads in (1, 2, 3):
+        backend = he.get_backend("cpu", threads=threads)
+        released = []
+
+        def part(i):
+            return (items[i].copy(),)
+
+        def release(p, released=released):
+            released.append(p[0].copy())
+            p[0].fill(np.nan)  # reused: overwritten at once
+
+        [total] = backend.ordered_sum(part, len(items), release=release)
+        assert_array_equal(total, want)
+        assert len(released) == len(items)
+        for got, item in zip(released, items):
+            assert_array_equal(got, item)
+
+
 def test_resumed_run_gives_the_same_points_for_the_dense_solver():
     # The dense solver's accumulation is keyed by chunks, so skipping stored points changes
     # nothing (the Krylov solver's warm start differs instead: tests/engine/test_experiment).
