@@ -196,6 +196,7 @@ class Backend:
         if count == 0:
             raise ValueError("ordered_sum needs at least one item")
         total = initial
+
         def add(total, part):
             total = _accumulate(total, part)
             if release is not None:

@@ -138,9 +138,8 @@ class MomentOperator:
         # the chunks' inputs in the pass's type and their labels `labels`, kept between passes
         # where the samples are kept in memory anyway and the inputs need no conversion (the
         # labels cost n numbers; computing them again cost ~75 us a chunk and pass)
-        self._kept: dict[int, tuple[Any, Any]] | None = (
-            {} if getattr(self.samples, "stored", True) and self.samples.dtype == self.dtype else None
-        )
+        keep = getattr(self.samples, "stored", True) and self.samples.dtype == self.dtype
+        self._kept: dict[int, tuple[Any, Any]] | None = {} if keep else None
         self.passes = 0  # block applications so far
         self.vectors = 0  # vectors applied so far (sum of block widths)
         self.flops = 0.0  # floating-point operations of those applications
