@@ -329,6 +329,7 @@ class LiftedPass:
                                      ctypes.c_int64, *[pointer] * 4)  # fmt: skip
         # CFUNCTYPE calls release the GIL: chunks run in threads
         self._pass = signature(self._engine.get_function_address("lifted_q2_pass"))
+        self._local = threading.local()  # per-thread scratch (`_scratch`)
         self._dots = signature(self._engine.get_function_address("lifted_q2_dots"))
 
     def __call__(self, x: np.ndarray, y: np.ndarray, v: np.ndarray, out: np.ndarray) -> None:
@@ -339,11 +340,9 @@ class LiftedPass:
             raise ValueError("out must be C-contiguous float64 of v's shape")
         if x.shape[0] == 0:
             return
-        inputs, sums = self._scratch()
-        weights = aligned_empty((self.rows, v.shape[0]), self.dtype)
+        inputs, sums, weights = self._scratch(v.shape[0])
         self._pass(x.ctypes.data, y.ctypes.data, x.shape[0], v.ctypes.data, v.shape[0],
-                   out.ctypes.data, inputs.ctypes.data, weights.ctypes.data,
-                   sums.ctypes.data)  # fmt: skip
+                   out.ctypes.data, inputs, weights, sums)  # fmt: skip
 
     def vectors(self, rows) -> np.ndarray:
         """Vectors given as rows (k, D) in segment order, in the pass's layout and type:
@@ -365,17 +364,29 @@ class LiftedPass:
         # whole blocks: the rows past m (zero inputs) write their dots into the padding
         out = np.empty((-(-m // self.rows) * self.rows, kp), self.dtype)
         if m:
-            inputs, sums = self._scratch()
+            inputs, sums, _ = self._scratch(0)
             self._dots(x.ctypes.data, None, m, v.ctypes.data, kp, None,
-                       inputs.ctypes.data, out.ctypes.data, sums.ctypes.data)  # fmt: skip
+                       inputs, out.ctypes.data, sums)  # fmt: skip
         return out[:m]
 
-    def _scratch(self) -> tuple[np.ndarray, np.ndarray]:
-        # a block's repeated inputs, and its rows' vector sums of 4 dot products (then the
-        # rows' u = w x(a) of one lane block and 4 vectors, the same size)
-        inputs = aligned_empty((self.rows, self.stride), self.dtype)
-        sums = aligned_empty((self.rows, 4, self.layout.lanes), self.dtype)
-        return inputs, sums
+    def _scratch(self, kp: int) -> tuple[int, int, int]:
+        """Addresses of this thread's scratch (kept between calls: making it afresh cost
+        ~20 us a call, against ~1 us of filling a block): a block's repeated inputs, its rows'
+        vector sums of 4 dot products (then the rows' u = w x(a) of one lane block and 4
+        vectors, the same size) and, with ``kp`` > 0, the rows' weights of kp vectors."""
+        mine = getattr(self._local, "scratch", None)
+        if mine is None:
+            inputs = aligned_empty((self.rows, self.stride), self.dtype)
+            sums = aligned_empty((self.rows, 4, self.layout.lanes), self.dtype)
+            mine = self._local.scratch = {"arrays": (inputs, sums), "weights": {}}
+            mine["at"] = (inputs.ctypes.data, sums.ctypes.data)
+        weights = 0
+        if kp:
+            array = mine["weights"].get(kp)
+            if array is None:
+                array = mine["weights"][kp] = aligned_empty((self.rows, kp), self.dtype)
+            weights = array.ctypes.data
+        return (*mine["at"], weights)
 
     def sums(self, v: np.ndarray) -> np.ndarray:
         """Zero float64 sums for the vectors v (kp, width) of `vectors`, aligned like them."""
@@ -528,22 +539,41 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int, registers
         def block(start, _):
             live_rows = b.sub(m, start)
 
-            def fill(r, _):  # row r of the block: its input repeated (zeros past the last sample)
-                live = b.icmp_signed("<", r, live_rows)
-                source = b.mul(b.add(start, b.select(live, r, k(0))), k(d))
+            def copy(r, _):  # row r of the block: its input repeated, a copy every d entries
+                source = b.mul(b.add(start, r), k(d))
                 target = b.mul(r, k(stride))
-                for first in range(0, stride, d):  # a copy of the input every d entries:
-                    count = min(d, stride - first)  # whole vectors, then the rest one by one
-                    for i in range(0, count - count % lanes_, lanes_):
-                        value = b.select(live, load(x, b.add(source, k(i))), zero)
+                for first in range(0, stride, d):
+                    count = min(d, stride - first)
+                    if count < lanes_:  # one by one
+                        for i in range(count):
+                            value = b.load(b.gep(x, [b.add(source, k(i))]))
+                            b.store(value, b.gep(xin, [b.add(target, k(first + i))]))
+                        continue
+                    # whole vectors, the last one ending at count (overlapping the one
+                    # before it where count is not a multiple of the width: the same
+                    # numbers written twice, no scalar tail)
+                    spans = list(range(0, count - lanes_ + 1, lanes_))
+                    if count % lanes_:
+                        spans.append(count - lanes_)
+                    for i in spans:
                         at = b.gep(xin, [b.add(target, k(first + i))])
-                        b.store(value, b.bitcast(at, vec.as_pointer()), align=size)
-                    for i in range(count - count % lanes_, count):
-                        value = b.select(live, b.load(b.gep(x, [b.add(source, k(i))])), nothing)
-                        b.store(value, b.gep(xin, [b.add(target, k(first + i))]))
+                        b.store(
+                            load(x, b.add(source, k(i))),
+                            b.bitcast(at, vec.as_pointer()),
+                            align=size,
+                        )
                 return []
 
-            loop(k(0), k(rows), k(1), [], fill, "fill")
+            def clear_row(r, _):  # rows past the last sample: zeros (their labels are 0)
+                target = b.mul(r, k(stride))
+                for i in range(0, stride, lanes_):
+                    at = b.gep(xin, [b.add(target, k(i))])
+                    b.store(zero, b.bitcast(at, vec.as_pointer()), align=size)
+                return []
+
+            live = b.select(b.icmp_signed("<", live_rows, k(rows)), live_rows, k(rows))
+            loop(k(0), live, k(1), [], copy, "fill")
+            loop(live, k(rows), k(1), [], clear_row, "fill.zero")
 
             # dot products, 4 vectors at a time: lane block by lane block (the vectors' slice
             # of one block, all shifts, stays in L1 while every row of the block uses it), 4
