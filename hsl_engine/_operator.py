@@ -193,18 +193,25 @@ class MomentOperator:
         free: list[np.ndarray] = []  # sums already added, to reuse (a fresh 64-byte aligned
         # array per chunk cost ~60 us in page faults at d = 60)
 
-        def chunk(c: int):
+        items = _lifted_items(self.samples.n_chunks(), k, self.backend.threads)
+
+        def chunk(i: int):
+            c, part = items[i]
             x, y = self._chunk(c)
             try:
                 out = free.pop()
                 out.fill(0)
             except IndexError:
                 out = kernel.sums(vc)
-            kernel(np.ascontiguousarray(x), np.ascontiguousarray(y), vc, out)
+            x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
+            if part is None:
+                kernel(x, y, vc, out)
+            else:  # some of the vectors; the other rows of out stay zero
+                kernel(x, y, vc[part], out[part])
             return (out,)
 
         acc = self.backend.ordered_sum(
-            chunk, self.samples.n_chunks(), release=lambda part: free.append(part[0])
+            chunk, len(items), release=lambda part: free.append(part[0])
         )[0]
         return kernel.coordinates(acc)[:k].T / self.n
 
@@ -346,6 +353,25 @@ class DenseAccumulator:
             op.flops += 4.0 * tail * self.dim**2
         c = (s_y - op.shift * s_1) * (op.scale / op.n)
         return (c + c.T) / 2
+
+
+def _lifted_items(count: int, k: int, threads: int) -> list[tuple[int, slice | None]]:
+    """The work items of a lifted pass over ``count`` chunks on ``k`` vectors: every chunk on
+    all vectors, but with several threads the last ``threads`` chunks each split into
+    ``threads`` parts of the vectors, so that the threads finish together. (A pass of 53
+    chunks on 2 threads left one thread idle for about one chunk of 52: 3 ms of a 52 ms pass,
+    measured at n = 216000, d = 60, 4 vectors.)
+
+    The sums do not change: each vector's sums over a chunk are the same whatever vectors it
+    is computed with (`hsl_engine._simd`), a part's item leaves the other vectors' rows at
+    zero, and adding an exact zero changes no sum (the float64 sums start from +0, so none
+    is -0)."""
+    size = -(-k // max(threads, 1))
+    parts = [slice(j, min(j + size, k)) for j in range(0, k, size)]
+    tail = min(count, threads) if len(parts) > 1 else 0
+    items: list[tuple[int, slice | None]] = [(c, None) for c in range(count - tail)]
+    items += [(c, part) for c in range(count - tail, count) for part in parts]
+    return items
 
 
 def _q2_chunk_numpy(x, y, gcat, trace, rows: int):
