@@ -261,6 +261,27 @@ def test_operator_keeps_converted_chunks_only_where_samples_are_stored(seed):
     assert operator(stored, 2, dtype=np.float64)._kept is None
 
 
+@pytest.mark.parametrize(
+    ("count", "k", "threads"), [(53, 4, 2), (5, 3, 3), (1, 8, 2), (4, 1, 2), (7, 4, 1)]
+)
+def test_lifted_pass_items_cover_each_chunk_and_vector_once(count, k, threads):
+    # The work items of a threaded lifted pass: whole chunks, then the last `threads` chunks
+    # split by vectors (so the threads finish together), in chunk order; one thread, or one
+    # vector, splits nothing
+    from hsl_engine._operator import _lifted_items
+
+    items = _lifted_items(count, k, threads)
+    covered = [(c, j) for c, part in items for j in range(k)[part or slice(None)]]
+    assert sorted(covered) == [(c, j) for c in range(count) for j in range(k)]
+    assert [c for c, _ in items] == sorted(c for c, _ in items)
+    split = [c for c, part in items if part is not None]
+    if threads == 1 or k == 1:
+        assert split == []
+    else:
+        assert sorted(set(split)) == list(range(max(0, count - threads), count))
+        assert all(len(range(k)[p]) >= k // threads for _, p in items if p is not None)
+
+
 def test_ordered_sum_releases_each_part_after_adding_it(seed):
     # ``release`` gets every item's result once, after it was added: a buffer recycled by
     # it (as the lifted pass recycles its sums) cannot change the total
