@@ -26,19 +26,27 @@ about 120; larger d keeps `MIN_BLOCK_ROWS` rows, whose inputs sit in L2):
 
 The vectors go in groups of 4, then one group of the 1 to 3 left with code of its own (tiles
 of fewer vectors and more shifts or lane blocks): a pass on k vectors does the work of k.
+Each block starts by copying its rows' inputs, repeated, into scratch (whole vectors; rows
+past the last sample are zeros).
+
+The register tiles below are those for 32 vector registers (AVX-512, ARM); with 16 (AVX2,
+AVX) they are smaller, so that nothing spills (`dot_rows`, `weighted_tiles`). No tile shape
+changes a number: every accumulator sums the same products in the same order.
 
 1. dot products ``F(x_i) . v_j``, 4 vectors at a time, one lane block at a time (the 4
    vectors' slice of that block over all shifts stays in L1 while the block's rows use it),
-   4 rows at a time: ``t_rj = sum_s x_r(a + s) v_j(s, a)`` in 16 vector accumulators (per
-   shift 4 loads of shifted inputs, 4 of the vectors, 16 fused multiply-adds), then
-   ``x_r(a) t_rj`` and the diagonal's term go into the rows' vector sums, kept between
-   lane blocks; one tree sum per row and vector at the end;
+   4 rows at a time (2 with 16 registers): ``t_rj = sum_s x_r(a + s) v_j(s, a)`` in 16
+   (8) vector accumulators (per shift 4 loads of the vectors, then per row one shifted
+   input and 4 fused multiply-adds), then ``x_r(a) t_rj`` and the diagonal's term go into
+   the rows' vector sums, kept between lane blocks; one tree sum per row and vector at the
+   end;
 2. the weights ``w_ij = y_i (F(x_i) . v_j)`` (labels beyond the last sample are 0);
 3. the weighted rows ``sum_r w_rj x_r(a) x_r(a + s)``: the diagonal (shift 0) in tiles of
-   4 lane blocks x 4 vectors; the other shifts lane block by lane block, first
-   ``u_rj = w_rj x_r(a)`` for every row (into scratch, in L1), then tiles of 4 shifts x 4
-   vectors, 16 accumulators over the block's rows (rows innermost: per row 4 loads of ``u``,
-   4 shifted loads of the input, 16 fused multiply-adds and no other arithmetic), each tile
+   4 lane blocks x 4 vectors (2 x 4 with 16 registers); the other shifts lane block by lane
+   block, first ``u_rj = w_rj x_r(a)`` for every row (into scratch, in L1), then tiles of 4
+   shifts x 4 vectors, 16 accumulators over the block's rows (with 16 registers: 6 shifts x
+   2 vectors, 12 accumulators, twice), rows innermost: per row the tile's loads of ``u``
+   and of the shifted input, then fused multiply-adds and no other arithmetic; each tile
    then added into the float64 sums. (Engine 0.9.0 formed ``x_r(a) x_r(a + s)`` per row
    and lane block and multiplied it by the weights: one product per 4 multiply-adds, so that
    step ran at 65-68 % of one core's FMA peak against 72 % now; see README "Performance".)
@@ -56,7 +64,10 @@ measured on one core of an Intel Xeon (Emerald Rapids, two 512-bit FMA units): 6
 aligned arrays, the lane-block layout, blocks of at least 64 rows and the full width on
 CPUs that do not split it make the pass 1.14-1.19x (d = 60 float32) to 2.1-2.5x (d = 400)
 faster than 0.10.0's there (two interleaved runs); a group of 1 to 3 vectors costs
-0.55-0.8x a group of 4.
+0.55-0.8x a group of 4. On an AMD EPYC Zen 3 (AVX2: 16 registers of 8 float32), the tiles
+for 32 registers spilled accumulators to the stack in every inner loop; the tiles for 16
+made one core's pass 1.6-2.1x faster (d = 60 float32, 4 vectors, 42.7 against 73.0
+GFLOP/s; d = 120 to 400 both types 1.9-2.1x), the same numbers bit for bit.
 """
 
 from __future__ import annotations
