@@ -66,7 +66,7 @@ CPUs that do not split it make the pass 1.14-1.19x (d = 60 float32) to 2.1-2.5x 
 faster than 0.10.0's there (two interleaved runs); a group of 1 to 3 vectors costs
 0.55-0.8x a group of 4. On an AMD EPYC Zen 3 (AVX2: 16 registers of 8 float32), the tiles
 for 32 registers spilled accumulators to the stack in every inner loop; the tiles for 16
-made one core's pass 1.6-2.1x faster (d = 60 float32, 4 vectors, 42.7 against 73.0
+made one core's pass 1.7-2.1x faster (d = 60 float32, 4 vectors, 42.7 against 73.0
 GFLOP/s; d = 120 to 400 both types 1.9-2.1x), the same numbers bit for bit.
 """
 
@@ -340,8 +340,8 @@ class LiftedPass:
                                      ctypes.c_int64, *[pointer] * 4)  # fmt: skip
         # CFUNCTYPE calls release the GIL: chunks run in threads
         self._pass = signature(self._engine.get_function_address("lifted_q2_pass"))
-        self._local = threading.local()  # per-thread scratch (`_scratch`)
         self._dots = signature(self._engine.get_function_address("lifted_q2_dots"))
+        self._local = threading.local()  # per-thread scratch (`_scratch`)
 
     def __call__(self, x: np.ndarray, y: np.ndarray, v: np.ndarray, out: np.ndarray) -> None:
         self._check(x, v)
@@ -587,8 +587,8 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int, registers
             loop(live, k(rows), k(1), [], clear_row, "fill.zero")
 
             # dot products, 4 vectors at a time: lane block by lane block (the vectors' slice
-            # of one block, all shifts, stays in L1 while every row of the block uses it), 4
-            # rows at a time, their vector sums kept in `part` between lane blocks
+            # of one block, all shifts, stays in L1 while every row of the block uses it),
+            # `dot_rows` rows at a time, their vector sums kept in `part` between lane blocks
             def dots_vectors(j0, group):
                 """The dots of vectors j0 .. j0 + group - 1 (group = 4, or the 1 to 3 left)."""
                 vec_base = [b.mul(b.add(j0, k(j)), k(width)) for j in range(group)]
@@ -684,19 +684,17 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int, registers
                 with ``(a, c) = operands(r)`` for row r, each then added into the float64 sums
                 at ``at(j, t)``."""
 
+                # the smaller side's operands live, the other's one at a time (so that the
+                # tile fits 16 registers too): the order the multiply-adds are written in
+                pairs = [(j, t) for j in range(group) for t in range(count)]
+                if group <= count:
+                    pairs.sort(key=lambda jt: (jt[1], jt[0]))
+
                 def row(r, acc):
-                    # the smaller side's operands live, the other's one at a time (so that
-                    # the tile fits 16 registers too); the same sums in any order
                     a, c = operands(r)
-                    new = [None] * (group * count)
-                    if group <= count:
-                        for t in range(count):
-                            for j in range(group):
-                                new[count * j + t] = b.call(fma, [a[j], c[t], acc[count * j + t]])
-                    else:
-                        for j in range(group):
-                            for t in range(count):
-                                new[count * j + t] = b.call(fma, [a[j], c[t], acc[count * j + t]])
+                    new = list(acc)
+                    for j, t in pairs:
+                        new[count * j + t] = b.call(fma, [a[j], c[t], acc[count * j + t]])
                     return new
 
                 acc = loop(k(0), k(rows), k(1), [zero] * (group * count), row, name)
@@ -748,9 +746,8 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int, registers
                 weighted_tile(group, count, operands, at, "rows.s")
 
             def weighted_vectors(j0, group):
-                """The weighted rows of vectors j0 .. j0 + group - 1. Tiles of 16 accumulators
-                (15 for 3 vectors): 4 vectors x 4 lane blocks or shifts, fewer vectors x more
-                of them (each accumulator's sum is the same whatever its tile)."""
+                """The weighted rows of vectors j0 .. j0 + group - 1, in the register tiles of
+                `weighted_tiles` (each accumulator's sum is the same whatever its tile)."""
                 per_tile, across, tile_blocks = weighted_tiles(group, registers)
                 # the diagonal (shift 0): tiles of lane blocks, the Hermite feature per row
                 tile_blocks = min(tile_blocks, blocks)
