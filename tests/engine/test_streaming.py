@@ -308,6 +308,76 @@ def test_ordered_sum_releases_each_part_after_adding_it(seed):
             assert_array_equal(got, item)
 
 
+def test_ordered_sum_holds_at_most_two_results_per_thread():
+    # The threads add the results themselves, in index order: one that runs ahead of a slow
+    # item waits instead of piling up results (each is a kp x D float64 array in a pass)
+    import threading
+    import time
+
+    for threads in (2, 3):
+        backend = he.get_backend("cpu", threads=threads)
+        lock = threading.Lock()
+        held = [0, 0]  # results computed and not yet added; the most at once
+
+        def part(i, lock=lock, held=held):
+            if i == 1:
+                time.sleep(0.05)  # a slow item: the others must not run far ahead of it
+            with lock:
+                held[0] += 1
+                held[1] = max(held[1], held[0])
+            return (np.full(3, float(i)),)
+
+        def release(_, lock=lock, held=held):
+            with lock:
+                held[0] -= 1
+
+        [total] = backend.ordered_sum(part, 40, release=release)
+        assert_array_equal(total, np.full(3, float(sum(range(40)))))
+        assert held[0] == 0
+        assert 2 <= held[1] <= 2 * threads
+
+
+def test_ordered_sum_raises_an_items_error_after_every_thread_stopped():
+    import threading
+    import time
+
+    backend = he.get_backend("cpu", threads=2)
+    ran = []
+    lock = threading.Lock()
+
+    def part(i):
+        with lock:
+            ran.append(i)
+        if i == 5:
+            raise ValueError("item 5 failed")
+        return (np.ones(2),)
+
+    with pytest.raises(ValueError, match="item 5 failed"):
+        backend.ordered_sum(part, 1000)
+    count = len(ran)
+    assert 6 <= count < 1000  # the others stopped taking items
+    time.sleep(0.05)
+    assert len(ran) == count  # and none was still running
+    # the pool is usable afterwards
+    assert_array_equal(backend.ordered_sum(lambda i: (np.ones(2),), 7)[0], np.full(2, 7.0))
+
+
+def test_ordered_sum_inside_an_item_does_not_deadlock():
+    # An item that itself reduces in threads (the pool's threads all busy with the outer
+    # items): the calling thread takes items too, so the inner sum always progresses
+    backend = he.get_backend("cpu", threads=2)
+
+    def inner(i):
+        return (np.full(2, float(i)),)
+
+    def outer(i):
+        [total] = backend.ordered_sum(inner, 5)
+        return (total + i,)
+
+    [total] = backend.ordered_sum(outer, 6)
+    assert_array_equal(total, np.full(2, 6 * 10.0 + 15.0))
+
+
 def test_resumed_run_gives_the_same_points_for_the_dense_solver():
     # The dense solver's accumulation is keyed by chunks, so skipping stored points changes
     # nothing (the Krylov solver's warm start differs instead: tests/engine/test_experiment).
