@@ -319,6 +319,11 @@ class HiddenChunks:
         if self.n * (directions.shape[1] + 1) * 8 <= cache_bytes:
             self._cache = self.backend.map_ordered(self._compute, samples.n_chunks())
 
+    @property
+    def kept(self) -> bool:
+        """Whether the chunks are kept in memory (else recomputed at each pass)."""
+        return self._cache is not None
+
     def _compute(self, c: int):
         # the projection's GEMMs in the solver's type (as the first layer's); h itself, and
         # every sum over samples made from it, in float64
@@ -508,7 +513,13 @@ class LayerwiseSpectral:
             )
         else:
             readout_chunks = chunks
-        pairs = lambda: ((quadratic_form(h, a2), y) for h, y in readout_chunks)  # noqa: E731
+        if readout_chunks.kept:
+            # the readout reads its inputs twice (moments, then normal equations): where the
+            # hidden features are kept, so are their quadratic forms (n numbers against n d1)
+            kept = [(quadratic_form(h, a2), y) for h, y in readout_chunks]
+            pairs = lambda: iter(kept)  # noqa: E731
+        else:
+            pairs = lambda: ((quadratic_form(h, a2), y) for h, y in readout_chunks)  # noqa: E731
         if self.method.readout == "rescale":
             readout: Readout | RescaleReadout = RescaleReadout(
                 self.spec.model.activation
