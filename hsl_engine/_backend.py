@@ -229,9 +229,10 @@ def _ordered_sum_threads(func, count: int, total, add, threads: int):
 
     Each thread takes the next item, computes it, and then adds every result that is next in
     index order (under a lock, so one thread adds at a time): the items are added strictly in
-    order without a thread that only collects them. (Engine 0.11.0 submitted every item to the
-    pool and added the results in this thread: per item a wake-up of this thread and a hand-over
-    of the GIL, 40-60 us between two items of a worker against ~25 now, on chunks of ~1.4 ms.)
+    order without a thread that only collects them. (Until 2026-12-06 the pool ran every item
+    and this thread added the results: per item a wake-up of this thread and a hand-over of the
+    GIL; a lifted pass's worker waited 36-62 us between two chunks of ~1.4 ms, against 11-13 us
+    now, and a pass of 4 vectors at n = 216000 took 1.06x as long: README "Performance".)
     A thread waits before taking an item more than ``2 * threads`` ahead of the next to add,
     so at most that many results are held. An error stops every thread taking items and is
     raised here once all have stopped. This thread takes items too, so the sum progresses even
