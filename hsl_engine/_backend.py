@@ -231,8 +231,9 @@ def _ordered_sum_threads(func, count: int, total, add, threads: int):
     index order (under a lock, so one thread adds at a time): the items are added strictly in
     order without a thread that only collects them. (Until 2026-12-06 the pool ran every item
     and this thread added the results: per item a wake-up of this thread and a hand-over of the
-    GIL; a lifted pass's worker waited 36-62 us between two chunks of ~1.4 ms, against 11-13 us
-    now, and a pass of 4 vectors at n = 216000 took 1.06x as long: README "Performance".)
+    GIL; a lifted pass's worker waited 36-62 us between two chunks of ~1.4 ms, against a median
+    of 11-32 us now, and a pass of 4 vectors at n = 216000 took 1.06x as long: README
+    "Performance".)
     A thread waits before taking an item more than ``2 * threads`` ahead of the next to add,
     so at most that many results are held. An error stops every thread taking items and is
     raised here once all have stopped. This thread takes items too, so the sum progresses even
@@ -242,6 +243,11 @@ def _ordered_sum_threads(func, count: int, total, add, threads: int):
     state = {"take": 0, "add": 0, "total": total, "error": None}
     ready: dict[int, Any] = {}
     turn = threading.Condition()
+
+    def fail(exc: BaseException) -> None:  # with ``turn`` held: the first error wins
+        if state["error"] is None:
+            state["error"] = exc
+        turn.notify_all()
 
     def work() -> None:
         while True:
@@ -256,9 +262,7 @@ def _ordered_sum_threads(func, count: int, total, add, threads: int):
                 part = func(i)
             except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
                 with turn:
-                    if state["error"] is None:
-                        state["error"] = exc
-                    turn.notify_all()
+                    fail(exc)
                 return
             with turn:
                 ready[i] = part
@@ -266,7 +270,7 @@ def _ordered_sum_threads(func, count: int, total, add, threads: int):
                     try:
                         state["total"] = add(state["total"], ready.pop(state["add"]))
                     except BaseException as exc:  # noqa: BLE001
-                        state["error"] = exc
+                        fail(exc)
                         break
                     state["add"] += 1
                 turn.notify_all()
@@ -276,8 +280,7 @@ def _ordered_sum_threads(func, count: int, total, add, threads: int):
         work()
     except BaseException as exc:  # an interrupt while waiting: the helpers stop too
         with turn:
-            state["error"] = state["error"] or exc
-            turn.notify_all()
+            fail(exc)
     for helper in helpers:
         # a helper still queued (its pool thread busy: a call from inside an item) has
         # nothing left to take: withdrawn rather than waited for

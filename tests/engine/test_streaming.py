@@ -374,8 +374,14 @@ def test_ordered_sum_inside_an_item_does_not_deadlock():
         [total] = backend.ordered_sum(inner, 5)
         return (total + i,)
 
-    [total] = backend.ordered_sum(outer, 6)
-    assert_array_equal(total, np.full(2, 6 * 10.0 + 15.0))
+    import threading
+
+    got = []
+    runner = threading.Thread(target=lambda: got.append(backend.ordered_sum(outer, 6)[0]))
+    runner.start()
+    runner.join(timeout=60)  # a deadlock fails here instead of hanging the suite
+    assert not runner.is_alive(), "ordered_sum inside an item deadlocked"
+    assert_array_equal(got[0], np.full(2, 6 * 10.0 + 15.0))
 
 
 def test_resumed_run_gives_the_same_points_for_the_dense_solver():
