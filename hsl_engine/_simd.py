@@ -35,7 +35,7 @@ changes a number: every accumulator sums the same products in the same order.
 
 1. dot products ``F(x_i) . v_j``, 4 vectors at a time, one lane block at a time (the 4
    vectors' slice of that block over all shifts stays in L1 while the block's rows use it),
-   4 rows at a time (2 with 16 registers): ``t_rj = sum_s x_r(a + s) v_j(s, a)`` in 16
+   6 rows at a time (2 with 16 registers): ``t_rj = sum_s x_r(a + s) v_j(s, a)`` in 24
    (8) vector accumulators (per shift 4 loads of the vectors, then per row one shifted
    input and 4 fused multiply-adds), then ``x_r(a) t_rj`` and the diagonal's term go into
    the rows' vector sums, kept between lane blocks; one tree sum per row and vector at the
@@ -43,8 +43,8 @@ changes a number: every accumulator sums the same products in the same order.
 2. the weights ``w_ij = y_i (F(x_i) . v_j)`` (labels beyond the last sample are 0);
 3. the weighted rows ``sum_r w_rj x_r(a) x_r(a + s)``: the diagonal (shift 0) in tiles of
    4 lane blocks x 4 vectors (2 x 4 with 16 registers); the other shifts lane block by lane
-   block, first ``u_rj = w_rj x_r(a)`` for every row (into scratch, in L1), then tiles of 4
-   shifts x 4 vectors, 16 accumulators over the block's rows (with 16 registers: 6 shifts x
+   block, first ``u_rj = w_rj x_r(a)`` for every row (into scratch, in L1), then tiles of 6
+   shifts x 4 vectors, 24 accumulators over the block's rows (with 16 registers: 6 shifts x
    2 vectors, 12 accumulators, twice), rows innermost: per row the tile's loads of ``u``
    and of the shifted input, then fused multiply-adds and no other arithmetic; each tile
    then added into the float64 sums. (Engine 0.9.0 formed ``x_r(a) x_r(a + s)`` per row
@@ -142,26 +142,39 @@ def _is_x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
+# Accumulators of a register tile with 32 vector registers: with the tile's operands (at most
+# 4 vectors and one shifted input) 29 registers live. Tiles of 16 loaded 0.5 vectors per
+# multiply-add, tiles of 24 0.42: on one core of an Intel Xeon (two 512-bit multiply-add
+# units) the pass ran 1.02-1.06x faster (d = 60 float32 4 vectors 143 -> 148 GFLOP/s, float64
+# 74 -> 77, d = 400 float64 79 -> 84; interleaved runs, the same numbers bit for bit).
+TILE_ACCUMULATORS = 24
+
+
 def dot_rows(group: int, registers: int) -> int:
-    """Rows per register tile of the dot products for a group of 1 to 4 vectors: 4 (4 x 4
-    accumulators, 4 vectors and the shifted inputs live); 8 for one vector (8 independent
-    sums keep both multiply-add units busy through their 4-cycle latency); with 16
-    registers 2 rows for 4 vectors (8 accumulators, 4 vectors and one input live: 13)."""
+    """Rows per register tile of the dot products for a group of 1 to 4 vectors: with 32
+    registers `TILE_ACCUMULATORS` // group (6 rows for 4 vectors: 24 accumulators, 4 vectors
+    and one shifted input live); 8 for one vector (8 independent sums keep both multiply-add
+    units busy through their 4-cycle latency; more were not faster: the one-vector group is
+    bound by its loads); with 16 registers 2 rows for 4 vectors (8 accumulators, 4 vectors
+    and one input live: 13), else 4. Rows past the block's last whole tile run in a smaller
+    one."""
     if group == 1:
         return 8
-    return 2 if registers < 32 and group == 4 else 4
+    if registers >= 32:
+        return TILE_ACCUMULATORS // group
+    return 2 if group == 4 else 4
 
 
 def weighted_tiles(group: int, registers: int) -> tuple[int, int, int]:
     """Register tiles of the weighted rows for a group of 1 to 4 vectors: (vectors per tile
     of the shifts, shifts per such tile, lane blocks per tile of the diagonal).
 
-    With 32 registers, 16 accumulators: the group's vectors x 16 / group shifts or lane
-    blocks. With 16: the shifts in tiles of 12 accumulators (a group of 4 as two tiles of 2
+    With 32 registers, `TILE_ACCUMULATORS`: the group's vectors x 24 / group shifts (the
+    diagonal, a small part of the work, in tiles of 16 / group lane blocks). With 16: the shifts in tiles of 12 accumulators (a group of 4 as two tiles of 2
     vectors x 6 shifts: 12 + 2 vectors' u + one shifted input live), the diagonal in tiles of
     8 (its Hermite feature needs two constants and a product per lane block and row)."""
     if registers >= 32:
-        return group, 16 // group, 16 // group
+        return group, TILE_ACCUMULATORS // group, 16 // group
     if group == 3:
         return 3, 3, 2
     vectors = 2 if group == 4 else group
