@@ -170,9 +170,10 @@ def weighted_tiles(group: int, registers: int) -> tuple[int, int, int]:
     of the shifts, shifts per such tile, lane blocks per tile of the diagonal).
 
     With 32 registers, `TILE_ACCUMULATORS`: the group's vectors x 24 / group shifts (the
-    diagonal, a small part of the work, in tiles of 16 / group lane blocks). With 16: the shifts in tiles of 12 accumulators (a group of 4 as two tiles of 2
-    vectors x 6 shifts: 12 + 2 vectors' u + one shifted input live), the diagonal in tiles of
-    8 (its Hermite feature needs two constants and a product per lane block and row)."""
+    diagonal, a small part of the work, in tiles of 16 / group lane blocks). With 16: the
+    shifts in tiles of 12 accumulators (a group of 4 as two tiles of 2 vectors x 6 shifts:
+    12 + 2 vectors' u + one shifted input live), the diagonal in tiles of 8 (its Hermite
+    feature needs two constants and a product per lane block and row)."""
     if registers >= 32:
         return group, TILE_ACCUMULATORS // group, 16 // group
     if group == 3:
