@@ -44,3 +44,27 @@ def test_quick_bench_prints_every_figure_and_hsl_keeps_equal_accuracy(capsys):
     peak = re.search(r"streamed \(every sample regenerated per pass\): peak (\d+) MiB", out)
     assert peak and int(peak.group(1)) * 2**20 < 600e6
     assert re.search(r"\d+ passes, converged True", out)
+
+
+def test_float64_references_read_the_same_samples_in_float64():
+    # (b), (d) and the float64 rates read a float64 copy of the sweep's samples (as a float64
+    # run keeps its own), not float32 chunks converted at every pass: the same numbers, in
+    # chunks of the same rows, so a float64 operator's result does not change
+    import numpy as np
+
+    sw = bench.Sweep(bench.bench_spec(quick=True), threads=1)
+    n = sw.spec.sample_sizes()[-2][0]  # not the largest: a prefix of the copy
+    view, copy = sw.data.train.view(n), sw.samples(n, np.float64)
+    assert copy.n == n and copy.dtype == np.float64 and copy.n_chunks() == view.n_chunks()
+    for c in range(view.n_chunks()):
+        (x32, y32), (x64, y64) = view.block(c), copy.block(c)
+        assert np.array_equal(x64, x32.astype(np.float64)) and np.array_equal(y64, y32)
+    assert sw.samples(n, np.float32) is not copy
+    v = np.random.default_rng(0).standard_normal((sw.spec.model.feature_dim, 2))
+    converted = bench.MomentOperator(
+        view, q=2, features="hermite", backend=sw.backend, dtype=np.float64
+    )
+    assert converted._kept is None  # converts every chunk at every pass
+    kept = bench.MomentOperator(copy, q=2, features="hermite", backend=sw.backend, dtype=np.float64)
+    assert kept._kept is not None
+    assert np.array_equal(converted.matmat(v), kept.matmat(v))
