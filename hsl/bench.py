@@ -14,10 +14,12 @@
        orthonormalised every step, no Rayleigh-Ritz, no warm start, applied in its own form
        (d x d matrices, float64). At the largest point also in float32, and on hsl's lifted
        operator in float64: the last isolates the solver from the operator.
-   Every method then runs the same second layer, readout and test metrics. Accuracy is
-   measured against (b), a dense ``eigh`` of the same C_hat: max |d cos2| over teacher
-   directions, |d mse|, and the relative error of the separated top eigenvalues (those whose
-   gap to the neighbouring eigenvalues exceeds 1e-2 |theta_1|).
+   The float64 operators ((b), (d), the float64 rates of 2.) read a float64 copy of the same
+   samples, as a float64 run keeps them. Every method then runs the same second layer,
+   readout and test metrics. Accuracy is measured against (b), a dense ``eigh`` of the same
+   C_hat: max |d cos2| over teacher directions, |d mse|, and the relative error of the
+   separated top eigenvalues (those whose gap to the neighbouring eigenvalues exceeds
+   1e-2 |theta_1|).
 4. Peak memory of a streamed run at n = 4 x 10^6, d = 40, against the same run with every
    sample kept (the stored-sample design), each in a fresh process.
 

@@ -27,7 +27,8 @@ about 120; larger d keeps `MIN_BLOCK_ROWS` rows, whose inputs sit in L2):
 The vectors go in groups of 4, then one group of the 1 to 3 left with code of its own (tiles
 of fewer vectors and more shifts or lane blocks): a pass on k vectors does the work of k.
 Each block starts by copying its rows' inputs, repeated, into scratch (whole vectors; rows
-past the last sample are zeros).
+past the last sample are zeros); up to d = `PREFETCH_MAX_D`, its dot products prefetch the
+next block's inputs, a few cache lines per register tile of rows.
 
 The register tiles below are those for 32 vector registers (AVX-512, ARM); with 16 (AVX2,
 AVX) they are smaller, so that nothing spills (`dot_rows`, `weighted_tiles`). No tile shape
