@@ -94,8 +94,8 @@ MIN_BLOCK_ROWS = 64
 # starts, stalled the pass. Measured on an Intel Xeon (two 512-bit multiply-add units), two
 # threads over 53 distinct chunks, the same numbers bit for bit, best of 9 interleaved: d = 60
 # float32 1.05x (258 -> 270 GFLOP/s), float64 1.06x, d = 120 1.04x (both types), d = 200
-# 1.03-1.04x; d = 300 float32 1.00x, d = 400 0.97-1.01x (there a block's work is long and its
-# inputs come from L2 anyway).
+# 1.03-1.04x; d = 300 float32 1.00x, d = 400 float64 0.97-1.01x, float32 0.98x (there a
+# block's work is long and its inputs come from L2 anyway).
 PREFETCH_MAX_D = 200
 
 # Every array the pass loads whole vectors from, other than its shifted inputs, starts on a
