@@ -94,8 +94,8 @@ MIN_BLOCK_ROWS = 64
 # starts, stalled the pass. Measured on an Intel Xeon (two 512-bit multiply-add units), two
 # threads over 53 distinct chunks, the same numbers bit for bit, best of 9 interleaved: d = 60
 # float32 1.05x (258 -> 270 GFLOP/s), float64 1.06x, d = 120 1.04x (both types), d = 200
-# 1.03-1.04x; d = 300 float32 1.00x, d = 400 float64 0.97-1.01x, float32 0.98x (there a
-# block's work is long and its inputs come from L2 anyway).
+# 1.03-1.04x; d = 300 float32 1.00x, d = 400 float64 0.97-1.01x, float32 0.98x (likely
+# because a block's work is long there and its inputs already come from L2; not measured).
 PREFETCH_MAX_D = 200
 
 # Every array the pass loads whole vectors from, other than its shifted inputs, starts on a
@@ -576,8 +576,10 @@ def _build(lay: CyclicLayout, dtype: np.dtype, rows: int, stride: int, registers
         def prefetch_next_block(start, r4, tile, ab):
             """Prefetch the inputs of rows r4 .. r4 + tile - 1 of the next block: at lane
             block ab, the lines ab, ab + blocks, ... of each such row (so the lane blocks
-            share a row's lines between them). Past the last sample the addresses lie beyond
-            x: a prefetch never faults, and nothing reads them."""
+            share a row's lines between them; a line past the row's end belongs to the next
+            row, which prefetches it too, and a prefetch of a cached line costs little; so
+            does a second group's). Past the last sample the addresses lie beyond x: a
+            prefetch never faults, and nothing reads them."""
             elements = 64 // size  # of a cache line
             lines = -(-d * size // 64) + 1  # that a row of d numbers can touch
             for r in range(tile):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hsl import bench
+from hsl_engine._operator import MomentOperator
 
 
 @pytest.mark.slow  # the quick benchmark: ~1 min on 2 idle cores, two child processes
@@ -59,10 +60,8 @@ def test_float64_references_read_the_same_samples_in_float64():
         (x32, y32), (x64, y64) = view.block(c), copy.block(c)
         assert np.array_equal(x64, x32.astype(np.float64)) and np.array_equal(y64, y32)
     v = np.random.default_rng(0).standard_normal((sw.spec.model.feature_dim, 2))
-    converted = bench.MomentOperator(
-        view, q=2, features="hermite", backend=sw.backend, dtype=np.float64
-    )
+    converted = MomentOperator(view, q=2, features="hermite", backend=sw.backend, dtype=np.float64)
     assert converted._kept is None  # converts every chunk at every pass
-    kept = bench.MomentOperator(copy, q=2, features="hermite", backend=sw.backend, dtype=np.float64)
+    kept = MomentOperator(copy, q=2, features="hermite", backend=sw.backend, dtype=np.float64)
     assert kept._kept is not None
     assert np.array_equal(converted.matmat(v), kept.matmat(v))

@@ -13,6 +13,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -311,9 +313,6 @@ def test_ordered_sum_releases_each_part_after_adding_it(seed):
 def test_ordered_sum_holds_at_most_two_results_per_thread():
     # The threads add the results themselves, in index order: one that runs ahead of a slow
     # item waits instead of piling up results (each is a kp x D float64 array in a pass)
-    import threading
-    import time
-
     for threads in (2, 3):
         backend = he.get_backend("cpu", threads=threads)
         lock = threading.Lock()
@@ -338,9 +337,6 @@ def test_ordered_sum_holds_at_most_two_results_per_thread():
 
 
 def test_ordered_sum_raises_an_items_error_after_every_thread_stopped():
-    import threading
-    import time
-
     backend = he.get_backend("cpu", threads=2)
     ran = []
     lock = threading.Lock()
@@ -373,8 +369,6 @@ def test_ordered_sum_inside_an_item_does_not_deadlock():
     def outer(i):
         [total] = backend.ordered_sum(inner, 5)
         return (total + i,)
-
-    import threading
 
     got = []
     runner = threading.Thread(target=lambda: got.append(backend.ordered_sum(outer, 6)[0]))
